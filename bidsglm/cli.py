@@ -1,0 +1,182 @@
+"""Command line: ``bidsglm BIDS_DIR OUTPUT_DIR {participant,group} [options]``.
+
+Only this module turns typed failures into one-line messages and exit codes:
+0 success, 64 usage error, 65 bad data or model, 70 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import EX_DATAERR, EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
+
+log = logging.getLogger("bidsglm")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 64, not argparse's 2
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"bidsglm: error: {message}\n")
+        sys.exit(EX_USAGE)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _high_pass(text: str) -> float:
+    """Hz, as a number or a fraction like 1/128."""
+    num, sep, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if sep else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a frequency in Hz (e.g. 0.008 or 1/128)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--high-pass must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="bidsglm",
+        description="Task-fMRI GLM analysis of an fMRIPrep-preprocessed BIDS dataset (a BIDS App).",
+        epilog="Exit codes: 0 success, 64 usage error, 65 bad data or model, 70 internal error.",
+    )
+    p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset (read only)")
+    p.add_argument("output_dir", type=Path, help="where the derivatives dataset is written (outside BIDS_DIR)")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="participant: run GLMs and subject fixed effects; group: second level from OUTPUT_DIR")
+    p.add_argument("--version", action="version", version=f"bidsglm {__version__}")
+
+    sel = p.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                     help="participants to analyse (with or without 'sub-'); default all")
+    sel.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
+                     help="sessions to analyse (with or without 'ses-'); default all")
+    sel.add_argument("-t", "--task", "--task-label", "--task_label", nargs="+", metavar="TASK",
+                     help="tasks to analyse, each separately; default every task")
+    sel.add_argument("--derivatives", nargs="+", type=Path, metavar="DIR",
+                     help="fMRIPrep output folder(s); default: found under BIDS_DIR/derivatives")
+    sel.add_argument("--space", default="MNI152NLin2009cAsym",
+                     help="output space of the preprocessed BOLD; 'native' for BOLD space; "
+                          "SPACE:res-N to pick a resolution (default: %(default)s)")
+
+    mod = p.add_argument_group("model (when no BIDS Stats Model is given)")
+    mod.add_argument("--contrast", action="append", metavar="NAME=EXPRESSION",
+                     help="t contrast over condition names, e.g. 'IncongruentMinusCongruent=incongruent - "
+                          "congruent' (repeatable; names that are not identifiers in `backquotes`); "
+                          "default: each condition against baseline")
+    mod.add_argument("--confounds", nargs="+", metavar="COLUMN",
+                     default=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"],
+                     help="confound columns from fMRIPrep's confounds table; shell wildcards allowed "
+                          "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
+                          "(default: the six motion parameters)")
+    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=6.0, metavar="MM",
+                     help="Gaussian smoothing FWHM in mm, 0 for none (default: %(default)s)")
+    mod.add_argument("--hrf-model", default="glover",
+                     choices=["glover", "spm", "glover + derivative", "spm + derivative",
+                              "glover + derivative + dispersion", "spm + derivative + dispersion"],
+                     help="haemodynamic response model (default: %(default)s)")
+    mod.add_argument("--drift-model", default="cosine", choices=["cosine", "none"],
+                     help="low-frequency drift model (default: %(default)s)")
+    mod.add_argument("--high-pass", type=_high_pass, default=1.0 / 128, metavar="HZ",
+                     help="high-pass cut-off of the cosine drift basis in Hz (default: 1/128)")
+    mod.add_argument("--noise-model", default="ar1", choices=["ar1", "ols"],
+                     help="temporal noise model: AR(1) prewhitening or OLS (default: %(default)s)")
+    mod.add_argument("--slice-time-ref", type=float, default=None, metavar="FRACTION",
+                     help="time of the modelled sample within each TR, 0-1; default: StartTime/TR "
+                          "from the preprocessed BOLD sidecar if present, else 0")
+    mod.add_argument("--allow-tr-mismatch", action="store_true",
+                     help="use the sidecar RepetitionTime even where the NIfTI header disagrees")
+
+    run = p.add_argument_group("running")
+    run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
+                     help="runs fitted in parallel (default: %(default)s)")
+    run.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                     help="scratch folder (validator cache); default: system temporary folder")
+    run.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip-bids-validator",
+                     "--skip_bids_validator", action="store_true",
+                     help="do not validate BIDS_DIR with the BIDS schema validator")
+    run.add_argument("-v", "--verbose", action="count", default=0,
+                     help="more detail; -v also prints tracebacks on errors")
+    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s bidsglm %(levelname)s: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _check_args(args) -> None:
+    if args.n_cpus < 1:
+        raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
+    if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
+        raise UsageError(f"--slice-time-ref must be between 0 and 1, got {args.slice_time_ref}")
+
+
+def run(args) -> int:
+    from .discovery import check_dataset, check_output_dir
+
+    _check_args(args)
+    bids_dir = args.bids_dir.absolute()
+    output_dir = args.output_dir.absolute()
+    check_output_dir(bids_dir, output_dir)
+    check_dataset(bids_dir)
+    if args.analysis_level == "group":
+        raise UsageError("the group level is not available in this version of bidsglm yet; "
+                         "run the participant level")
+    from .runner import run_participant_level
+
+    if not args.skip_bids_validation:
+        from .validation import validate_dataset
+
+        t0 = time.perf_counter()
+        warnings = validate_dataset(bids_dir, args.work_dir)
+        log.info("BIDS validation passed (%.1f s; %d warning type(s))", time.perf_counter() - t0, len(warnings))
+    run_participant_level(args, bids_dir, output_dir)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return run(args)
+    except BidsGlmError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        log.error("%s", exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted; finished outputs are kept, rerun to complete the rest")
+        return 130
+    except MemoryError:
+        log.error("out of memory; use fewer --n-cpus or a machine with more memory")
+        return EX_SOFTWARE
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, code 70
+        if args.verbose:
+            traceback.print_exc()
+        log.error("internal error: %s: %s (rerun with -v for a traceback and report it)",
+                  type(exc).__name__, exc)
+        return EX_SOFTWARE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

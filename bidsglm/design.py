@@ -1,0 +1,284 @@
+"""Design matrices and contrasts for one run.
+
+Events and confounds are read and checked here (every problem names the file,
+column and line); HRF convolution and drift terms come from nilearn's
+``make_first_level_design_matrix`` so the regressors are exactly the ones a
+nilearn user gets.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, ModelError
+
+DEFAULT_CONFOUNDS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+_WILDCARD = re.compile(r"[*?\[]")
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError("file is empty", path) from exc
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot parse as a tab-separated table ({exc})", path) from exc
+
+
+def _numeric_column(table: pd.DataFrame, column: str, path: Path, allow_na: bool) -> pd.Series:
+    raw = table[column]
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = values.isna() & (raw.notna() if allow_na else True)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        text = raw.iloc[row]
+        shown = "n/a" if pd.isna(text) else repr(text)
+        raise DataError(
+            f"{shown} is not a number", path,
+            where=f"column '{column}', line {row + 2}",
+        )
+    return values.astype(float)
+
+
+def read_events(path: Path) -> pd.DataFrame:
+    """Return onset, duration, trial_type (rows with n/a trial_type dropped).
+
+    A duration of n/a is read as 0 (an impulse), as BIDS allows."""
+    table = _read_tsv(path)
+    missing = [c for c in ("onset", "duration", "trial_type") if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"missing required column(s) {', '.join(missing)} "
+            f"(columns present: {', '.join(table.columns) or 'none'})",
+            path,
+        )
+    onset = _numeric_column(table, "onset", path, allow_na=False)
+    duration = _numeric_column(table, "duration", path, allow_na=True).fillna(0.0)
+    if (duration < 0).any():
+        row = int(np.flatnonzero((duration < 0).to_numpy())[0])
+        raise DataError("negative duration", path, where=f"column 'duration', line {row + 2}")
+    events = pd.DataFrame(
+        {"onset": onset, "duration": duration, "trial_type": table["trial_type"]}
+    )
+    events = events[events["trial_type"].notna() & (events["trial_type"].str.strip() != "")]
+    return events.reset_index(drop=True)
+
+
+def read_confounds(path: Path, requested: list[str], n_volumes: int) -> pd.DataFrame:
+    """Select confound columns (exact names or shell wildcards) from an fMRIPrep table.
+
+    Leading n/a values (fMRIPrep's first row of derivatives and framewise
+    displacement) are set to 0; n/a anywhere else is an error. A wildcard that
+    matches nothing selects nothing (e.g. no motion outliers in this run); an
+    exact name that is absent is an error."""
+    table = _read_tsv(path)
+    if len(table) != n_volumes:
+        raise DataError(
+            f"has {len(table)} rows but the BOLD run has {n_volumes} volumes", path
+        )
+    columns: list[str] = []
+    for pattern in requested:
+        if _WILDCARD.search(pattern):
+            hits = [c for c in table.columns if fnmatch.fnmatchcase(c, pattern)]
+        else:
+            if pattern not in table.columns:
+                close = [c for c in table.columns if pattern.split("_")[0] in c][:5]
+                hint = f" (similar columns: {', '.join(close)})" if close else ""
+                raise DataError(f"requested confound column '{pattern}' is absent{hint}", path)
+            hits = [pattern]
+        columns.extend(c for c in hits if c not in columns)
+    out = {}
+    for col in columns:
+        values = _numeric_column(table, col, path, allow_na=True).to_numpy()
+        nan = np.isnan(values)
+        if nan.any():
+            first_valid = int(np.argmin(nan)) if not nan.all() else len(values)
+            if nan[first_valid:].any():
+                row = first_valid + int(np.flatnonzero(nan[first_valid:])[0])
+                raise DataError("n/a after the first rows", path, where=f"column '{col}', line {row + 2}")
+            values = np.where(nan, 0.0, values)
+        out[col] = values
+    return pd.DataFrame(out, index=range(n_volumes))
+
+
+@dataclass(frozen=True)
+class DesignSettings:
+    hrf_model: str = "glover"
+    drift_model: str | None = "cosine"
+    high_pass: float = 1.0 / 128
+    drift_order: int = 1
+    slice_time_ref: float = 0.0
+    min_onset: float = -24.0
+
+
+def frame_times(n_volumes: int, tr: float, slice_time_ref: float) -> np.ndarray:
+    """Acquisition time of each volume, as nilearn computes it."""
+    start = slice_time_ref * tr
+    return np.linspace(start, (n_volumes - 1 + slice_time_ref) * tr, n_volumes)
+
+
+def build_design(
+    events: pd.DataFrame,
+    confounds: pd.DataFrame,
+    n_volumes: int,
+    tr: float,
+    settings: DesignSettings,
+) -> pd.DataFrame:
+    """Design matrix (n_volumes x regressors): conditions, confounds, drifts, constant."""
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    clash = set(events["trial_type"]) & set(confounds.columns)
+    if clash:
+        raise ModelError(f"condition(s) {', '.join(sorted(clash))} have the same name as confound columns")
+    return make_first_level_design_matrix(
+        frame_times(n_volumes, tr, settings.slice_time_ref),
+        events,
+        hrf_model=settings.hrf_model,
+        drift_model=settings.drift_model,
+        high_pass=settings.high_pass,
+        drift_order=settings.drift_order,
+        add_regs=confounds.to_numpy() if confounds.shape[1] else None,
+        add_reg_names=list(confounds.columns) if confounds.shape[1] else None,
+        min_onset=settings.min_onset,
+    )
+
+
+# --- contrasts -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """A named linear combination of conditions, e.g. ``incongruent - congruent``."""
+
+    name: str
+    expression: str
+    weights: tuple  # ((condition, weight), ...), sorted by condition
+
+    @property
+    def conditions(self) -> list[str]:
+        return [c for c, _ in self.weights]
+
+    def vector(self, columns: list[str]) -> np.ndarray:
+        """Weights over design columns; conditions absent from ``columns`` are an error."""
+        vec = np.zeros(len(columns))
+        for cond, w in self.weights:
+            vec[columns.index(cond)] = w
+        return vec
+
+
+def _linear_terms(node, names: dict) -> dict:
+    """Evaluate a linear expression AST into {name: weight} (constant under key None)."""
+    if isinstance(node, ast.Expression):
+        return _linear_terms(node.body, names)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return {None: float(node.value)}
+    if isinstance(node, ast.Name):
+        return {names.get(node.id, node.id): 1.0}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _linear_terms(node.operand, names)
+        sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+        return {k: sign * v for k, v in inner.items()}
+    if isinstance(node, ast.BinOp):
+        left, right = _linear_terms(node.left, names), _linear_terms(node.right, names)
+        if isinstance(node.op, (ast.Add, ast.Sub)):
+            sign = 1.0 if isinstance(node.op, ast.Add) else -1.0
+            out = dict(left)
+            for k, v in right.items():
+                out[k] = out.get(k, 0.0) + sign * v
+            return out
+        if isinstance(node.op, ast.Mult):
+            if set(left) == {None}:
+                return {k: left[None] * v for k, v in right.items()}
+            if set(right) == {None}:
+                return {k: right[None] * v for k, v in left.items()}
+            raise ValueError("product of two conditions is not linear")
+        if isinstance(node.op, ast.Div) and set(right) == {None}:
+            return {k: v / right[None] for k, v in left.items()}
+    raise ValueError("only +, -, * and / by numbers, numbers and condition names are allowed")
+
+
+def parse_contrast(name: str, expression: str) -> ContrastSpec:
+    """Parse ``incongruent - congruent`` or ``0.5*a + 0.5*b``.
+
+    Condition names that are not Python identifiers can be written in
+    backquotes: ```face-1` - `house-1```."""
+    names = {}
+
+    def _quote(match):
+        key = f"__cond{len(names)}__"
+        names[key] = match.group(1)
+        return key
+
+    text = re.sub(r"`([^`]+)`", _quote, expression)
+    try:
+        terms = _linear_terms(ast.parse(text.strip(), mode="eval"), names)
+    except SyntaxError as exc:
+        raise ModelError(f"contrast '{name}': cannot parse expression {expression!r}") from exc
+    except ValueError as exc:
+        raise ModelError(f"contrast '{name}': {exc} in {expression!r}") from exc
+    if terms.get(None, 0.0) != 0.0:
+        raise ModelError(f"contrast '{name}': a constant term is not allowed in {expression!r}")
+    terms.pop(None, None)
+    weights = tuple(sorted((k, v) for k, v in terms.items() if v != 0.0))
+    if not weights:
+        raise ModelError(f"contrast '{name}': expression {expression!r} has no non-zero weight")
+    return ContrastSpec(name, expression, weights)
+
+
+def parse_contrast_option(text: str) -> ContrastSpec:
+    """``NAME=EXPRESSION`` from the command line (a bare condition is its own name)."""
+    name, sep, expr = text.partition("=")
+    if not sep:
+        expr = name
+    name, expr = name.strip(), expr.strip()
+    if not name or not expr:
+        raise ModelError(f"--contrast {text!r}: expected NAME=EXPRESSION")
+    return parse_contrast(name, expr)
+
+
+def default_contrasts(conditions: list[str]) -> list[ContrastSpec]:
+    """One contrast per condition against the implicit baseline."""
+    return [ContrastSpec(c, c, ((c, 1.0),)) for c in sorted(conditions)]
+
+
+def check_contrasts(contrasts: list[ContrastSpec], conditions: set[str], where: str) -> None:
+    """Every condition a contrast names must occur in at least one run."""
+    for con in contrasts:
+        unknown = [c for c in con.conditions if c not in conditions]
+        if unknown:
+            raise ModelError(
+                f"contrast '{con.name}' names unknown condition(s) {', '.join(unknown)}; "
+                f"conditions in the events: {', '.join(sorted(conditions)) or 'none'}",
+                where,
+            )
+
+
+def bids_label(name: str) -> str:
+    """camelCase alphanumeric form of a contrast name: ``incongruent - congruent``
+    -> ``incongruentMinusCongruent``."""
+    text = name.replace("-", " Minus ").replace("+", " Plus ").replace("*", " Times ")
+    words = [w for w in re.split(r"[^0-9A-Za-z]+", text) if w]
+    if not words:
+        return "c" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    first, rest = words[0], words[1:]
+    return first[0].lower() + first[1:] + "".join(w[0].upper() + w[1:] for w in rest)
+
+
+def contrast_labels(names: list[str]) -> dict[str, str]:
+    """Map names to BIDS-safe labels; names that would collide get a short
+    hash of the original name, so two contrasts never share a label."""
+    labels = {n: bids_label(n) for n in names}
+    counts: dict[str, int] = {}
+    for lab in labels.values():
+        counts[lab] = counts.get(lab, 0) + 1
+    for n, lab in labels.items():
+        if counts[lab] > 1:
+            labels[n] = lab + hashlib.sha1(n.encode()).hexdigest()[:6]
+    return labels

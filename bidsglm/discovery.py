@@ -1,0 +1,378 @@
+"""Find the inputs of each run: fMRIPrep's preprocessed BOLD, brain mask and
+confounds in a derivatives folder, and the events and sidecars in the raw
+dataset.
+
+File names are parsed with a small BIDS entity parser rather than by indexing
+the whole dataset with pybids: discovery then costs one directory walk, and
+the rules for which file belongs to which run are explicit here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError, UsageError
+
+# Entities that identify one acquisition (one run); order is BIDS order.
+RUN_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo")
+NATIVE_SPACE = "native"
+_NIFTI_EXT = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class BidsFile:
+    """A file whose name follows the BIDS ``key-value_..._suffix.ext`` pattern."""
+
+    path: Path
+    entities: dict
+    suffix: str
+    extension: str
+
+    def get(self, key, default=None):
+        return self.entities.get(key, default)
+
+
+def parse_bids_name(path: str | Path) -> BidsFile | None:
+    """Split a BIDS file name into entities, suffix and extension, or None."""
+    path = Path(path)
+    name = path.name
+    stem, dot, ext = name.partition(".")
+    parts = stem.split("_")
+    if len(parts) < 2 and "-" in stem:
+        return None
+    entities = {}
+    for part in parts[:-1]:
+        key, sep, value = part.partition("-")
+        if not sep or not key or not value:
+            return None
+        entities[key] = value
+    suffix = parts[-1]
+    if "-" in suffix:
+        return None
+    return BidsFile(path, entities, suffix, dot + ext)
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    """``sub-01`` and ``01`` both mean participant ``01``."""
+    return label[len(prefix) + 1 :] if label.startswith(prefix + "-") else label
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """A requested output space: ``MNI152NLin2009cAsym``, ``X:res-2``, ``native``."""
+
+    name: str
+    res: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SpaceSpec":
+        name, _, rest = text.partition(":")
+        res = None
+        if rest:
+            key, _, value = rest.partition("-")
+            if key != "res" or not value:
+                raise UsageError(f"--space {text!r}: expected SPACE or SPACE:res-N")
+            res = value
+        if not re.fullmatch(r"[A-Za-z0-9]+", name):
+            raise UsageError(f"--space {text!r}: a space label is alphanumeric")
+        return cls(name, res)
+
+    @property
+    def is_native(self) -> bool:
+        return self.name == NATIVE_SPACE
+
+    def matches(self, f: BidsFile) -> bool:
+        if self.is_native:
+            # fMRIPrep writes BOLD-space outputs without space- (newer: space-run for masks)
+            return f.get("space") in (None, "run")
+        if f.get("space") != self.name:
+            return False
+        return self.res is None or f.get("res") == self.res
+
+    def __str__(self) -> str:
+        return self.name + (f":res-{self.res}" if self.res else "")
+
+
+@dataclass
+class RunInputs:
+    """Everything needed to model one run. Paths are absolute."""
+
+    entities: dict  # sub, ses, task, acq, run, ... (+ space, res for outputs)
+    bold: Path
+    mask: Path
+    confounds: Path
+    events: Path
+    bold_sidecar: dict = field(default_factory=dict)
+    bold_sidecar_files: list = field(default_factory=list)
+
+    @property
+    def subject(self) -> str:
+        return self.entities["sub"]
+
+    @property
+    def task(self) -> str:
+        return self.entities["task"]
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``sub-01 ses-1 task-flanker run-1``."""
+        return " ".join(
+            f"{k}-{self.entities[k]}" for k in RUN_ENTITIES if k in self.entities
+        )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read ({exc.strerror})", path) from exc
+    if not isinstance(data, dict):
+        raise DataError("expected a JSON object", path)
+    return data
+
+
+def check_dataset(bids_dir: Path) -> dict:
+    """Return the dataset description, or fail if this is not a BIDS dataset."""
+    if not bids_dir.is_dir():
+        raise DataError("BIDS_DIR does not exist or is not a directory", bids_dir)
+    desc = bids_dir / "dataset_description.json"
+    if not desc.is_file():
+        raise DataError("missing dataset_description.json: this is not a BIDS dataset", desc)
+    return read_json(desc)
+
+
+def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
+    """Refuse to write anywhere inside the input dataset."""
+    bids = bids_dir.resolve()
+    out = output_dir.resolve()
+    if out == bids or bids in out.parents:
+        raise UsageError(
+            "OUTPUT_DIR is inside BIDS_DIR; bidsglm never writes into the input dataset, "
+            "choose a folder outside it",
+            output_dir,
+        )
+
+
+def _walk_files(root: Path):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _holds_preproc_bold(root: Path) -> bool:
+    for path in _walk_files(root):
+        if "_desc-preproc_bold.nii" in path.name:
+            return True
+    return False
+
+
+def find_derivatives(bids_dir: Path, requested: list[Path] | None) -> list[Path]:
+    """Folders holding fMRIPrep outputs: the ones given, or those found under
+    ``BIDS_DIR/derivatives`` that are derivative datasets with preprocessed BOLD."""
+    if requested:
+        for root in requested:
+            if not root.is_dir():
+                raise DataError("derivatives folder does not exist", root)
+        return [Path(r) for r in requested]
+    found = []
+    deriv_root = bids_dir / "derivatives"
+    if deriv_root.is_dir():
+        for cand in sorted(p for p in deriv_root.iterdir() if p.is_dir()):
+            desc = cand / "dataset_description.json"
+            if not desc.is_file():
+                continue
+            if read_json(desc).get("DatasetType") != "derivative":
+                continue
+            if _holds_preproc_bold(cand):
+                found.append(cand)
+    if not found:
+        raise DataError(
+            "no fMRIPrep derivatives found (a folder with a dataset_description.json of "
+            "DatasetType 'derivative' holding *_desc-preproc_bold.nii.gz); use --derivatives",
+            deriv_root,
+        )
+    return found
+
+
+def _index(root: Path) -> list[BidsFile]:
+    files = []
+    for path in _walk_files(root):
+        if path.name.startswith(("sub-", "task-", "ses-")):
+            f = parse_bids_name(path)
+            if f is not None:
+                files.append(f)
+    return files
+
+
+def list_subjects(bids_dir: Path) -> list[str]:
+    return sorted(
+        p.name[4:] for p in bids_dir.iterdir() if p.is_dir() and p.name.startswith("sub-")
+    )
+
+
+def _run_key(f: BidsFile) -> tuple:
+    return tuple(f.get(k) for k in RUN_ENTITIES)
+
+
+def _same_run(f: BidsFile, key: tuple, ignore=()) -> bool:
+    return all(f.get(k) == v for k, v in zip(RUN_ENTITIES, key) if k not in ignore)
+
+
+def _applies_to(sidecar: BidsFile, target: BidsFile) -> bool:
+    """BIDS inheritance: a sidecar applies when its entities are a subset."""
+    return all(target.get(k) == v for k, v in sidecar.entities.items())
+
+
+def inherited_files(raw_files: list[BidsFile], target: BidsFile, suffix: str, ext: str):
+    """Files of ``suffix``/``ext`` that apply to ``target``, least specific first."""
+    hits = [
+        f for f in raw_files
+        if f.suffix == suffix and f.extension == ext and _applies_to(f, target)
+    ]
+    return sorted(hits, key=lambda f: (len(f.entities), len(f.path.parts)))
+
+
+def _pick_one(cands: list[BidsFile], what: str, bold: Path) -> Path:
+    if not cands:
+        raise DataError(f"no {what} found for this BOLD run", bold)
+    if len(cands) > 1:
+        names = ", ".join(c.path.name for c in cands)
+        raise DataError(f"several {what} files match this BOLD run: {names}", bold)
+    return cands[0].path
+
+
+def discover_runs(
+    bids_dir: Path,
+    derivatives: list[Path],
+    space: SpaceSpec,
+    participants: list[str] | None = None,
+    sessions: list[str] | None = None,
+    tasks: list[str] | None = None,
+) -> list[RunInputs]:
+    """Match every preprocessed BOLD run of the requested space to its mask,
+    confounds, events and sidecar. Raises DataError naming what is missing."""
+    all_subjects = list_subjects(bids_dir)
+    if participants:
+        wanted = [strip_prefix(p, "sub") for p in participants]
+        unknown = [p for p in wanted if p not in all_subjects]
+        if unknown:
+            raise DataError(
+                f"participant label(s) not found: {', '.join('sub-' + u for u in unknown)} "
+                f"(dataset has {len(all_subjects)}: {', '.join(all_subjects[:10])}"
+                f"{' ...' if len(all_subjects) > 10 else ''})",
+                bids_dir,
+            )
+    else:
+        wanted = all_subjects
+    wanted_ses = [strip_prefix(s, "ses") for s in sessions] if sessions else None
+    wanted_tasks = [strip_prefix(t, "task") for t in tasks] if tasks else None
+
+    raw_files = [f for f in _index(bids_dir) if "derivatives" not in f.path.relative_to(bids_dir).parts]
+    deriv_files = [f for root in derivatives for f in _index(root)]
+
+    def selected(f: BidsFile) -> bool:
+        return (
+            f.get("sub") in wanted
+            and (wanted_ses is None or f.get("ses") in wanted_ses)
+            and (wanted_tasks is None or f.get("task") in wanted_tasks)
+        )
+
+    bolds_any_space = [
+        f for f in deriv_files
+        if f.suffix == "bold" and f.get("desc") == "preproc" and f.extension in _NIFTI_EXT
+        and selected(f)
+    ]
+    bolds = [f for f in bolds_any_space if space.matches(f) and f.get("space") != "run"]
+    if not bolds:
+        spaces = sorted({f.get("space") or NATIVE_SPACE for f in bolds_any_space})
+        where = ", ".join(str(d) for d in derivatives)
+        hint = f"; spaces present: {', '.join(spaces)}" if spaces else ""
+        task_hint = f" for task(s) {', '.join(wanted_tasks)}" if wanted_tasks else ""
+        raise DataError(
+            f"no preprocessed BOLD (*_desc-preproc_bold.nii[.gz]) in space '{space}'"
+            f"{task_hint} for the selected participants{hint}",
+            where,
+        )
+
+    by_run: dict[tuple, list[BidsFile]] = {}
+    for f in bolds:
+        by_run.setdefault(_run_key(f), []).append(f)
+
+    runs = []
+    for key, cands in sorted(by_run.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+        if len(cands) > 1:
+            names = ", ".join(c.path.name for c in cands)
+            raise DataError(
+                f"several preprocessed BOLD files match space '{space}' ({names}); "
+                "choose one with --space SPACE:res-N",
+                cands[0].path.parent,
+            )
+        bold = cands[0]
+        runs.append(_match_run(bold, key, space, deriv_files, raw_files, bids_dir))
+    return runs
+
+
+def _match_run(bold, key, space, deriv_files, raw_files, bids_dir) -> RunInputs:
+    same_dir = [f for f in deriv_files if f.path.parent == bold.path.parent]
+    masks = [
+        f for f in same_dir
+        if f.suffix == "mask" and f.get("desc") == "brain" and f.extension in _NIFTI_EXT
+        and _same_run(f, key) and space.matches(f)
+        and (f.get("res") == bold.get("res"))
+    ]
+    if space.is_native and len(masks) > 1:
+        # both spellings present: prefer the one without space-
+        masks = [m for m in masks if m.get("space") is None] or masks
+    mask = _pick_one(masks, "brain mask (*_desc-brain_mask.nii.gz)", bold.path)
+
+    confounds = [
+        f for f in same_dir
+        if f.get("desc") == "confounds" and f.suffix in ("timeseries", "regressors")
+        and f.extension == ".tsv" and _same_run(f, key)
+    ]
+    confounds_path = _pick_one(confounds, "confounds (*_desc-confounds_timeseries.tsv)", bold.path)
+
+    # events live in the raw dataset; they may be inherited from a higher level
+    target = BidsFile(bold.path, {k: v for k, v in zip(RUN_ENTITIES, key) if v is not None}, "bold", ".nii.gz")
+    events = [
+        f for f in inherited_files(raw_files, target, "events", ".tsv")
+    ]
+    if not events:
+        raise DataError(
+            "no events.tsv found in BIDS_DIR for this run "
+            f"(expected {bold.path.name.split('_space-')[0].split('_desc-')[0]}_events.tsv)",
+            bold.path,
+        )
+    events_path = events[-1].path  # most specific wins
+
+    sidecar, sidecar_files = {}, []
+    for f in inherited_files(raw_files, target, "bold", ".json"):
+        sidecar.update(read_json(f.path))
+        sidecar_files.append(f.path)
+    deriv_json = bold.path.with_name(bold.path.name.split(".")[0] + ".json")
+    if deriv_json.is_file():
+        sidecar.update(read_json(deriv_json))
+        sidecar_files.append(deriv_json)
+
+    entities = {k: v for k, v in zip(RUN_ENTITIES, key) if v is not None}
+    if not space.is_native:
+        entities["space"] = bold.get("space")
+        if bold.get("res"):
+            entities["res"] = bold.get("res")
+    return RunInputs(
+        entities=entities,
+        bold=bold.path.resolve(),
+        mask=mask.resolve(),
+        confounds=confounds_path.resolve(),
+        events=events_path.resolve(),
+        bold_sidecar=sidecar,
+        bold_sidecar_files=sidecar_files,
+    )

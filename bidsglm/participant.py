@@ -1,0 +1,369 @@
+"""Participant level: every run's GLM, then fixed effects per subject.
+
+Flow: discover runs -> check every run's inputs and build its design (cheap,
+all runs first, so bad input stops the job before any computing) -> fit runs
+(in parallel) writing run maps -> combine each subject's runs from the
+written maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .design import (
+    ContrastSpec,
+    DesignSettings,
+    build_design,
+    check_contrasts,
+    contrast_labels,
+    default_contrasts,
+    read_confounds,
+    read_events,
+)
+from .discovery import RunInputs
+from .errors import DataError, ModelError
+from .firstlevel import RunGLM, mean_scaling
+from .fixedeffects import fixed_effects
+from .images import (
+    check_same_grid,
+    image_data,
+    load_image,
+    load_mask,
+    masked_timeseries,
+    nifti_bytes,
+    read_header,
+    unmask,
+)
+from .outputs import (
+    STATS_T,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_tsv,
+    bids_uri,
+    entity_prefix,
+    func_dir,
+    sidecar_path,
+    statmap_path,
+)
+
+log = logging.getLogger("bidsglm")
+TR_TOLERANCE = 1e-3  # seconds between sidecar and header
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything that defines a run's model (part of each output's provenance)."""
+
+    confounds: tuple = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+    smoothing_fwhm: float | None = 6.0
+    hrf_model: str = "glover"
+    drift_model: str | None = "cosine"
+    high_pass: float = 1.0 / 128
+    noise_model: str = "ar1"
+    slice_time_ref: float | None = None  # None: StartTime / TR from the sidecar, else 0
+    allow_tr_mismatch: bool = False
+
+    def fingerprint(self, contrasts: list[ContrastSpec]) -> str:
+        payload = json.dumps(
+            {"settings": asdict(self), "contrasts": [(c.name, c.weights) for c in contrasts],
+             "version": __version__},
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreparedRun:
+    """A run whose inputs passed every check, with its design matrix."""
+
+    inputs: RunInputs
+    tr: float
+    n_volumes: int
+    slice_time_ref: float
+    design: pd.DataFrame
+    contrasts: list  # ContrastSpec estimable in this run
+    dropped: dict  # contrast name -> reason
+    confound_columns: list
+
+
+@dataclass
+class RunResult:
+    inputs: RunInputs
+    maps: dict = field(default_factory=dict)  # contrast name -> {stat: path}
+    dof: float = 0.0
+    dropped: dict = field(default_factory=dict)
+    mask_path: Path | None = None
+    skipped: bool = False
+
+
+# --- checking inputs -------------------------------------------------------
+
+def repetition_time(run: RunInputs, header, allow_mismatch: bool) -> float:
+    sidecar_tr = run.bold_sidecar.get("RepetitionTime")
+    if sidecar_tr is None:
+        raise DataError("no RepetitionTime in the BOLD sidecar JSON (raw or derivative)", run.bold)
+    try:
+        sidecar_tr = float(sidecar_tr)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"RepetitionTime {sidecar_tr!r} is not a number", run.bold_sidecar_files[-1]) from exc
+    if not sidecar_tr > 0:
+        raise DataError(f"RepetitionTime {sidecar_tr} must be positive", run.bold_sidecar_files[-1])
+    zooms = header.get_zooms()
+    if len(zooms) > 3 and zooms[3] > 0:
+        unit = header.get_xyzt_units()[1]
+        header_tr = float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+        if abs(header_tr - sidecar_tr) > TR_TOLERANCE and not allow_mismatch:
+            raise DataError(
+                f"TR in the NIfTI header ({header_tr:g} s) differs from RepetitionTime in the "
+                f"sidecar ({sidecar_tr:g} s); fix the data or pass --allow-tr-mismatch to use the sidecar",
+                run.bold,
+            )
+    return sidecar_tr
+
+
+def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[ContrastSpec]) -> PreparedRun:
+    """Check headers, grids, events and confounds and build the design.
+
+    Reads only headers and tables, so it is cheap to do for every run first."""
+    bold_hdr = read_header(run.bold)
+    shape = bold_hdr.get_data_shape()
+    if len(shape) != 4 or shape[3] < 2:
+        raise DataError(f"preprocessed BOLD must be 4D with several volumes, got shape {shape}", run.bold)
+    mask_hdr = read_header(run.mask)
+    check_same_grid(run.bold, shape, bold_hdr.get_best_affine(), run.mask,
+                    mask_hdr.get_data_shape(), mask_hdr.get_best_affine())
+    tr = repetition_time(run, bold_hdr, settings.allow_tr_mismatch)
+    n_volumes = int(shape[3])
+    if settings.slice_time_ref is not None:
+        str_ref = settings.slice_time_ref
+    else:
+        start = run.bold_sidecar.get("StartTime")
+        str_ref = float(start) / tr if isinstance(start, (int, float)) and 0 <= start <= tr else 0.0
+    events = read_events(run.events)
+    confounds = read_confounds(run.confounds, list(settings.confounds), n_volumes)
+    design = build_design(
+        events, confounds, n_volumes, tr,
+        DesignSettings(settings.hrf_model, settings.drift_model, settings.high_pass,
+                       slice_time_ref=str_ref),
+    )
+    present = set(events["trial_type"])
+    usable, dropped = [], {}
+    for con in contrasts:
+        missing = [c for c in con.conditions if c not in present]
+        if missing:
+            dropped[con.name] = f"condition(s) {', '.join(missing)} absent from this run's events"
+        else:
+            usable.append(con)
+    return PreparedRun(run, tr, n_volumes, str_ref, design, usable, dropped, list(confounds.columns))
+
+
+def model_contrasts(runs_events: dict[str, set], requested: list[ContrastSpec] | None, task: str) -> list[ContrastSpec]:
+    """Contrasts for one task: the requested ones, or each condition vs baseline."""
+    conditions = set().union(*runs_events.values()) if runs_events else set()
+    if not requested:
+        return default_contrasts(sorted(conditions))
+    check_contrasts(requested, conditions, f"task-{task}")
+    return list(requested)
+
+
+# --- computing --------------------------------------------------------------
+
+def _map_sidecar(prep: PreparedRun, settings: ModelSettings, con: ContrastSpec, label: str,
+                 stat: str, dof: float, links: dict) -> dict:
+    return {
+        "Description": f"{_STAT_WORDS[stat]} of contrast '{con.name}' for one run",
+        "Level": "run",
+        "Contrast": {
+            "Name": con.name,
+            "Label": label,
+            "Expression": con.expression,
+            "Weights": dict(zip(prep.design.columns, con.vector(list(prep.design.columns)))),
+        },
+        "Statistic": stat,
+        "Test": "t",
+        "Tail": "one-sided (upper)" if stat in ("p", "z") else None,
+        "DegreesOfFreedom": dof,
+        "NoiseModel": settings.noise_model,
+        "SmoothingFWHM": settings.smoothing_fwhm,
+        "HRFModel": settings.hrf_model,
+        "DriftModel": settings.drift_model,
+        "HighPassFilterCutoffHz": settings.high_pass,
+        "SliceTimeRef": prep.slice_time_ref,
+        "RepetitionTime": prep.tr,
+        "SignalScaling": "percent signal change (voxel mean scaled to 100)",
+        "Confounds": prep.confound_columns,
+        "Sources": [bids_uri(p, links) for p in (prep.inputs.bold, prep.inputs.mask,
+                                                 prep.inputs.confounds, prep.inputs.events)],
+    }
+
+
+_STAT_WORDS = {
+    "effect": "Effect size (contrast of parameter estimates)",
+    "variance": "Variance of the effect size",
+    "t": "t statistic",
+    "z": "z score (from the one-sided p-value)",
+    "p": "One-sided (upper-tail) p-value",
+    "F": "F statistic",
+}
+
+
+def _completion_record(prep: PreparedRun, output_dir: Path) -> Path:
+    return func_dir(output_dir, prep.inputs.entities) / f"{entity_prefix(prep.inputs.entities, drop=('space', 'res'))}_design.json"
+
+
+def _existing_result(prep, output_dir, fingerprint, labels) -> RunResult | None:
+    """A run finished earlier with the same model: reuse its maps."""
+    record_path = _completion_record(prep, output_dir)
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("ModelFingerprint") != fingerprint:
+        return None
+    result = RunResult(prep.inputs, dof=record.get("DegreesOfFreedom", 0.0), dropped=prep.dropped,
+                       mask_path=output_dir / record.get("Mask", ""), skipped=True)
+    for con in prep.contrasts:
+        paths = {s: statmap_path(output_dir, prep.inputs.entities, labels[con.name], s) for s in STATS_T}
+        if not all(p.is_file() for p in paths.values()):
+            return None
+        result.maps[con.name] = paths
+    return result if result.mask_path.is_file() else None
+
+
+def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels: dict,
+            links: dict, fingerprint: str) -> RunResult:
+    """Load, smooth, fit and write every contrast map of one run."""
+    existing = _existing_result(prep, output_dir, fingerprint, labels)
+    if existing is not None:
+        log.info("%s: already done with this model, reusing its maps", prep.inputs.label)
+        return existing
+    run = prep.inputs
+    t0 = time.perf_counter()
+    mask, mask_affine = load_mask(run.mask)
+    img = load_image(run.bold)
+    data = image_data(img)
+    check_same_grid(run.bold, data.shape, img.affine, run.mask, mask.shape, mask_affine)
+    Y = masked_timeseries(data, img.affine, mask, settings.smoothing_fwhm)
+    del data, img
+    log.info("%s: loaded and smoothed %d volumes x %d voxels (%.1f s)",
+             run.label, Y.shape[0], Y.shape[1], time.perf_counter() - t0)
+    Y = mean_scaling(Y)
+    t1 = time.perf_counter()
+    glm = RunGLM(settings.noise_model).fit(Y, prep.design.to_numpy())
+    del Y
+    log.info("%s: %s GLM fitted (%d regressors, %.1f s)", run.label, settings.noise_model,
+             prep.design.shape[1], time.perf_counter() - t1)
+
+    result = RunResult(run, dof=glm.dof_, dropped=prep.dropped)
+    columns = list(prep.design.columns)
+    for con in prep.contrasts:
+        res = glm.contrast(con.vector(columns))
+        values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+        paths = {}
+        for stat in STATS_T:
+            path = statmap_path(output_dir, run.entities, labels[con.name], stat)
+            atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), mask_affine))
+            atomic_write_json(sidecar_path(path),
+                              _map_sidecar(prep, settings, con, labels[con.name], stat, glm.dof_, links))
+            paths[stat] = path
+        result.maps[con.name] = paths
+
+    folder = func_dir(output_dir, run.entities)
+    mask_path = folder / f"{entity_prefix(run.entities)}_desc-brain_mask.nii.gz"
+    atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), mask_affine))
+    result.mask_path = mask_path
+    design_path = _completion_record(prep, output_dir).with_suffix(".tsv")
+    atomic_write_tsv(design_path, prep.design)
+    # written last: its presence with this fingerprint means the run is complete
+    atomic_write_json(_completion_record(prep, output_dir), {
+        "Description": "Design matrix of one run (rows: volumes) and the model that produced this run's maps",
+        "RepetitionTime": prep.tr,
+        "SliceTimeRef": prep.slice_time_ref,
+        "DegreesOfFreedom": glm.dof_,
+        "Contrasts": {c.name: labels[c.name] for c in prep.contrasts},
+        "DroppedContrasts": prep.dropped,
+        "Confounds": prep.confound_columns,
+        "Mask": mask_path.relative_to(output_dir).as_posix(),
+        "ModelFingerprint": fingerprint,
+        "Sources": [bids_uri(p, links) for p in (run.bold, run.events, run.confounds)],
+    })
+    for name, reason in prep.dropped.items():
+        log.warning("%s: contrast '%s' dropped: %s", run.label, name, reason)
+    log.info("%s: wrote %d contrasts (%.1f s in all)", run.label, len(prep.contrasts),
+             time.perf_counter() - t0)
+    return result
+
+
+def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec], labels: dict,
+                          output_dir: Path, settings: ModelSettings, links: dict) -> list[Path]:
+    """Combine the written run maps of one subject and task, contrast by contrast."""
+    import nibabel as nib
+
+    first = results[0].inputs
+    entities = {k: v for k, v in first.entities.items() if k not in ("run", "echo")}
+    masks, affines = [], []
+    for r in results:
+        img = nib.load(str(r.mask_path))
+        masks.append(np.asanyarray(img.dataobj) > 0)
+        affines.append(img.affine)
+    if any(m.shape != masks[0].shape or not np.allclose(a, affines[0]) for m, a in zip(masks, affines)):
+        log.warning("%s: runs are on different grids (native space?); no fixed effects written. "
+                    "Use a template --space to combine runs.", " ".join(first.label.split()[:2]))
+        return []
+    written = []
+    for con in contrasts:
+        contributing = [r for r in results if con.name in r.maps]
+        dropped = {r.inputs.label: r.dropped.get(con.name, "not estimable")
+                   for r in results if con.name not in r.maps}
+        if not contributing:
+            log.warning("sub-%s: contrast '%s' is estimable in none of its runs; no subject map",
+                        first.subject, con.name)
+            continue
+        mask = np.logical_and.reduce([masks[results.index(r)] for r in contributing])
+        effects = np.stack([_read_masked(r.maps[con.name]["effect"], mask) for r in contributing])
+        variances = np.stack([_read_masked(r.maps[con.name]["variance"], mask) for r in contributing])
+        res = fixed_effects(effects, variances, [r.dof for r in contributing])
+        values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+        for stat in STATS_T:
+            path = statmap_path(output_dir, entities, labels[con.name], stat)
+            atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), affines[0]))
+            atomic_write_json(sidecar_path(path), {
+                "Description": f"{_STAT_WORDS[stat]} of contrast '{con.name}': "
+                               "precision-weighted fixed effects across runs",
+                "Level": "subject",
+                "Contrast": {"Name": con.name, "Label": labels[con.name], "Expression": con.expression,
+                             "Weights": dict(con.weights)},
+                "Statistic": stat,
+                "Test": "t",
+                "Tail": "one-sided (upper)" if stat in ("p", "z") else None,
+                "DegreesOfFreedom": res.dof,
+                "FixedEffects": "precision-weighted (inverse-variance) mean of run effects",
+                "Runs": [r.inputs.entities.get("run") for r in contributing],
+                "RunsDropped": dropped,
+                "NoiseModel": settings.noise_model,
+                "SmoothingFWHM": settings.smoothing_fwhm,
+                "Sources": [bids_uri(r.maps[con.name][s], links | {"bidsglm": output_dir.resolve()})
+                            for r in contributing for s in ("effect", "variance")],
+            })
+            written.append(path)
+    mask_all = np.logical_and.reduce(masks)
+    mask_path = func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
+    atomic_write_bytes(mask_path, nifti_bytes(mask_all.astype(np.float32), affines[0]))
+    return written
+
+
+def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(path)).dataobj)[mask].astype(np.float64)

@@ -1,0 +1,98 @@
+"""Drives the participant level from parsed command-line options."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .design import parse_contrast_option, contrast_labels
+from .discovery import SpaceSpec, discover_runs, find_derivatives
+from .errors import BidsGlmError
+from .outputs import dataset_links, ensure_dataset
+from .participant import (
+    ModelSettings,
+    fit_run,
+    model_contrasts,
+    prepare_run,
+    subject_fixed_effects,
+)
+
+log = logging.getLogger("bidsglm")
+
+
+def settings_from_args(args) -> ModelSettings:
+    confounds = tuple(c for c in args.confounds if c.lower() != "none")
+    return ModelSettings(
+        confounds=confounds,
+        smoothing_fwhm=args.smoothing_fwhm or None,
+        hrf_model=args.hrf_model,
+        drift_model=None if args.drift_model == "none" else args.drift_model,
+        high_pass=args.high_pass,
+        noise_model=args.noise_model,
+        slice_time_ref=args.slice_time_ref,
+        allow_tr_mismatch=args.allow_tr_mismatch,
+    )
+
+
+def _fit_in_worker(level, *fit_args):
+    """joblib entry point: worker processes need their own logging set-up."""
+    from .cli import configure_logging
+
+    if not log.handlers:
+        configure_logging(verbose=1 if level <= logging.DEBUG else 0, quiet=level >= logging.WARNING)
+    return fit_run(*fit_args)
+
+
+def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
+    from joblib import Parallel, delayed
+
+    t_start = time.perf_counter()
+    space = SpaceSpec.parse(args.space)
+    derivatives = find_derivatives(bids_dir, args.derivatives)
+    runs = discover_runs(bids_dir, derivatives, space, args.participant_label,
+                         args.session_label, args.task)
+    settings = settings_from_args(args)
+    requested = [parse_contrast_option(c) for c in args.contrast] if args.contrast else None
+    log.info("found %d run(s) of %d participant(s) in %s", len(runs),
+             len({r.subject for r in runs}), ", ".join(str(d) for d in derivatives))
+
+    # check every run before computing anything: bad input stops the job early
+    tasks = sorted({r.task for r in runs})
+    plans = []
+    for task in tasks:
+        task_runs = [r for r in runs if r.task == task]
+        from .design import read_events
+
+        conditions = {r.label: set(read_events(r.events)["trial_type"]) for r in task_runs}
+        contrasts = model_contrasts(conditions, requested, task)
+        labels = contrast_labels([c.name for c in contrasts])
+        prepared = [prepare_run(r, settings, contrasts) for r in task_runs]
+        plans.append((task, contrasts, labels, prepared))
+
+    links = dataset_links(bids_dir, derivatives)
+    ensure_dataset(output_dir, links)
+    n_written = 0
+    for task, contrasts, labels, prepared in plans:
+        fingerprint = settings.fingerprint(contrasts)
+        log.info("task-%s: %d run(s), contrasts: %s", task, len(prepared),
+                 ", ".join(f"{c.name} [{labels[c.name]}]" for c in contrasts))
+        jobs = (delayed(_fit_in_worker)(log.level, p, settings, output_dir, labels, links, fingerprint)
+                for p in prepared)
+        if args.n_cpus > 1 and len(prepared) > 1:
+            results = Parallel(n_jobs=min(args.n_cpus, len(prepared)))(jobs)
+        else:
+            results = [fit_run(p, settings, output_dir, labels, links, fingerprint) for p in prepared]
+        by_subject: dict[tuple, list] = {}
+        for res in results:
+            key = (res.inputs.subject, res.inputs.entities.get("ses"))
+            by_subject.setdefault(key, []).append(res)
+        for (sub, ses), sub_results in by_subject.items():
+            written = subject_fixed_effects(sub_results, contrasts, labels, output_dir, settings, links)
+            n_written += len(written)
+            log.info("sub-%s%s task-%s: fixed effects over %d run(s) written (%d maps)", sub,
+                     f" ses-{ses}" if ses else "", task, len(sub_results), len(written))
+    log.info("participant level done in %.1f s; results in %s", time.perf_counter() - t_start, output_dir)
+
+
+__all__ = ["run_participant_level", "BidsGlmError"]
