@@ -1,0 +1,252 @@
+"""Command line: option spellings, exit codes, and one clear line (no traceback,
+no outputs for the affected run) for every bad input the issue lists."""
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidsglm.cli import build_parser, main
+
+FMRIPREP = ("derivatives", "fmriprep", "sub-01", "func")
+STEM = "sub-01_task-flanker_run-1"
+SPACE = "space-MNI152NLin2009cAsym"
+
+
+def _run(capsys, *args):
+    code = main([*map(str, args)])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _assert_one_line_error(err, *fragments):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if " ERROR: " in line]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    for frag in fragments:
+        assert frag in errors[0], (frag, errors[0])
+
+
+def _statmaps(out):
+    return sorted(p.name for p in out.rglob("*_statmap.nii.gz")) if out.exists() else []
+
+
+def _fmriprep(root, name):
+    return root.joinpath(*FMRIPREP, name)
+
+
+def test_both_spellings_and_prefixes():
+    parser = build_parser()
+    a = parser.parse_args(["in", "out", "participant", "--participant-label", "sub-01", "02",
+                           "--skip-bids-validation"])
+    b = parser.parse_args(["in", "out", "participant", "--participant_label", "01", "sub-02",
+                           "--skip_bids_validator"])
+    assert a.participant_label == ["sub-01", "02"] and b.participant_label == ["01", "sub-02"]
+    assert a.skip_bids_validation and b.skip_bids_validation
+
+
+def test_version_and_help_exit_zero(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert "bidsglm" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--participant-label" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_64(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), str(tmp_path / "o"), "participant", "--noise-model", "ar9"])
+    assert exc.value.code == 64
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path)])
+    assert exc.value.code == 64
+
+
+def test_console_script_exit_code(demo_small, tmp_path):
+    """The installed entry point itself returns 65 and prints one line."""
+    root, _ = demo_small
+    proc = subprocess.run([sys.executable, "-m", "bidsglm", str(root), str(tmp_path / "o"), "participant",
+                           "--skip-bids-validation", "--participant-label", "99"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 65
+    _assert_one_line_error(proc.stderr, "sub-99", "not found")
+
+
+def test_missing_dataset_description(capsys, demo_copy, tmp_path):
+    (demo_copy / "dataset_description.json").unlink()
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, "dataset_description.json", "not a BIDS dataset")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_participant(capsys, demo_copy, tmp_path):
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
+                     "--participant-label", "sub-07")
+    assert code == 65
+    _assert_one_line_error(err, "sub-07", "not found")
+
+
+def test_no_bold_in_space(capsys, demo_copy, tmp_path):
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
+                     "--space", "MNI152NLin6Asym")
+    assert code == 65
+    _assert_one_line_error(err, "MNI152NLin6Asym", "MNI152NLin2009cAsym")  # says what is there
+
+
+@pytest.mark.parametrize("drop", ["onset", "duration", "trial_type"])
+def test_events_missing_column(capsys, demo_copy, tmp_path, drop):
+    path = demo_copy / "sub-01" / "func" / f"{STEM}_events.tsv"
+    pd.read_csv(path, sep="\t").drop(columns=[drop]).to_csv(path, sep="\t", index=False)
+    out = tmp_path / "out"
+    code, err = _run(capsys, demo_copy, out, "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, f"{STEM}_events.tsv", drop)
+    assert _statmaps(out) == []
+
+
+def test_events_non_numeric_onset(capsys, demo_copy, tmp_path):
+    path = demo_copy / "sub-01" / "func" / f"{STEM}_events.tsv"
+    table = pd.read_csv(path, sep="\t", dtype=str)
+    table.loc[3, "onset"] = "12.5s"
+    table.to_csv(path, sep="\t", index=False)
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, f"{STEM}_events.tsv", "column 'onset', line 5", "'12.5s'")
+
+
+def test_contrast_unknown_condition(capsys, demo_copy, tmp_path):
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
+                     "--contrast", "bad=incongruent - congruent")
+    assert code == 65
+    _assert_one_line_error(err, "contrast 'bad'", "unknown condition", "incongruent_correct")
+
+
+def test_confound_column_absent(capsys, demo_copy, tmp_path):
+    out = tmp_path / "out"
+    code, err = _run(capsys, demo_copy, out, "participant", "--skip-bids-validation",
+                     "--confounds", "trans_x", "csf_wm")
+    assert code == 65
+    _assert_one_line_error(err, "desc-confounds_timeseries.tsv", "'csf_wm'", "absent")
+    assert _statmaps(out) == []
+
+
+def test_confound_wildcards(demo_copy, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(demo_copy), str(out), "participant", "--skip-bids-validation", "-q",
+                 "--participant-label", "01", "--contrast", "congruent_correct",
+                 "--confounds", "trans_?", "a_comp_cor_0[0-2]", "motion_outlier*",
+                 "framewise_displacement"]) == 0
+    rec1 = json.loads((out / "sub-01" / "func" / f"{STEM}_design.json").read_text())
+    rec2 = json.loads((out / "sub-01" / "func" / "sub-01_task-flanker_run-2_design.json").read_text())
+    expected = ["trans_x", "trans_y", "trans_z", "a_comp_cor_00", "a_comp_cor_01", "a_comp_cor_02"]
+    # run 1 has no outlier columns: the wildcard selects nothing there
+    assert rec1["Confounds"] == expected + ["framewise_displacement"]
+    assert rec2["Confounds"] == expected + ["motion_outlier00", "framewise_displacement"]
+
+
+def test_bold_mask_grid_mismatch(capsys, demo_copy, tmp_path):
+    mask_path = _fmriprep(demo_copy, f"{STEM}_{SPACE}_desc-brain_mask.nii.gz")
+    img = nib.load(mask_path)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-1], img.affine), mask_path)
+    out = tmp_path / "out"
+    code, err = _run(capsys, demo_copy, out, "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, f"{STEM}_{SPACE}_desc-preproc_bold.nii.gz", "differs from brain mask grid")
+    assert _statmaps(out) == []
+
+
+def test_truncated_bold(capsys, demo_copy, tmp_path):
+    bold = _fmriprep(demo_copy, f"{STEM}_{SPACE}_desc-preproc_bold.nii.gz")
+    data = bold.read_bytes()
+    bold.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    code, err = _run(capsys, demo_copy, out, "participant", "--skip-bids-validation",
+                     "--participant-label", "01")
+    assert code == 65
+    _assert_one_line_error(err, f"{STEM}_{SPACE}_desc-preproc_bold.nii.gz", "truncated")
+    assert not any("run-1" in name for name in _statmaps(out))
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_corrupt_bold(capsys, demo_copy, tmp_path):
+    bold = _fmriprep(demo_copy, f"{STEM}_{SPACE}_desc-preproc_bold.nii.gz")
+    bold.write_bytes(b"this is not a nifti file at all" * 10)
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, f"{STEM}_{SPACE}_desc-preproc_bold.nii.gz")
+
+
+def test_uncompressed_truncated_after_header(capsys, demo_copy, tmp_path):
+    """A .nii.gz whose gzip stream is valid but whose voxel data are cut short."""
+    bold = _fmriprep(demo_copy, f"{STEM}_{SPACE}_desc-preproc_bold.nii.gz")
+    raw = gzip.decompress(bold.read_bytes())
+    bold.write_bytes(gzip.compress(raw[: len(raw) - 1000]))
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
+                     "--participant-label", "01")
+    assert code == 65
+    _assert_one_line_error(err, "truncated image")
+
+
+def test_confounds_row_count(capsys, demo_copy, tmp_path):
+    path = _fmriprep(demo_copy, f"{STEM}_desc-confounds_timeseries.tsv")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    table.iloc[:-3].to_csv(path, sep="\t", index=False)
+    out = tmp_path / "out"
+    code, err = _run(capsys, demo_copy, out, "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, f"{STEM}_desc-confounds_timeseries.tsv", "143 rows", "146 volumes")
+    assert _statmaps(out) == []
+
+
+def test_output_inside_bids_dir(capsys, demo_copy):
+    code, err = _run(capsys, demo_copy, demo_copy / "derivatives" / "bidsglm", "participant",
+                     "--skip-bids-validation")
+    assert code == 64
+    _assert_one_line_error(err, "inside BIDS_DIR")
+    assert not (demo_copy / "derivatives" / "bidsglm").exists()
+
+
+def test_tr_mismatch_is_error_unless_allowed(capsys, demo_copy, tmp_path):
+    side = demo_copy / "task-flanker_bold.json"
+    side.write_text(json.dumps({"TaskName": "flanker", "RepetitionTime": 2.5}))
+    deriv_side = _fmriprep(demo_copy, f"{STEM}_{SPACE}_desc-preproc_bold.json")
+    deriv_side.write_text(json.dumps({"TaskName": "flanker"}))
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
+                     "--participant-label", "01")
+    assert code == 65
+    _assert_one_line_error(err, "TR in the NIfTI header (2 s)", "(2.5 s)", "--allow-tr-mismatch")
+    code, _ = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
+                   "--participant-label", "01", "--allow-tr-mismatch", "--contrast", "congruent_correct")
+    assert code == 0
+
+
+def test_never_writes_into_bids_dir(demo_copy, tmp_path):
+    def snapshot():
+        return sorted((p.relative_to(demo_copy).as_posix(), p.stat().st_mtime_ns)
+                      for p in demo_copy.rglob("*"))
+    before = snapshot()
+    assert main([str(demo_copy), str(tmp_path / "out"), "participant", "--skip-bids-validation", "-q",
+                 "--participant-label", "01", "--contrast", "congruent_correct"]) == 0
+    assert snapshot() == before
+
+
+def test_bids_validation_runs_and_rejects_invalid(capsys, demo_copy, tmp_path):
+    from bidsglm.validation import validator_command
+
+    if validator_command() is None:
+        pytest.skip("bids-validator-deno not installed")
+    (demo_copy / "sub-01" / "func" / "sub-01_task-flanker_run-1_bold.json").write_text("{not json")
+    code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "-w", tmp_path / "work")
+    assert code == 65
+    _assert_one_line_error(err, "BIDS validation failed", "--skip-bids-validation")
