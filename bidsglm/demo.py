@@ -171,12 +171,6 @@ def make_demo(root: Path, n_subjects: int = 4, voxel_size: float = 4.0, amplitud
              for name, c in BLOBS.items()}
 
     root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / "dataset_description.json", {
-        "Name": "bidsglm demo: simulated BOLD on real flanker timing",
-        "BIDSVersion": "1.10.0", "DatasetType": "raw", "License": "PDDL",
-        "Authors": ["bidsglm demo simulator"],
-        "ReferencesAndLinks": ["Event timing from OpenNeuro ds000102 (PDDL); see README"],
-    })
     (root / "README").write_text(
         "Simulated demo dataset made by bidsglm-demo. Event files are real (OpenNeuro ds000102,\n"
         "PDDL, Kelly et al. 2008); BOLD, masks and confounds are simulated with known activations:\n"
@@ -221,6 +215,13 @@ def make_demo(root: Path, n_subjects: int = 4, voxel_size: float = 4.0, amplitud
             _write_json(out / f"{stem}_desc-confounds_timeseries.json",
                         {c: {"Description": "simulated"} for c in conf.columns})
     pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
+    # written last: its presence marks a complete demo dataset
+    _write_json(root / "dataset_description.json", {
+        "Name": "bidsglm demo: simulated BOLD on real flanker timing",
+        "BIDSVersion": "1.10.0", "DatasetType": "raw", "License": "PDDL",
+        "Authors": ["bidsglm demo simulator"],
+        "ReferencesAndLinks": ["Event timing from OpenNeuro ds000102 (PDDL); see README"],
+    })
     return DemoTruth(affine, brain, blobs, amplitude)
 
 
@@ -231,6 +232,10 @@ def main(argv=None) -> int:
     p.add_argument("--voxel-size", type=int, default=4.0, help="voxel size in mm (default 4)")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
+    desc = args.output / "dataset_description.json"
+    if desc.is_file() and "bidsglm demo" in desc.read_text():
+        print(f"demo dataset already present in {args.output}; reusing it")
+        return 0
     if args.output.exists() and any(args.output.iterdir()):
         print(f"bidsglm-demo: {args.output} exists and is not empty", file=sys.stderr)
         return 64

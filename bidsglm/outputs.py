@@ -41,6 +41,23 @@ logs/
 """
 
 
+OUTPUT_README = """\
+# bidsglm results
+
+Statistical maps from task-fMRI GLMs, written by bidsglm.
+
+- `sub-<s>/func/*_run-<r>_*_contrast-<c>_stat-<stat>_statmap.nii.gz`: one run's GLM
+  (stat: effect, variance, t, z, p); `*_run-<r>_design.tsv` is its design matrix and
+  `*_run-<r>_design.json` the model, dropped contrasts and provenance.
+- The same names without `run-`: precision-weighted fixed effects across the subject's runs.
+- Every map has a JSON sidecar with the contrast weights, test, degrees of freedom,
+  noise model, smoothing and input files.
+
+Effects are in percent signal change; p-values are one-sided (upper tail) and z-scores
+are derived from them.
+"""
+
+
 def entity_prefix(entities: dict, drop=()) -> str:
     return "_".join(
         f"{k}-{entities[k]}" for k in OUTPUT_ENTITIES if k in entities and k not in drop
@@ -168,6 +185,9 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
             return
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(desc_path, description)
+    readme = output_dir / "README.md"
+    if not readme.exists():
+        atomic_write_text(readme, OUTPUT_README)
     ignore = output_dir / ".bidsignore"
     if not ignore.exists() or ignore.read_text() != BIDSIGNORE:
         atomic_write_text(ignore, BIDSIGNORE)

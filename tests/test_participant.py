@@ -182,3 +182,21 @@ def test_parallel_equals_serial(demo_small, tmp_path):
     a = nib.load(_map(outs[0], "01", "congruentCorrect", "z")).get_fdata()
     b = nib.load(_map(outs[1], "01", "congruentCorrect", "z")).get_fdata()
     np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_run_is_redone_on_rerun(demo_small, tmp_path):
+    """A run whose completion record is missing (job killed mid-run) is recomputed;
+    finished runs are reused."""
+    root, _ = demo_small
+    out = tmp_path / "out"
+    args = [str(root), str(out), "participant", "--skip-bids-validation", "-q", "--participant-label", "02",
+            "--contrast", "congruent_correct"]
+    assert main(args) == 0
+    z1, z2 = _map(out, "02", "congruentCorrect", "z", 1), _map(out, "02", "congruentCorrect", "z", 2)
+    reference = nib.load(z2).get_fdata()
+    (out / "sub-02" / "func" / "sub-02_task-flanker_run-2_design.json").unlink()
+    z2.unlink()
+    t1 = z1.stat().st_mtime_ns
+    assert main(args) == 0
+    assert z1.stat().st_mtime_ns == t1
+    np.testing.assert_array_equal(nib.load(z2).get_fdata(), reference)
