@@ -19,10 +19,18 @@ from .statistics import ContrastResult, f_contrast, t_contrast
 CHUNK = 16384  # voxels per matrix product: large enough for BLAS, small for memory
 
 
-def mean_scaling(Y: np.ndarray) -> np.ndarray:
-    """Percent signal change around each voxel's mean (nilearn's signal_scaling=0)."""
+def mean_scaling(Y: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Percent signal change around each voxel's mean (nilearn's signal_scaling=0).
+
+    In place, the same float operations run in the same order, without the
+    temporary copies of ``100 * (Y / mean - 1)``."""
     mean = np.maximum(Y.mean(axis=0), 1)
-    return 100 * (Y / mean - 1)
+    if not in_place:
+        return 100 * (Y / mean - 1)
+    Y /= mean
+    Y -= 1
+    Y *= 100
+    return Y
 
 
 def whiten_ar1(A: np.ndarray, rho: float) -> np.ndarray:

@@ -9,6 +9,8 @@ the whole 4D image as nilearn does, without nilearn's whole-array copies.
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def load_image(path: Path) -> nib.Nifti1Image:
         img = nib.Nifti1Image.from_bytes(raw)
     except Exception as exc:
         raise DataError(f"not a valid NIfTI-1 image ({exc})", path) from exc
-    expected = img.header.get_data_offset() + int(
+    expected = int(img.dataobj.offset) + int(
         np.prod(img.shape) * img.get_data_dtype().itemsize
     )
     if len(raw) < expected:
@@ -140,6 +142,108 @@ def masked_timeseries(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, fw
                 gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
         out[:, t] = vol[inner]
     return out.T
+
+
+def _volume_reader(path: Path, header, offset: int):
+    """Yield the raw volumes of a 4D NIfTI in file order, inflating as it goes."""
+    shape = header.get_data_shape()
+    dtype = header.get_data_dtype()
+    n_bytes = int(np.prod(shape[:3])) * dtype.itemsize
+    opener = _gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(str(path), "rb") as fh:
+            fh.read(offset)
+            for t in range(shape[3]):
+                buf = fh.read(n_bytes)
+                if len(buf) < n_bytes:
+                    raise DataError(
+                        f"truncated image: volume {t + 1} of {shape[3]} is incomplete", path)
+                yield np.frombuffer(buf, dtype=dtype).reshape(shape[:3], order="F")
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise DataError(f"corrupt or truncated image data ({exc})", path) from exc
+
+
+def _prefetch(iterator, depth: int = 4):
+    """Run ``iterator`` in a thread (inflating the next volumes while the
+    current one is smoothed); exceptions are re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
+    """Read a 4D BOLD volume by volume: scale, smooth and gather in-mask voxels.
+
+    Peak memory is the (V, T) result plus a few volumes, whatever the file
+    size. Values are those of ``masked_timeseries(image_data(load_image(path)))``:
+    the same nibabel scaling is applied per volume.
+
+    Returns
+    -------
+    Y : array (T, V), transposed view of a C-ordered (V, T) array
+    affine : (4, 4)
+    """
+    from nibabel.volumeutils import apply_read_scaling
+
+    img = nib.load(str(path))  # header only; the data are streamed below
+    header = img.header
+    shape = header.get_data_shape()
+    if len(shape) != 4:
+        raise DataError(f"expected a 4D image, got shape {shape}", path)
+    slope = np.asanyarray(img.dataobj.slope)
+    inter = np.asanyarray(img.dataobj.inter)
+    scaled = not (slope == 1 and inter == 0)
+    if scaled and np.can_cast(slope, slope.dtype):
+        slope, inter = slope.astype(slope.dtype), inter.astype(slope.dtype)
+    affine = img.affine
+    sigmas = smoothing_sigmas(affine, fwhm)
+    box = _padded_box(mask, sigmas)
+    inner = mask[box]
+    out = None
+    # the loaded header's vox_offset is reset by nibabel; the proxy keeps the file's
+    for t, raw in enumerate(_prefetch(_volume_reader(path, header, int(img.dataobj.offset)))):
+        vol = raw[box]
+        vol = apply_read_scaling(vol, slope, inter) if scaled else vol
+        vol = np.array(vol, dtype=vol.dtype if vol.dtype.kind == "f" else np.float32)
+        if out is None:
+            out = np.empty((int(inner.sum()), shape[3]), dtype=vol.dtype.newbyteorder("="))
+        if not np.isfinite(vol).all():
+            np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        for axis, s in enumerate(sigmas):
+            if s > 0:
+                gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
+        out[:, t] = vol[inner]
+    return out.T, affine
 
 
 def unmask(values: np.ndarray, mask: np.ndarray, fill: float = 0.0) -> np.ndarray:

@@ -35,12 +35,10 @@ from .firstlevel import RunGLM, mean_scaling
 from .fixedeffects import fixed_effects
 from .images import (
     check_same_grid,
-    image_data,
-    load_image,
     load_mask,
-    masked_timeseries,
     nifti_bytes,
     read_header,
+    stream_masked_timeseries,
     unmask,
 )
 from .outputs import (
@@ -251,14 +249,10 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     run = prep.inputs
     t0 = time.perf_counter()
     mask, mask_affine = load_mask(run.mask)
-    img = load_image(run.bold)
-    data = image_data(img)
-    check_same_grid(run.bold, data.shape, img.affine, run.mask, mask.shape, mask_affine)
-    Y = masked_timeseries(data, img.affine, mask, settings.smoothing_fwhm)
-    del data, img
+    Y, _ = stream_masked_timeseries(run.bold, mask, settings.smoothing_fwhm)
     log.info("%s: loaded and smoothed %d volumes x %d voxels (%.1f s)",
              run.label, Y.shape[0], Y.shape[1], time.perf_counter() - t0)
-    Y = mean_scaling(Y)
+    Y = mean_scaling(Y, in_place=True)
     t1 = time.perf_counter()
     glm = RunGLM(settings.noise_model).fit(Y, prep.design.to_numpy())
     del Y
