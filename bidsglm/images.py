@@ -125,14 +125,14 @@ def masked_timeseries(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, fw
 
     Returns
     -------
-    array (T, V), a transposed view of a C-ordered (V, T) array (the layout
-    nilearn's masker returns, so later reductions add in the same order).
+    array (T, V), C-ordered: the layout nilearn's masker returns, so that
+    float32 reductions over time (the voxel means) add in the same order.
     """
     sigmas = smoothing_sigmas(affine, fwhm)
     box = _padded_box(mask, sigmas)
     inner = mask[box]
     n_vol = data.shape[3]
-    out = np.empty((int(inner.sum()), n_vol), dtype=data.dtype)
+    out = np.empty((n_vol, int(inner.sum())), dtype=data.dtype)
     for t in range(n_vol):
         vol = np.array(data[box + (t,)], copy=True)
         if not np.isfinite(vol).all():
@@ -140,8 +140,8 @@ def masked_timeseries(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, fw
         for axis, s in enumerate(sigmas):
             if s > 0:
                 gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
-        out[:, t] = vol[inner]
-    return out.T
+        out[t] = vol[inner]
+    return out
 
 
 def _volume_reader(path: Path, header, offset: int):
@@ -210,7 +210,7 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
 
     Returns
     -------
-    Y : array (T, V), transposed view of a C-ordered (V, T) array
+    Y : array (T, V), C-ordered (nilearn's layout)
     affine : (4, 4)
     """
     from nibabel.volumeutils import apply_read_scaling
@@ -236,14 +236,14 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
         vol = apply_read_scaling(vol, slope, inter) if scaled else vol
         vol = np.array(vol, dtype=vol.dtype if vol.dtype.kind == "f" else np.float32)
         if out is None:
-            out = np.empty((int(inner.sum()), shape[3]), dtype=vol.dtype.newbyteorder("="))
+            out = np.empty((shape[3], int(inner.sum())), dtype=vol.dtype.newbyteorder("="))
         if not np.isfinite(vol).all():
             np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         for axis, s in enumerate(sigmas):
             if s > 0:
                 gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
-        out[:, t] = vol[inner]
-    return out.T, affine
+        out[t] = vol[inner]
+    return out, affine
 
 
 def unmask(values: np.ndarray, mask: np.ndarray, fill: float = 0.0) -> np.ndarray:

@@ -214,6 +214,15 @@ _STAT_WORDS = {
 }
 
 
+def _inputs_signature(run: RunInputs) -> list:
+    """Size and modification time of each input: a changed input means redo."""
+    sig = []
+    for path in (run.bold, run.mask, run.confounds, run.events):
+        st = path.stat()
+        sig.append([path.name, st.st_size, st.st_mtime_ns])
+    return sig
+
+
 def _completion_record(prep: PreparedRun, output_dir: Path) -> Path:
     return func_dir(output_dir, prep.inputs.entities) / f"{entity_prefix(prep.inputs.entities, drop=('space', 'res'))}_design.json"
 
@@ -228,6 +237,8 @@ def _existing_result(prep, output_dir, fingerprint, labels) -> RunResult | None:
     except (OSError, json.JSONDecodeError):
         return None
     if record.get("ModelFingerprint") != fingerprint:
+        return None
+    if record.get("InputsSignature") != _inputs_signature(prep.inputs):
         return None
     result = RunResult(prep.inputs, dof=record.get("DegreesOfFreedom", 0.0), dropped=prep.dropped,
                        mask_path=output_dir / record.get("Mask", ""), skipped=True)
@@ -290,6 +301,7 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         "Confounds": prep.confound_columns,
         "Mask": mask_path.relative_to(output_dir).as_posix(),
         "ModelFingerprint": fingerprint,
+        "InputsSignature": _inputs_signature(run),
         "Sources": [bids_uri(p, links) for p in (run.bold, run.events, run.confounds)],
     })
     for name, reason in prep.dropped.items():

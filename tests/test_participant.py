@@ -200,3 +200,18 @@ def test_interrupted_run_is_redone_on_rerun(demo_small, tmp_path):
     assert main(args) == 0
     assert z1.stat().st_mtime_ns == t1
     np.testing.assert_array_equal(nib.load(z2).get_fdata(), reference)
+
+
+def test_changed_input_is_redone(demo_copy, tmp_path):
+    out = tmp_path / "out"
+    args = [str(demo_copy), str(out), "participant", "--skip-bids-validation", "-q", "--participant-label", "01",
+            "--contrast", "congruent_correct"]
+    assert main(args) == 0
+    z1 = _map(out, "01", "congruentCorrect", "z", 1)
+    before = z1.stat().st_mtime_ns
+    events = demo_copy / "sub-01" / "func" / "sub-01_task-flanker_run-1_events.tsv"
+    table = pd.read_csv(events, sep="\t")
+    table["onset"] += 2.0
+    table.to_csv(events, sep="\t", index=False)
+    assert main(args) == 0
+    assert z1.stat().st_mtime_ns != before
