@@ -134,14 +134,18 @@ def masked_timeseries(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, fw
     n_vol = data.shape[3]
     out = np.empty((n_vol, int(inner.sum())), dtype=data.dtype)
     for t in range(n_vol):
-        vol = np.array(data[box + (t,)], copy=True)
-        if not np.isfinite(vol).all():
-            np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        for axis, s in enumerate(sigmas):
-            if s > 0:
-                gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
-        out[t] = vol[inner]
+        out[t] = _smooth_and_gather(np.array(data[box + (t,)], copy=True), sigmas, inner)
     return out
+
+
+def _smooth_and_gather(vol: np.ndarray, sigmas: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Zero non-finite values, smooth in place along each axis (as nilearn), take in-mask voxels."""
+    if not np.isfinite(vol).all():
+        np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    for axis, s in enumerate(sigmas):
+        if s > 0:
+            gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
+    return vol[inner]
 
 
 def _volume_reader(path: Path, header, offset: int):
@@ -237,12 +241,7 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
         vol = np.array(vol, dtype=vol.dtype if vol.dtype.kind == "f" else np.float32)
         if out is None:
             out = np.empty((shape[3], int(inner.sum())), dtype=vol.dtype.newbyteorder("="))
-        if not np.isfinite(vol).all():
-            np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        for axis, s in enumerate(sigmas):
-            if s > 0:
-                gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
-        out[t] = vol[inner]
+        out[t] = _smooth_and_gather(vol, sigmas, inner)
     return out, affine
 
 
