@@ -128,10 +128,12 @@ def repetition_time(run: RunInputs, header, allow_mismatch: bool) -> float:
     return sidecar_tr
 
 
-def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[ContrastSpec]) -> PreparedRun:
+def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[ContrastSpec],
+                events: pd.DataFrame | None = None) -> PreparedRun:
     """Check headers, grids, events and confounds and build the design.
 
-    Reads only headers and tables, so it is cheap to do for every run first."""
+    Reads only headers and tables, so it is cheap to do for every run first.
+    ``events`` may be passed when the caller has already read them."""
     bold_hdr = read_header(run.bold)
     shape = bold_hdr.get_data_shape()
     if len(shape) != 4 or shape[3] < 2:
@@ -146,7 +148,8 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
     else:
         start = run.bold_sidecar.get("StartTime")
         str_ref = float(start) / tr if isinstance(start, (int, float)) and 0 <= start <= tr else 0.0
-    events = read_events(run.events)
+    if events is None:
+        events = read_events(run.events)
     confounds = read_confounds(run.confounds, list(settings.confounds), n_volumes)
     design = build_design(
         events, confounds, n_volumes, tr,

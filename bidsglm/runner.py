@@ -6,9 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from .design import parse_contrast_option, contrast_labels
+from .design import contrast_labels, parse_contrast_option, read_events
 from .discovery import SpaceSpec, discover_runs, find_derivatives
-from .errors import BidsGlmError
 from .outputs import dataset_links, ensure_dataset
 from .participant import (
     ModelSettings,
@@ -62,12 +61,11 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
     plans = []
     for task in tasks:
         task_runs = [r for r in runs if r.task == task]
-        from .design import read_events
-
-        conditions = {r.label: set(read_events(r.events)["trial_type"]) for r in task_runs}
+        events = {r.label: read_events(r.events) for r in task_runs}
+        conditions = {label: set(ev["trial_type"]) for label, ev in events.items()}
         contrasts = model_contrasts(conditions, requested, task)
         labels = contrast_labels([c.name for c in contrasts])
-        prepared = [prepare_run(r, settings, contrasts) for r in task_runs]
+        prepared = [prepare_run(r, settings, contrasts, events[r.label]) for r in task_runs]
         plans.append((task, contrasts, labels, prepared))
 
     links = dataset_links(bids_dir, derivatives)
@@ -94,5 +92,3 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
                      f" ses-{ses}" if ses else "", task, len(sub_results), len(written))
     log.info("participant level done in %.1f s; results in %s", time.perf_counter() - t_start, output_dir)
 
-
-__all__ = ["run_participant_level", "BidsGlmError"]
