@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .design import DEFAULT_CONFOUNDS
 from .errors import EX_DATAERR, EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
 
 log = logging.getLogger("bidsglm")
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "congruent' (repeatable; names that are not identifiers in `backquotes`); "
                           "default: each condition against baseline")
     mod.add_argument("--confounds", nargs="+", metavar="COLUMN",
-                     default=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"],
+                     default=list(DEFAULT_CONFOUNDS),
                      help="confound columns from fMRIPrep's confounds table; shell wildcards allowed "
                           "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
                           "(default: the six motion parameters)")

@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import __version__
 from .design import (
+    DEFAULT_CONFOUNDS,
     ContrastSpec,
     DesignSettings,
     build_design,
@@ -61,7 +62,7 @@ TR_TOLERANCE = 1e-3  # seconds between sidecar and header
 class ModelSettings:
     """Everything that defines a run's model (part of each output's provenance)."""
 
-    confounds: tuple = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+    confounds: tuple = DEFAULT_CONFOUNDS
     smoothing_fwhm: float | None = 6.0
     hrf_model: str = "glover"
     drift_model: str | None = "cosine"
