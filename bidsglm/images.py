@@ -63,14 +63,6 @@ def load_image(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def image_data(img: nib.Nifti1Image) -> np.ndarray:
-    """Scaled voxel values; integers become float32 (as nilearn does)."""
-    data = np.asanyarray(img.dataobj)
-    if data.dtype.kind != "f":
-        data = data.astype(np.float32)
-    return data
-
-
 def load_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Boolean 3D mask and its affine."""
     img = load_image(path)
@@ -113,29 +105,6 @@ def _padded_box(mask: np.ndarray, sigmas: np.ndarray) -> tuple[slice, ...]:
         hi = min(int(idx[axis].max()) + radius + 1, mask.shape[axis])
         box.append(slice(lo, hi))
     return tuple(box)
-
-
-def masked_timeseries(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, fwhm: float | None) -> np.ndarray:
-    """Smooth each volume and gather in-mask voxels.
-
-    Parameters
-    ----------
-    data : array (X, Y, Z, T)
-    mask : bool array (X, Y, Z)
-
-    Returns
-    -------
-    array (T, V), C-ordered: the layout nilearn's masker returns, so that
-    float32 reductions over time (the voxel means) add in the same order.
-    """
-    sigmas = smoothing_sigmas(affine, fwhm)
-    box = _padded_box(mask, sigmas)
-    inner = mask[box]
-    n_vol = data.shape[3]
-    out = np.empty((n_vol, int(inner.sum())), dtype=data.dtype)
-    for t in range(n_vol):
-        out[t] = _smooth_and_gather(np.array(data[box + (t,)], copy=True), sigmas, inner)
-    return out
 
 
 def _smooth_and_gather(vol: np.ndarray, sigmas: np.ndarray, inner: np.ndarray) -> np.ndarray:
@@ -209,8 +178,8 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
     """Read a 4D BOLD volume by volume: scale, smooth and gather in-mask voxels.
 
     Peak memory is the (V, T) result plus a few volumes, whatever the file
-    size. Values are those of ``masked_timeseries(image_data(load_image(path)))``:
-    the same nibabel scaling is applied per volume.
+    size. Values equal nilearn's ``apply_mask_fmri`` on the whole image (nibabel's
+    scaling per volume; smoothing over the padded mask box gives the same in-mask values).
 
     Returns
     -------
