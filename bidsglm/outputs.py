@@ -50,6 +50,8 @@ Statistical maps from task-fMRI GLMs, written by bidsglm.
   (stat: effect, variance, t, z, p); `*_run-<r>_design.tsv` is its design matrix and
   `*_run-<r>_design.json` the model, dropped contrasts and provenance.
 - The same names without `run-`: precision-weighted fixed effects across the subject's runs.
+- `group/`: second-level maps, thresholded maps and cluster tables (`bidsglm ... group`).
+- `participants.tsv`: a copy of the raw dataset's table, read by the group level for covariates.
 - Every map has a JSON sidecar with the contrast weights, test, degrees of freedom,
   noise model, smoothing and input files.
 
@@ -147,6 +149,18 @@ def bids_uri(path: Path, links: dict[str, Path]) -> str:
     if best is None:
         return path.as_uri()
     return f"bids:{best}:{path.relative_to(links[best]).as_posix()}"
+
+
+def copy_participants_table(bids_dir: Path, output_dir: Path) -> None:
+    """Copy participants.tsv (and .json) so the group level finds covariates in OUTPUT_DIR
+    without reading BIDS_DIR; refreshed on every participant-level run."""
+    for name in ("participants.tsv", "participants.json"):
+        source = bids_dir / name
+        if source.is_file():
+            data = source.read_bytes()
+            target = output_dir / name
+            if not target.is_file() or target.read_bytes() != data:
+                atomic_write_bytes(target, data)
 
 
 def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:

@@ -27,6 +27,7 @@ from .design import (
     check_contrasts,
     contrast_labels,
     default_contrasts,
+    mean_framewise_displacement,
     read_confounds,
     read_events,
 )
@@ -92,6 +93,7 @@ class PreparedRun:
     contrasts: list  # ContrastSpec estimable in this run
     dropped: dict  # contrast name -> reason
     confound_columns: list
+    fd_mean: float | None = None  # mean framewise displacement (mm), for group exclusions
 
 
 @dataclass
@@ -165,7 +167,8 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
             dropped[con.name] = f"condition(s) {', '.join(missing)} absent from this run's events"
         else:
             usable.append(con)
-    return PreparedRun(run, tr, n_volumes, str_ref, design, usable, dropped, list(confounds.columns))
+    return PreparedRun(run, tr, n_volumes, str_ref, design, usable, dropped, list(confounds.columns),
+                       mean_framewise_displacement(run.confounds))
 
 
 def model_contrasts(runs_events: dict[str, set], requested: list[ContrastSpec] | None, task: str) -> list[ContrastSpec]:
@@ -244,6 +247,8 @@ def _existing_result(prep, output_dir, fingerprint, labels) -> RunResult | None:
         return None
     if record.get("InputsSignature") != _inputs_signature(prep.inputs):
         return None
+    if "FramewiseDisplacementMean" not in record:  # written by an older bidsglm
+        return None
     result = RunResult(prep.inputs, dof=record.get("DegreesOfFreedom", 0.0), dropped=prep.dropped,
                        mask_path=output_dir / record.get("Mask", ""), skipped=True)
     for con in prep.contrasts:
@@ -303,6 +308,7 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         "Contrasts": {c.name: labels[c.name] for c in prep.contrasts},
         "DroppedContrasts": prep.dropped,
         "Confounds": prep.confound_columns,
+        "FramewiseDisplacementMean": prep.fd_mean,
         "Mask": mask_path.relative_to(output_dir).as_posix(),
         "ModelFingerprint": fingerprint,
         "InputsSignature": _inputs_signature(run),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .design import contrast_labels, parse_contrast_option, read_events
 from .discovery import SpaceSpec, discover_runs, find_derivatives
-from .outputs import dataset_links, ensure_dataset
+from .outputs import copy_participants_table, dataset_links, ensure_dataset
 from .participant import (
     ModelSettings,
     fit_run,
@@ -18,6 +18,7 @@ from .participant import (
 )
 
 log = logging.getLogger("bidsglm")
+DEFAULT_SPACE = "MNI152NLin2009cAsym"
 
 
 def settings_from_args(args) -> ModelSettings:
@@ -47,7 +48,7 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
     from joblib import Parallel, delayed
 
     t_start = time.perf_counter()
-    space = SpaceSpec.parse(args.space)
+    space = SpaceSpec.parse(args.space or DEFAULT_SPACE)
     derivatives = find_derivatives(bids_dir, args.derivatives)
     runs = discover_runs(bids_dir, derivatives, space, args.participant_label,
                          args.session_label, args.task)
@@ -70,6 +71,7 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
 
     links = dataset_links(bids_dir, derivatives)
     ensure_dataset(output_dir, links)
+    copy_participants_table(bids_dir, output_dir)
     n_written = 0
     for task, contrasts, labels, prepared in plans:
         fingerprint = settings.fingerprint(contrasts)

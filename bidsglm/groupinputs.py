@@ -1,0 +1,281 @@
+"""What the group level reads: the participant level's maps and records in OUTPUT_DIR.
+
+Nothing here touches BIDS_DIR or the work directory: subject maps, run maps,
+run records (``*_design.json``, which carry degrees of freedom and mean
+framewise displacement) and the copied participants.tsv are all in OUTPUT_DIR.
+Excluding a run recomputes that subject's fixed effects from its remaining
+run maps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .discovery import parse_bids_name, strip_prefix
+from .errors import DataError, UsageError
+from .fixedeffects import fixed_effects
+from .outputs import entity_prefix, func_dir, statmap_path
+
+SPACE_KEYS = ("space", "res")
+
+
+@dataclass
+class RunRecord:
+    """One run's ``_design.json``: entities (without space), dof, FD, contrasts."""
+
+    path: Path
+    entities: dict
+    dof: float
+    fd_mean: float | None
+    contrasts: dict  # contrast name -> label
+
+    @property
+    def run_label(self) -> str:
+        return entity_prefix(self.entities)
+
+
+@dataclass
+class SubjectMap:
+    """A subject-level contrast map written by the participant level."""
+
+    entities: dict  # sub, ses, task, space, res, ...
+    label: str  # contrast label in file names
+    name: str  # contrast name (from the sidecar)
+    effect: Path
+    runs: list = field(default_factory=list)  # RunRecord of runs that were combined
+    runs_kept: list | None = None  # None: all runs, use the subject map as written
+
+    @property
+    def subject(self) -> str:
+        return self.entities["sub"]
+
+    @property
+    def task(self) -> str:
+        return self.entities["task"]
+
+    def space_entities(self) -> dict:
+        return {k: self.entities[k] for k in SPACE_KEYS if k in self.entities}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read JSON ({exc})", path) from exc
+
+
+def _space_text(entities: dict) -> str:
+    return ":".join(f"{entities[k]}" if k == "space" else f"{k}-{entities[k]}" for k in SPACE_KEYS if k in entities)
+
+
+def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, participants=None,
+                      sessions=None) -> list[SubjectMap]:
+    """Subject-level effect maps (no ``run-``) for the selected space, tasks and subjects."""
+    if not (output_dir / "dataset_description.json").is_file():
+        raise DataError("not a bidsglm output folder (no dataset_description.json); "
+                        "run the participant level first", output_dir)
+    wanted_subs = {strip_prefix(p, "sub") for p in participants} if participants else None
+    wanted_ses = {strip_prefix(s, "ses") for s in sessions} if sessions else None
+    wanted_tasks = {strip_prefix(t, "task") for t in tasks} if tasks else None
+    found = []
+    for path in sorted(output_dir.glob("sub-*/**/func/*_stat-effect_statmap.nii.gz")):
+        parsed = parse_bids_name(path)
+        if parsed is None or "run" in parsed.entities or "contrast" not in parsed.entities:
+            continue
+        ent = {k: v for k, v in parsed.entities.items() if k not in ("contrast", "stat")}
+        if wanted_subs is not None and ent.get("sub") not in wanted_subs:
+            continue
+        if wanted_ses is not None and ent.get("ses") not in wanted_ses:
+            continue
+        if wanted_tasks is not None and ent.get("task") not in wanted_tasks:
+            continue
+        sidecar = _read_json(path.with_name(path.name.replace(".nii.gz", ".json")))
+        label = parsed.entities["contrast"]
+        name = sidecar.get("Contrast", {}).get("Name", label)
+        found.append(SubjectMap(ent, label, name, path))
+    if not found:
+        raise DataError("no subject-level maps found in OUTPUT_DIR for the selected "
+                        "participants/tasks; run the participant level first", output_dir)
+    return _select_space(found, space, output_dir)
+
+
+def _select_space(maps: list[SubjectMap], space: str | None, output_dir: Path) -> list[SubjectMap]:
+    spaces = sorted({_space_text(m.entities) for m in maps})
+    if space is None:
+        if len(spaces) > 1:
+            raise UsageError(f"OUTPUT_DIR holds maps in several spaces ({', '.join(spaces)}); "
+                             "choose one with --space")
+        return maps
+    name, _, res = space.partition(":")
+    res = strip_prefix(res, "res") if res else None
+    chosen = [m for m in maps if m.entities.get("space") == name and (res is None or m.entities.get("res") == res)
+              or (name == "native" and "space" not in m.entities)]
+    if not chosen:
+        raise DataError(f"no subject-level maps in space '{space}' (found: {', '.join(spaces)})", output_dir)
+    return chosen
+
+
+def attach_run_records(output_dir: Path, maps: list[SubjectMap]) -> None:
+    """Give each subject map the records of the runs it was combined from."""
+    cache: dict[Path, list[RunRecord]] = {}
+    for m in maps:
+        folder = func_dir(output_dir, m.entities)
+        if folder not in cache:
+            cache[folder] = [_run_record(p) for p in sorted(folder.glob("*_run-*_design.json"))]
+        prefix = {k: v for k, v in m.entities.items() if k not in SPACE_KEYS}
+        m.runs = [r for r in cache[folder]
+                  if all(r.entities.get(k) == v for k, v in prefix.items()) and m.name in r.contrasts]
+
+
+def _run_record(path: Path) -> RunRecord:
+    record = _read_json(path)
+    parsed = parse_bids_name(path)
+    return RunRecord(path, dict(parsed.entities), float(record.get("DegreesOfFreedom", 0.0)),
+                     record.get("FramewiseDisplacementMean"), dict(record.get("Contrasts", {})))
+
+
+# --- exclusions -------------------------------------------------------------------
+
+_RUN_RULE = re.compile(r"^([A-Za-z]+-[A-Za-z0-9]+)(_[A-Za-z]+-[A-Za-z0-9]+)*$")
+
+
+def parse_run_rule(text: str) -> dict:
+    """``sub-01_run-2`` -> {'sub': '01', 'run': '2'}: runs matching every entity."""
+    if not _RUN_RULE.match(text):
+        raise UsageError(f"--exclude-run {text!r}: give BIDS entities such as sub-01_run-2 "
+                         "or sub-01_ses-1_task-stroop_run-1")
+    return dict(part.split("-", 1) for part in text.split("_"))
+
+
+def _same_label(a: str, b: str) -> bool:
+    """Run labels compare as numbers where both are (run-2 == run-02)."""
+    return a == b or (a.isdigit() and b.isdigit() and int(a) == int(b))
+
+
+def run_matches(entities: dict, rule: dict) -> bool:
+    return all(k in entities and _same_label(entities[k], v) for k, v in rule.items())
+
+
+@dataclass
+class Exclusion:
+    participant: str
+    task: str
+    run: str  # '' for a whole subject
+    contrast: str  # '' for every contrast
+    reason: str
+
+
+def apply_exclusions(maps: list[SubjectMap], exclude_subjects=None, run_rules=(),
+                     fd_cutoff: float | None = None) -> tuple[list[SubjectMap], list[Exclusion]]:
+    """Drop excluded subjects; mark excluded runs, so their subject's fixed
+    effects are recomputed from the runs that remain."""
+    excluded_subs = {strip_prefix(s, "sub") for s in exclude_subjects or ()}
+    kept, notes, seen = [], [], set()
+    for m in maps:
+        if m.subject in excluded_subs:
+            if (m.subject, m.task) not in seen:
+                notes.append(Exclusion(f"sub-{m.subject}", m.task, "", "", "excluded by --exclude-participant-label"))
+                seen.add((m.subject, m.task))
+            continue
+        if not run_rules and fd_cutoff is None:
+            kept.append(m)
+            continue
+        remaining = []
+        for r in m.runs:
+            reason = _run_exclusion(r, run_rules, fd_cutoff)
+            if reason:
+                key = (r.run_label, reason)
+                if key not in seen:
+                    notes.append(Exclusion(f"sub-{m.subject}", m.task, r.run_label, "", reason))
+                    seen.add(key)
+            else:
+                remaining.append(r)
+        if len(remaining) == len(m.runs):
+            kept.append(m)
+        elif remaining:
+            m.runs_kept = remaining
+            kept.append(m)
+        else:
+            notes.append(Exclusion(f"sub-{m.subject}", m.task, "", m.label, "every run of this contrast excluded"))
+    return kept, notes
+
+
+def _run_exclusion(record: RunRecord, run_rules, fd_cutoff) -> str:
+    for rule in run_rules:
+        if run_matches(record.entities, rule):
+            return "excluded by --exclude-run"
+    if fd_cutoff is not None:
+        if record.fd_mean is None:
+            raise DataError("no FramewiseDisplacementMean in this run record (no framewise_displacement "
+                            "column in its confounds, or written by an older bidsglm: rerun the "
+                            "participant level)", record.path)
+        if record.fd_mean > fd_cutoff:
+            return f"mean framewise displacement {record.fd_mean:.3f} mm > {fd_cutoff:g} mm"
+    return ""
+
+
+# --- reading maps -------------------------------------------------------------------
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+        return np.asanyarray(img.dataobj), img.affine
+    except Exception as exc:  # noqa: BLE001 - any unreadable image is bad data
+        raise DataError(f"cannot read image ({exc})", path) from exc
+
+
+def subject_mask_path(output_dir: Path, entities: dict) -> Path:
+    return func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
+
+
+def map_mask(output_dir: Path, m: SubjectMap) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels where this subject's (possibly recomputed) map is defined."""
+    if m.runs_kept is None:
+        paths = [subject_mask_path(output_dir, m.entities)]
+    else:
+        space = m.space_entities()
+        paths = [subject_mask_path(output_dir, {**r.entities, **space}) for r in m.runs_kept]
+    masks, affine = [], None
+    for p in paths:
+        if not p.is_file():
+            raise DataError("brain mask written by the participant level is missing; rerun it", p)
+        data, affine = read_volume(p)
+        masks.append(data > 0)
+    return np.logical_and.reduce(masks), affine
+
+
+def read_effect(output_dir: Path, m: SubjectMap, mask: np.ndarray) -> np.ndarray:
+    """(V,) effect values in ``mask``: the subject map, or fixed effects over the runs kept."""
+    if m.runs_kept is None:
+        return read_volume(m.effect)[0][mask].astype(np.float64)
+    space = m.space_entities()
+    effects, variances = [], []
+    for r in m.runs_kept:
+        entities = {**r.entities, **space}
+        label = r.contrasts[m.name]
+        effects.append(read_volume(statmap_path(output_dir, entities, label, "effect"))[0][mask])
+        variances.append(read_volume(statmap_path(output_dir, entities, label, "variance"))[0][mask])
+    return fixed_effects(np.array(effects), np.array(variances), [r.dof for r in m.runs_kept]).effect
+
+
+def read_participants(output_dir: Path) -> tuple[pd.DataFrame, Path]:
+    """participants.tsv as copied by the participant level, indexed by label without 'sub-'."""
+    path = output_dir / "participants.tsv"
+    if not path.is_file():
+        raise DataError("participants.tsv is missing from OUTPUT_DIR (the participant level copies it "
+                        "from BIDS_DIR); rerun the participant level", output_dir)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"cannot parse as a tab-separated table ({exc})", path) from exc
+    if "participant_id" not in table.columns:
+        raise DataError("no participant_id column", path)
+    table.index = [strip_prefix(str(p), "sub") for p in table["participant_id"]]
+    return table, path
