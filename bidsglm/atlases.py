@@ -48,46 +48,47 @@ def available_atlases() -> list[str]:
 
 @dataclass
 class Atlas:
+    """An atlas in compact form.
+
+    labels : 3D int array: the region index at each voxel (for a probabilistic
+        atlas the most probable region, -1 where every probability is 0)
+    probabilities : for probabilistic atlases, (voxel, region, percent) triples
+        for every probability >= 5 %, sorted by flat voxel index; else None
+    """
+
     name: str
-    data: np.ndarray  # 3D integer labels, or 4D probabilities (0-100) for probabilistic atlases
+    labels: np.ndarray
     affine: np.ndarray
-    names: dict  # label index (or volume index) -> region name
+    names: dict  # region index -> region name
+    probabilities: tuple | None = None
 
-    @property
-    def probabilistic(self) -> bool:
-        return self.data.ndim == 4
-
-    def _voxels(self, xyz: np.ndarray) -> tuple:
-        """Nearest atlas voxel of each (n, 3) mm coordinate; outside the box -> voxel 0
+    def _voxels(self, xyz: np.ndarray) -> np.ndarray:
+        """Nearest atlas voxel (n, 3) of each mm coordinate; outside the box -> voxel 0
         (a corner outside the brain, as atlasreader does)."""
         ijk = np.round(nib.affines.apply_affine(np.linalg.inv(self.affine), np.atleast_2d(xyz))).astype(int)
-        outside = np.any((ijk < 0) | (ijk >= np.array(self.data.shape[:3])), axis=1)
+        outside = np.any((ijk < 0) | (ijk >= np.array(self.labels.shape)), axis=1)
         ijk[outside] = 0
-        return tuple(ijk.T)
+        return ijk
 
     def region(self, index: int) -> str:
         return self.names.get(int(index), NO_LABEL)
 
     def label_peak(self, xyz) -> str:
         """Region at one coordinate; for probabilistic atlases ``"62% A; 11% B"``."""
-        voxel = self._voxels(np.asarray(xyz, dtype=float))
-        if not self.probabilistic:
-            return self.region(self.data[voxel][0])
-        probs = self.data[voxel][0].astype(float)
-        hits = np.flatnonzero(probs >= MIN_PERCENT)
-        if len(hits) == 0:
+        ijk = self._voxels(np.asarray(xyz, dtype=float))[0]
+        if self.probabilities is None:
+            return self.region(self.labels[tuple(ijk)])
+        voxel, region, percent = self.probabilities
+        flat = np.ravel_multi_index(tuple(ijk), self.labels.shape)
+        lo, hi = np.searchsorted(voxel, [flat, flat + 1])
+        if lo == hi:
             return NO_LABEL
-        hits = hits[np.argsort(-probs[hits], kind="stable")]
-        return "; ".join(f"{probs[i]:.0f}% {self.region(i)}" for i in hits)
+        order = lo + np.argsort(-percent[lo:hi].astype(int), kind="stable")
+        return "; ".join(f"{percent[i]:.0f}% {self.region(region[i])}" for i in order)
 
     def cluster_labels(self, xyz: np.ndarray) -> list[tuple[float, str]]:
         """(percent of the cluster's voxels, region) for regions holding >= 5 %, largest first."""
-        values = self.data[self._voxels(xyz)]
-        if self.probabilistic:
-            ids = np.argmax(values, axis=1)
-            ids[values.sum(axis=1) == 0] = -1
-        else:
-            ids = values.astype(int)
+        ids = self.labels[tuple(self._voxels(xyz).T)]
         unique, counts = np.unique(ids, return_counts=True)
         percent = 100.0 * counts / len(ids)
         order = np.argsort(-percent, kind="stable")
@@ -96,6 +97,37 @@ class Atlas:
 
     def label_cluster(self, xyz: np.ndarray) -> str:
         return "; ".join(f"{p:.1f}% {name}" for p, name in self.cluster_labels(xyz))
+
+
+def _compact_probabilistic(path: Path) -> tuple[np.ndarray, tuple]:
+    """Most probable region and the >= 5 % probabilities, read one region volume at a
+    time: the 4D images hold about 0.5 GB of probabilities that are mostly zero."""
+    from .images import _gzip
+
+    img = nib.load(str(path))
+    shape, dtype = img.shape, img.get_data_dtype()
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    n_vox = int(np.prod(shape[:3]))
+    best = np.zeros(n_vox, dtype=np.float32)
+    labels = np.full(n_vox, -1, dtype=np.int32)
+    voxels, regions, percents = [], [], []
+    with _gzip.open(path, "rb") as fh:
+        fh.seek(int(img.dataobj.offset))
+        for k in range(shape[3]):
+            # flat indices here are in the file's (Fortran) order until the end
+            vol = np.frombuffer(fh.read(n_vox * dtype.itemsize), dtype=dtype).astype(np.float32)
+            if slope != 1 or inter != 0:
+                vol = vol * slope + inter
+            higher = vol > best
+            best[higher], labels[higher] = vol[higher], k
+            hits = np.flatnonzero(vol >= MIN_PERCENT)
+            voxels.append(hits)
+            regions.append(np.full(len(hits), k, dtype=np.int16))
+            percents.append(vol[hits])
+    voxel = np.ravel_multi_index(np.unravel_index(np.concatenate(voxels), shape[:3], order="F"), shape[:3])
+    order = np.argsort(voxel, kind="stable")
+    probabilities = (voxel[order], np.concatenate(regions)[order], np.concatenate(percents)[order])
+    return labels.reshape(shape[:3], order="F"), probabilities
 
 
 @lru_cache(maxsize=None)
@@ -107,12 +139,16 @@ def load_atlas(name: str) -> Atlas:
     image_path, labels_path = folder / f"atlas_{name}.nii.gz", folder / f"labels_{name}.csv"
     if not image_path.is_file() or not labels_path.is_file():
         raise UsageError(f"unknown atlas '{name}'; available: {', '.join(available_atlases())}")
+    table = pd.read_csv(labels_path)
+    names = dict(zip(table["index"].astype(int), table["name"].astype(str)))
     img = nib.load(str(image_path))
+    if name in PROBABILISTIC and len(img.shape) == 4:
+        labels, probabilities = _compact_probabilistic(image_path)
+        return Atlas(name, labels, img.affine, names, probabilities)
     data = np.asanyarray(img.dataobj)
-    if name not in PROBABILISTIC and data.ndim == 4:
+    if data.ndim == 4:
         data = data[..., 0]
-    labels = pd.read_csv(labels_path)
-    return Atlas(name, data, img.affine, dict(zip(labels["index"].astype(int), labels["name"].astype(str))))
+    return Atlas(name, data.astype(np.int32), img.affine, names)
 
 
 def check_atlas_names(names: list[str]) -> list[str]:
