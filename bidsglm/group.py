@@ -34,6 +34,7 @@ from .groupmodels import (
     INTERCEPT,
     SPHERICITY_NOTE,
     anova_design,
+    TooFewInputsError,
     check_enough_inputs,
     code_covariates,
     column_name,
@@ -277,8 +278,16 @@ def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
                             "(several sessions?); choose one with --session-label")
     if settings.model == "anova":
         return [plan_anova(task, space, by_label, all_subjects, settings)]
-    return [plan_onesample(task, space, label, by_label[label], all_subjects, settings, participants)
-            for label in sorted(by_label)]
+    plans = []
+    for label in sorted(by_label):
+        try:
+            plans.append(plan_onesample(task, space, label, by_label[label], all_subjects, settings,
+                                        participants))
+        except TooFewInputsError as exc:
+            if not (settings.allow_incomplete and len(by_label[label]) < len(all_subjects)):
+                raise
+            log.warning("%s; contrast skipped", exc.message)
+    return plans
 
 
 # --- computing and writing ----------------------------------------------------------------
@@ -357,7 +366,7 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
     mni = model.space.get("space", "").startswith("MNI")
     for con, weights in model.contrasts:
-        res = fit.contrast(weights if con.is_f else weights[0])
+        res = fit.contrast(weights, f_test=con.is_f)
         stat = "F" if con.is_f else "t"
         values = {"t": res.stat, "F": res.stat, "z": res.z, "p": res.p}
         if not con.is_f:
@@ -453,11 +462,15 @@ def run_group_level(args, output_dir: Path) -> None:
     for task in tasks:
         task_maps = [m for m in maps if m.task == task]
         plans.extend(plan_task(task, task_maps, settings, participants))
+    if not plans:
+        raise DataError("no group model has enough subjects to be fitted", output_dir)
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),
              ", ".join(tasks), len({m.subject for m in maps}), len(exclusions))
     n_written = 0
     for task in tasks:
         task_plans = [p for p in plans if p.task == task]
+        if not task_plans:
+            continue
         prefix = _prefix(task_plans[0])
         task_excl = [e for e in exclusions if e.task == task] + [e for p in task_plans for e in p.excluded]
         _write_exclusions(output_dir, prefix, task_excl)

@@ -160,10 +160,11 @@ class GroupFit:
         projected = c @ scipy.linalg.pinv(self.design) @ self.design
         return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
 
-    def contrast(self, c: np.ndarray) -> ContrastResult:
-        """t contrast for a (P,) vector or (1, P) row; F contrast for (k, P)."""
+    def contrast(self, c: np.ndarray, f_test: bool = False) -> ContrastResult:
+        """t contrast for a (P,) vector or (1, P) row; F contrast for (k, P) rows, or for
+        a single row when ``f_test`` (then F = t squared)."""
         c = np.atleast_2d(np.asarray(c, dtype=np.float64))
-        if c.shape[0] == 1:
+        if c.shape[0] == 1 and not f_test:
             effect = (c @ self.beta)[0]
             variance = (c @ self.cov @ c.T).item() * self.dispersion
             return t_contrast(effect, variance, self.dof)
@@ -189,10 +190,14 @@ def fit_ols(Y: np.ndarray, X: np.ndarray) -> GroupFit:
     return GroupFit(X, beta, dispersion, pinv @ pinv.T, float(dof), rank)
 
 
+class TooFewInputsError(ModelError):
+    """The model has no residual degree of freedom."""
+
+
 def check_enough_inputs(design: pd.DataFrame, what: str, source=None) -> None:
     """At least one residual degree of freedom."""
     rank = design_rank(design.to_numpy()) if design.size else 0
     if design.shape[0] - rank < 1:
-        raise ModelError(
+        raise TooFewInputsError(
             f"{what}: {design.shape[0]} input map(s) for a model of rank {rank}; "
             f"at least {rank + 1} are needed to estimate the error", source)

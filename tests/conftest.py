@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from bidsglm.cli import main
@@ -51,3 +53,76 @@ def demo_copy(demo_small, tmp_path):
     dst = tmp_path / "bids"
     shutil.copytree(root, dst)
     return dst
+
+
+# --- synthetic participant-level outputs for group-level tests ------------------
+
+GROUP_AFFINE = np.array([[-4.0, 0, 0, 78], [0, 4.0, 0, -112], [0, 0, 4.0, -70], [0, 0, 0, 1]])
+GROUP_SHAPE = (40, 48, 40)
+BLOB_CENTRE_MM = (-40.0, -60.0, -12.0)  # left fusiform / inferior temporal cortex
+
+
+def group_blob(radius_mm: float = 10.0) -> np.ndarray:
+    ijk = np.indices(GROUP_SHAPE).reshape(3, -1).T
+    xyz = ijk @ GROUP_AFFINE[:3, :3].T + GROUP_AFFINE[:3, 3]
+    return (np.linalg.norm(xyz - BLOB_CENTRE_MM, axis=1) <= radius_mm).reshape(GROUP_SHAPE)
+
+
+def write_participant_outputs(out: Path, n_subjects: int = 8, seed: int = 0, effect: float = 2.5,
+                              contrasts=("faces", "houses")):
+    """What the participant level writes, for a group level to read: per subject two runs
+    (effect and variance maps, masks, _design.json with dof and mean FD), subject fixed
+    effects, participants.tsv. The first contrast has ``effect`` in group_blob(); the
+    others are null. sub-03's run 2 has a mean FD of 0.9 mm, every other run 0.1 mm."""
+    from bidsglm.design import contrast_labels
+    from bidsglm.fixedeffects import fixed_effects
+    from bidsglm.images import nifti_bytes
+    from bidsglm.outputs import atomic_write_bytes, atomic_write_json, ensure_dataset, statmap_path
+
+    rng = np.random.default_rng(seed)
+    ensure_dataset(out, {"raw": out.parent / "raw"})
+    labels = contrast_labels(list(contrasts))
+    mask = np.zeros(GROUP_SHAPE, bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+    blob = group_blob()
+    space = {"space": "MNI152NLin2009cAsym"}
+    rows = []
+    for s in range(1, n_subjects + 1):
+        sub = f"{s:02d}"
+        base = {"sub": sub, "task": "loc"}
+        subject_true = {name: (effect * blob if i == 0 else 0.0) + rng.normal(0, 0.7, GROUP_SHAPE)
+                        for i, name in enumerate(contrasts)}
+        run_maps = {}
+        for run in (1, 2):
+            ent = {**base, "run": str(run), **space}
+            func = out / f"sub-{sub}" / "func"
+            for name in contrasts:
+                eff = subject_true[name] + rng.normal(0, 0.5, GROUP_SHAPE)
+                var = np.full(GROUP_SHAPE, 0.25) * (1 + 0.2 * run)
+                run_maps.setdefault(name, []).append((eff, var))
+                for stat, vol in (("effect", eff), ("variance", var)):
+                    atomic_write_bytes(statmap_path(out, ent, labels[name], stat), nifti_bytes(vol * mask, GROUP_AFFINE))
+            prefix = f"sub-{sub}_task-loc_run-{run}"
+            atomic_write_bytes(func / f"{prefix}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",
+                               nifti_bytes(mask.astype(np.float32), GROUP_AFFINE))
+            atomic_write_json(func / f"{prefix}_design.json", {
+                "DegreesOfFreedom": 150.0, "Contrasts": labels,
+                "FramewiseDisplacementMean": 0.9 if (s == 3 and run == 2) else 0.1,
+                "Mask": f"sub-{sub}/func/{prefix}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz"})
+        for name in contrasts:
+            effects = np.array([e[mask] for e, _ in run_maps[name]])
+            variances = np.array([v[mask] for _, v in run_maps[name]])
+            res = fixed_effects(effects, variances, [150.0, 150.0])
+            for stat, values in (("effect", res.effect), ("variance", res.variance)):
+                vol = np.zeros(GROUP_SHAPE)
+                vol[mask] = values
+                path = statmap_path(out, {**base, **space}, labels[name], stat)
+                atomic_write_bytes(path, nifti_bytes(vol, GROUP_AFFINE))
+                atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")),
+                                  {"Level": "subject", "Contrast": {"Name": name, "Label": labels[name]}})
+        atomic_write_bytes(out / f"sub-{sub}" / "func" / f"sub-{sub}_task-loc_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",
+                           nifti_bytes(mask.astype(np.float32), GROUP_AFFINE))
+        rows.append({"participant_id": f"sub-{sub}", "age": 20 + 3 * s, "sex": "MF"[s % 2],
+                     "group": "patient" if s <= n_subjects // 2 else "control", "site": "A"})
+    pd.DataFrame(rows).to_csv(out / "participants.tsv", sep="\t", index=False)
+    return mask, blob
