@@ -217,7 +217,7 @@ def _run_exclusion(record: RunRecord, run_rules, fd_cutoff) -> str:
                             "column in its confounds, or written by an older bidsglm: rerun the "
                             "participant level)", record.path)
         if record.fd_mean > fd_cutoff:
-            return f"mean framewise displacement {record.fd_mean:.3f} mm > {fd_cutoff:g} mm"
+            return f"mean framewise displacement {record.fd_mean:.4f} mm > {fd_cutoff:g} mm"
     return ""
 
 

@@ -136,7 +136,7 @@ def test_excluded_runs_are_recomputed_and_listed(outputs):
     reasons = {(r.participant_id, r.run): r.reason for r in excluded.itertuples()}
     assert reasons[("sub-02", "")] == "excluded by --exclude-participant-label"
     assert reasons[("sub-01", "sub-01_task-loc_run-2")] == "excluded by --exclude-run"
-    assert "0.900 mm > 0.5 mm" in reasons[("sub-03", "sub-03_task-loc_run-2")]
+    assert "0.9000 mm > 0.5 mm" in reasons[("sub-03", "sub-03_task-loc_run-2")]
     # the group mean is the mean of the inputs: sub-01 and sub-03 contribute run 1 alone
     inputs = []
     for s in [x for x in SUBJECTS if x != "02"]:
