@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .design import DEFAULT_CONFOUNDS
-from .errors import EX_DATAERR, EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
+from .errors import EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
 
 log = logging.getLogger("bidsglm")
 

@@ -317,7 +317,7 @@ def _read_inputs(output_dir: Path, model: PlannedModel) -> tuple[np.ndarray, np.
     return Y, mask, affine
 
 
-def _sidecar(model, con, weights, stat, dof, output_dir, settings) -> dict:
+def _sidecar(model, con, weights, stat, dof, output_dir) -> dict:
     columns = list(model.design.columns)
     rows = [dict((c, float(v)) for c, v in zip(columns, w) if v != 0) for w in weights]
     side = {
@@ -376,7 +376,7 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
         for s in stats_written:
             path = group_dir / f"{base}_stat-{s}_statmap.nii.gz"
             atomic_write_bytes(path, nifti_bytes(unmask(values[s], mask), affine))
-            atomic_write_json(sidecar_path(path), _sidecar(model, con, weights, s, fit.dof, output_dir, settings))
+            atomic_write_json(sidecar_path(path), _sidecar(model, con, weights, s, fit.dof, output_dir))
             written.append(path)
         z_volume = unmask(values["z"], mask).astype(np.float64)
         stat_volume = unmask(values[stat], mask).astype(np.float64)

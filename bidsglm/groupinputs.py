@@ -9,7 +9,6 @@ run maps.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .discovery import parse_bids_name, strip_prefix
+from .discovery import parse_bids_name, read_json, strip_prefix
 from .errors import DataError, UsageError
 from .fixedeffects import fixed_effects
 from .outputs import entity_prefix, func_dir, statmap_path
@@ -64,13 +63,6 @@ class SubjectMap:
         return {k: self.entities[k] for k in SPACE_KEYS if k in self.entities}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read JSON ({exc})", path) from exc
-
-
 def _space_text(entities: dict) -> str:
     return ":".join(f"{entities[k]}" if k == "space" else f"{k}-{entities[k]}" for k in SPACE_KEYS if k in entities)
 
@@ -96,7 +88,7 @@ def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, pa
             continue
         if wanted_tasks is not None and ent.get("task") not in wanted_tasks:
             continue
-        sidecar = _read_json(path.with_name(path.name.replace(".nii.gz", ".json")))
+        sidecar = read_json(path.with_name(path.name.replace(".nii.gz", ".json")))
         label = parsed.entities["contrast"]
         name = sidecar.get("Contrast", {}).get("Name", label)
         found.append(SubjectMap(ent, label, name, path))
@@ -135,7 +127,7 @@ def attach_run_records(output_dir: Path, maps: list[SubjectMap]) -> None:
 
 
 def _run_record(path: Path) -> RunRecord:
-    record = _read_json(path)
+    record = read_json(path)
     parsed = parse_bids_name(path)
     return RunRecord(path, dict(parsed.entities), float(record.get("DegreesOfFreedom", 0.0)),
                      record.get("FramewiseDisplacementMean"), dict(record.get("Contrasts", {})))

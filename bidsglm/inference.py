@@ -9,7 +9,7 @@ two-sided test splits alpha between the tails.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, stats
@@ -79,8 +79,6 @@ class Cluster:
     voxels: np.ndarray
     peaks: np.ndarray
     values: np.ndarray
-    subpeak_distance: float = 8.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -123,7 +121,7 @@ def find_clusters(thresholded: np.ndarray, affine: np.ndarray, min_distance: flo
                     kept.append(candidate)
             peaks = np.array(kept)
             clusters.append(Cluster(sign, np.argwhere(in_cluster) + offset, peaks,
-                                    thresholded[tuple(peaks.T)], min_distance))
+                                    thresholded[tuple(peaks.T)]))
     clusters.sort(key=lambda c: -abs(c.values[0]))
     return clusters
 
@@ -167,6 +165,5 @@ def clusters_table(clusters: list[Cluster], affine: np.ndarray, stat_volume: np.
     table = pd.DataFrame(rows)
     if table.empty:
         table = pd.DataFrame(columns=columns)
-    for col in ("cluster_size_voxels",):
-        table[col] = table[col].astype("Int64")
+    table["cluster_size_voxels"] = table["cluster_size_voxels"].astype("Int64")
     return table

@@ -25,14 +25,13 @@ from .design import (
     DesignSettings,
     build_design,
     check_contrasts,
-    contrast_labels,
     default_contrasts,
     mean_framewise_displacement,
     read_confounds,
     read_events,
 )
 from .discovery import RunInputs
-from .errors import DataError, ModelError
+from .errors import DataError
 from .firstlevel import RunGLM, mean_scaling
 from .fixedeffects import fixed_effects
 from .images import (

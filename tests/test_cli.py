@@ -3,7 +3,6 @@ no outputs for the affected run) for every bad input the issue lists."""
 
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 
