@@ -204,7 +204,9 @@ def plan_onesample(task, space, label, maps, all_subjects, settings, participant
     contrasts = [GroupContrast(c.name, c.rows, c.f_test) for c in contrasts]  # labels differ per model
     _set_labels(contrasts, label)
     weights = _weights(contrasts, list(design.columns), where="one-sample model")
-    coding = {c: ("mean-centred" if c in settings.covariates else "indicator") for c in design.columns}
+    coding = {c: ("intercept" if c == INTERCEPT else "mean-centred" if c in settings.covariates
+                  else "group indicator" if settings.group_by and c.startswith(column_name(settings.group_by, ""))
+                  else "centred indicator") for c in design.columns}
     return PlannedModel(task, space, "onesample", label, design, inputs, weights, excluded, coding)
 
 
@@ -323,7 +325,8 @@ def _sidecar(model, con, weights, stat, dof, output_dir) -> dict:
     side = {
         "Description": f"{_STAT_WORDS[stat]} of group contrast '{con.name}'",
         "Level": "group",
-        "Model": "one-sample t-test (OLS)" if model.kind == "onesample" else "repeated-measures ANOVA (OLS)",
+        "Model": ("repeated-measures ANOVA (OLS)" if model.kind == "anova" else
+                  "one-sample t-test (OLS)" if INTERCEPT in model.design.columns else "group means (OLS)"),
         "Contrast": {
             "Name": con.name,
             "Label": con.label,
