@@ -100,6 +100,15 @@ def test_covariates_and_groups_match_nilearn(outputs):
     t = _data(g / f"{PREFIX}_contrast-facesAge_stat-t_statmap.nii.gz")
     np.testing.assert_allclose(t[mask], ref["stat"][mask], rtol=1e-5, atol=1e-5)
 
+    table = pd.read_csv(out / "participants.tsv", sep="\t")
+    table.loc[table["participant_id"] == "sub-05", "age"] = np.nan
+    table.to_csv(out / "participants.tsv", sep="\t", index=False, na_rep="n/a")
+    assert _group(out, "--covariates", "age", "--atlases", "none") == 0
+    side = json.loads((g / f"{PREFIX}_contrast-faces_stat-t_statmap.json").read_text())
+    assert "sub-05" not in side["Participants"] and side["DegreesOfFreedom"] == 5
+    excluded = pd.read_csv(g / f"{PREFIX}_exclusions.tsv", sep="\t", keep_default_na=False)
+    assert "n/a in participants.tsv column(s) age" in set(excluded.loc[excluded.participant_id == "sub-05", "reason"])
+
     assert _group(out, "--group-by", "group", "--atlases", "none") == 0
     diff = _data(g / f"{PREFIX}_contrast-facesGroupControlMinusGroupPatient_stat-t_statmap.nii.gz")
     effects = np.array([_data(p)[mask] for p in _subject_effects(out, "faces", SUBJECTS)])
