@@ -40,6 +40,7 @@ from .groupmodels import (
     column_name,
     contrast_rows,
     fit_ols,
+    is_estimable,
 )
 from .images import nifti_bytes, unmask
 from .inference import (
@@ -251,9 +252,8 @@ def plan_anova(task, space, maps_by_label, all_subjects, settings) -> PlannedMod
     contrasts = list(settings.contrasts) or [_omnibus(conditions)]
     _set_labels(contrasts)
     weights = _weights(contrasts, list(design.columns), aliases, where="repeated-measures model")
-    fit_probe = fit_ols(np.zeros((design.shape[0], 1)), design.to_numpy())
     for con, w in weights:
-        if not fit_probe.is_estimable(w):
+        if not is_estimable(w, design.to_numpy()):
             raise ModelError(f"group contrast '{con.name}' is not estimable in the repeated-measures model: "
                              "condition weights must sum to zero in each row (the subject columns absorb "
                              "each subject's mean); test a single condition with the one-sample model")
@@ -384,9 +384,9 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
         z_volume = unmask(values["z"], mask).astype(np.float64)
         stat_volume = unmask(values[stat], mask).astype(np.float64)
         n_clusters, threshold = _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine,
-                                                     res.z, stat, con.is_f, settings, mni)
+                                                     values["z"], stat, con.is_f, settings, mni)
         log.info("task-%s contrast-%s (%s, %d inputs, dof %g): max |z| %.2f; %d cluster(s) at |z| >= %.3g",
-                 model.task, con.label, stat, len(model.inputs), fit.dof, float(np.max(np.abs(res.z))),
+                 model.task, con.label, stat, len(model.inputs), fit.dof, float(np.max(np.abs(values["z"]))),
                  n_clusters, threshold)
     log.info("%s %s: %d contrast(s) written (%.1f s)", _prefix(model), model.name, len(model.contrasts),
              time.perf_counter() - t0)

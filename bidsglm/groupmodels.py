@@ -154,12 +154,6 @@ class GroupFit:
     dof: float
     rank: int
 
-    def is_estimable(self, c: np.ndarray) -> bool:
-        """c is a combination of the design's rows (it does not depend on the pseudo-inverse)."""
-        c = np.atleast_2d(c)
-        projected = c @ scipy.linalg.pinv(self.design) @ self.design
-        return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
-
     def contrast(self, c: np.ndarray, f_test: bool = False) -> ContrastResult:
         """t contrast for a (P,) vector or (1, P) row; F contrast for (k, P) rows, or for
         a single row when ``f_test`` (then F = t squared)."""
@@ -174,6 +168,14 @@ class GroupFit:
             c = vt[: int(np.sum(s > s.max() * 1e-10))]
         root = np.real(sqrtm(np.linalg.inv(c @ self.cov @ c.T)))
         return f_contrast(root @ (c @ self.beta), self.dispersion, self.dof)
+
+
+def is_estimable(c: np.ndarray, X: np.ndarray) -> bool:
+    """Every row of c is a combination of the rows of X, so c @ beta does not depend
+    on which solution the pseudo-inverse picked."""
+    c = np.atleast_2d(c)
+    projected = c @ scipy.linalg.pinv(X) @ X
+    return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
 
 
 def fit_ols(Y: np.ndarray, X: np.ndarray) -> GroupFit:

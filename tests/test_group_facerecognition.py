@@ -11,7 +11,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 
 from bidsglm.cli import main
 from conftest import shared_path
