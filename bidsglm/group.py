@@ -8,6 +8,7 @@ tables with atlas labels. Everything is written to OUTPUT_DIR/group/.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -175,8 +176,12 @@ def _set_labels(contrasts: list[GroupContrast], prefix: str = "") -> None:
     """File-name labels; the one-sample mean keeps the subject contrast's label."""
     labels = contrast_labels([c.name for c in contrasts])
     for con in contrasts:
-        con.label = prefix if (prefix and con.name == INTERCEPT) else prefix + (
-            _capitalised(labels[con.name]) if prefix else labels[con.name])
+        if not prefix:
+            con.label = labels[con.name]
+        elif con.name == INTERCEPT:
+            con.label = prefix
+        else:
+            con.label = prefix + _capitalised(labels[con.name])
 
 
 def _weights(contrasts: list[GroupContrast], columns: list[str], aliases=None, where="group model"):
@@ -216,8 +221,7 @@ def _capitalised(text: str) -> str:
 
 
 def plan_anova(task, space, maps_by_label, all_subjects, settings) -> PlannedModel:
-    names = {m.name: m.label for ms in maps_by_label.values() for m in ms}
-    aliases = dict(names)
+    aliases = {m.name: m.label for ms in maps_by_label.values() for m in ms}  # names also accepted
     labels_available = sorted(maps_by_label)
     if settings.conditions:
         conditions = []
@@ -395,6 +399,8 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
 
 def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z_in_mask, stat, is_f,
                          settings, mni) -> tuple[int, float]:
+    """``z_in_mask`` is the full-precision z (the height threshold is computed from it);
+    ``z_volume`` holds it as written (float32), which is what gets thresholded."""
     th = settings.thresholding
     two_sided = th.two_sided and not is_f  # an F test has one tail
     threshold = height_threshold(z_in_mask, th.height_control, th.alpha, two_sided)
@@ -423,7 +429,7 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
         **{k: info[k] for k in ("HeightControl", "Alpha", "TwoSided", "Threshold", "ClusterExtent",
                                 "ClusterConnectivity")},
         "cluster_id": "Cluster number, largest peak first; letters mark sub-peaks (>= 8 mm apart, at most 3)",
-        "x": "Peak x (mm, world coordinates of the map)",
+        "x": "Peak x (mm, world coordinates of the map); y and z likewise",
         "peak_z": "z at the peak",
         f"peak_{stat}": f"{stat} at the peak",
         "cluster_size_voxels": "Voxels in the cluster",
@@ -453,12 +459,7 @@ def run_group_level(args, output_dir: Path) -> None:
     if not maps:
         raise DataError("every subject was excluded; nothing left to model", output_dir)
 
-    cache = {}
-
-    def participants():
-        if "table" not in cache:
-            cache["table"] = read_participants(output_dir)
-        return cache["table"]
+    participants = functools.cache(lambda: read_participants(output_dir))  # read only if a model needs it
 
     tasks = sorted({m.task for m in maps})
     plans = []
