@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .discovery import parse_bids_name, read_json, strip_prefix
+from .discovery import SpaceSpec, parse_bids_name, read_json, strip_prefix
 from .errors import DataError, UsageError
 from .fixedeffects import fixed_effects
 from .outputs import entity_prefix, func_dir, statmap_path
@@ -105,10 +105,8 @@ def _select_space(maps: list[SubjectMap], space: str | None, output_dir: Path) -
             raise UsageError(f"OUTPUT_DIR holds maps in several spaces ({', '.join(spaces)}); "
                              "choose one with --space")
         return maps
-    name, _, res = space.partition(":")
-    res = strip_prefix(res, "res") if res else None
-    chosen = [m for m in maps if m.entities.get("space") == name and (res is None or m.entities.get("res") == res)
-              or (name == "native" and "space" not in m.entities)]
+    spec = SpaceSpec.parse(space)
+    chosen = [m for m in maps if spec.matches(m.entities)]  # entities answer .get as a BidsFile does
     if not chosen:
         raise DataError(f"no subject-level maps in space '{space}' (found: {', '.join(spaces)})", output_dir)
     return chosen
