@@ -154,9 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "harvard_oxford, juelich, desikan_killiany, destrieux, aicha, ...), 'none' for "
                           "no labels; used in MNI spaces only (default: aal harvard_oxford)")
 
+    perm = p.add_argument_group(
+        "group level: permutation inference",
+        "family-wise error control by the maximum statistic: voxel-level, cluster size and mass, TFCE. "
+        "One-sample designs flip signs; designs with nuisance columns use Freedman-Lane (the "
+        "repeated-measures model permutes conditions within subjects). t and F contrasts.")
+    perm.add_argument("--permutations", "--n-perm", type=int, default=0, metavar="N",
+                      help="number of random permutations (sign flips: all of them when there are "
+                           "no more than N+1); 0 turns permutation inference off (default: 0)")
+    perm.add_argument("--random-seed", "--random_seed", type=int, metavar="SEED",
+                      help="seed of the permutations (default: drawn, and recorded in the sidecars)")
+    perm.add_argument("--cluster-forming-p", "--cluster_forming_p", type=float, default=0.001, metavar="P",
+                      help="uncorrected p that forms clusters for cluster size/mass inference "
+                           "(two-sided t: split between tails) (default: %(default)s)")
+    perm.add_argument("--tfce", action="store_true",
+                      help="also threshold-free cluster enhancement (E=0.5, H=2, dh=0.1, face connectivity)")
+    perm.add_argument("--fwe-alpha", "--fwe_alpha", type=float, default=0.05, metavar="P",
+                      help="FWE level of the masked maps and cluster tables (default: %(default)s)")
+
     run = p.add_argument_group("running")
     run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
-                     help="runs fitted in parallel (default: %(default)s)")
+                     help="runs fitted in parallel; threads for permutations (default: %(default)s)")
     run.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                      help="scratch folder (validator cache); default: system temporary folder")
     run.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip-bids-validator",

@@ -8,6 +8,7 @@ tables with atlas labels. Everything is written to OUTPUT_DIR/group/.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -50,6 +51,11 @@ from .inference import (
     find_clusters,
     height_threshold,
     threshold_map,
+)
+from .permutation import (
+    PermutationOptions,
+    permutation_design,
+    run_permutations,
 )
 from .outputs import atomic_write_bytes, atomic_write_json, atomic_write_tsv, entity_prefix, sidecar_path
 
@@ -97,6 +103,8 @@ class GroupSettings:
     allow_incomplete: bool = False
     thresholding: Thresholding = field(default_factory=Thresholding)
     atlases: list = field(default_factory=list)
+    permutations: PermutationOptions | None = None
+    fwe_alpha: float = 0.05
 
 
 @dataclass
@@ -137,6 +145,7 @@ def settings_from_args(args) -> GroupSettings:
         raise UsageError(f"--alpha must be between 0 and 1, got {alpha}")
     if args.cluster_extent < 0:
         raise UsageError(f"--cluster-extent must not be negative, got {args.cluster_extent}")
+    permutations = _permutation_options(args, not args.one_sided)
     if args.group_model == "anova" and (args.covariates or args.group_by):
         raise UsageError("--covariates/--group-by do not apply to --group-model anova: its subject "
                          "columns absorb every between-subject effect")
@@ -149,7 +158,28 @@ def settings_from_args(args) -> GroupSettings:
         allow_incomplete=args.allow_incomplete,
         thresholding=Thresholding(height, alpha, args.cluster_extent, not args.one_sided),
         atlases=atlas_mod.check_atlas_names(args.atlases),
+        permutations=permutations,
+        fwe_alpha=args.fwe_alpha,
     )
+
+
+def _permutation_options(args, two_sided: bool) -> PermutationOptions | None:
+    if args.permutations < 0:
+        raise UsageError(f"--permutations must not be negative, got {args.permutations}")
+    if not 0 < args.cluster_forming_p < 1:
+        raise UsageError(f"--cluster-forming-p must be between 0 and 1, got {args.cluster_forming_p}")
+    if not 0 < args.fwe_alpha < 1:
+        raise UsageError(f"--fwe-alpha must be between 0 and 1, got {args.fwe_alpha}")
+    if args.permutations == 0:
+        if args.tfce:
+            raise UsageError("--tfce needs --permutations N (TFCE is assessed by permutation)")
+        return None
+    seed = args.random_seed
+    if seed is None:  # drawn once, recorded in every sidecar so the run can be repeated
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    elif seed < 0:
+        raise UsageError(f"--random-seed must not be negative, got {seed}")
+    return PermutationOptions(args.permutations, seed, two_sided, args.cluster_forming_p, args.tfce)
 
 
 # --- planning -------------------------------------------------------------------------
@@ -283,7 +313,9 @@ def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
             raise DataError(f"task-{task} contrast '{label}': several subject-level maps per subject "
                             "(several sessions?); choose one with --session-label")
     if settings.model == "anova":
-        return [plan_anova(task, space, by_label, all_subjects, settings)]
+        plans = [plan_anova(task, space, by_label, all_subjects, settings)]
+        _check_permutable(plans, settings)
+        return plans
     plans = []
     for label in sorted(by_label):
         try:
@@ -293,7 +325,22 @@ def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
             if not (settings.allow_incomplete and len(by_label[label]) < len(all_subjects)):
                 raise
             log.warning("%s; contrast skipped", exc.message)
+    _check_permutable(plans, settings)
     return plans
+
+
+def _blocks(model: PlannedModel) -> np.ndarray | None:
+    """Exchangeability blocks: the repeated-measures model permutes within subjects."""
+    return np.array([m.subject for m in model.inputs]) if model.kind == "anova" else None
+
+
+def _check_permutable(plans: list[PlannedModel], settings: GroupSettings) -> None:
+    if settings.permutations is None:
+        return
+    for plan in plans:
+        for con, weights in plan.contrasts:
+            permutation_design(plan.design.to_numpy(), weights, con.is_f, _blocks(plan),
+                               what=f"group contrast '{con.name}'")
 
 
 # --- computing and writing ----------------------------------------------------------------
@@ -365,7 +412,8 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     group_dir = output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
     fit = fit_ols(Y, model.design.to_numpy())
-    del Y
+    if settings.permutations is None:
+        del Y
     written = []
     design_table = model.design.reset_index()
     atomic_write_tsv(group_dir / f"{_design_name(model)}.tsv", design_table)
@@ -392,6 +440,9 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
         log.info("task-%s contrast-%s (%s, %d inputs, dof %g): max |z| %.2f; %d cluster(s) at |z| >= %.3g",
                  model.task, con.label, stat, len(model.inputs), fit.dof, float(np.max(np.abs(values["z"]))),
                  n_clusters, threshold)
+        if settings.permutations is not None:
+            written += permutation_inference(group_dir, base, model, con, weights, Y, mask, affine, values["z"],
+                                             settings, mni)
     log.info("%s %s: %d contrast(s) written (%.1f s)", _prefix(model), model.name, len(model.contrasts),
              time.perf_counter() - t0)
     return written
@@ -442,6 +493,88 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
     return len(clusters), threshold
 
 
+# --- permutation inference -------------------------------------------------------------
+
+_FWE_KINDS = {
+    "voxel": "voxel-level (maximum statistic)",
+    "clustersize": "cluster size",
+    "clustermass": "cluster mass (sum of |statistic| - cluster-forming threshold)",
+    "tfce": "threshold-free cluster enhancement",
+}
+
+
+def permutation_inference(group_dir, base, model, con, weights, Y, mask, affine, z_in_mask, settings,
+                          mni) -> list[Path]:
+    """FWE-corrected -log10 p maps, the statistic masked to FWE-significant voxels and
+    their cluster tables, for each kind of inference."""
+    options = settings.permutations
+    design = permutation_design(model.design.to_numpy(), weights, con.is_f, _blocks(model),
+                                what=f"group contrast '{con.name}'")
+    options = dataclasses.replace(options, two_sided=options.two_sided and not con.is_f)
+    result = run_permutations(Y, design, mask, options, label=f"contrast-{con.label}: ")
+    stat = "F" if con.is_f else "t"
+    common = {
+        "Level": "group",
+        "Contrast": con.name,
+        "Test": stat,
+        "Inference": "family-wise error by the maximum statistic over the mask, by permutation",
+        "Rearrangement": result.scheme,
+        "NumberOfRearrangements": result.n_rearrangements,
+        "Exhaustive": result.exhaustive,
+        "RandomSeed": None if result.exhaustive else options.seed,
+        "TwoSided": options.two_sided,
+        "ClusterFormingP": options.cluster_forming_p,
+        "ClusterFormingThreshold": result.cluster_threshold,
+        "ClusterConnectivity": "faces (6-neighbour, NN1)",
+        "FWEAlpha": settings.fwe_alpha,
+        "Participants": sorted({f"sub-{m.subject}" for m in model.inputs}),
+    }
+    p_maps = {"voxel": result.p_voxel, "clustersize": result.p_cluster_size,
+              "clustermass": result.p_cluster_mass}
+    if result.p_tfce is not None:
+        p_maps["tfce"] = result.p_tfce
+        tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1, "Connectivity": "faces (6-neighbour)"}}
+        path = group_dir / f"{base}_stat-tfce_statmap.nii.gz"
+        atomic_write_bytes(path, nifti_bytes(unmask(result.tfce, mask), affine))
+        atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
+                                               "the t map is negative)", **common, **tfce_info})
+        common.update(tfce_info)
+    written = []
+    z_volume = unmask(z_in_mask, mask).astype(np.float64)
+    stat_volume = unmask(result.stat, mask).astype(np.float64)
+    label_fn = atlas_mod.labeller(settings.atlases) if (settings.atlases and mni) else None
+    for kind, p in p_maps.items():
+        significant = p < settings.fwe_alpha
+        logp = np.where(p < 1, -np.log10(p), 0.0)
+        path = group_dir / f"{base}_stat-logp_desc-{kind}FWE_statmap.nii.gz"
+        atomic_write_bytes(path, nifti_bytes(unmask(logp, mask), affine))
+        atomic_write_json(sidecar_path(path), {
+            "Description": f"-log10 FWE-corrected p-value, {_FWE_KINDS[kind]} inference", **common})
+        masked = group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz"
+        atomic_write_bytes(masked, nifti_bytes(unmask(np.where(significant, result.stat, 0.0), mask), affine))
+        atomic_write_json(sidecar_path(masked), {
+            "Description": f"{stat} where the FWE-corrected p ({_FWE_KINDS[kind]}) is below "
+                           f"{settings.fwe_alpha}; 0 elsewhere", "VoxelsSignificant": int(significant.sum()),
+            **common})
+        p_volume = unmask(p, mask)
+        clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine)
+        table = clusters_table(clusters, affine, stat_volume, stat, label_fn)
+        table.insert(5, "p_fwe", [float(p_volume[tuple(ijk)]) for c in clusters for ijk in c.peaks])
+        table_path = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
+        atomic_write_tsv(table_path, table)
+        atomic_write_json(table_path.with_suffix(".json"), {
+            "Description": f"Clusters of voxels with FWE-corrected p < {settings.fwe_alpha} "
+                           f"({_FWE_KINDS[kind]} inference)",
+            "p_fwe": "FWE-corrected p-value at the peak" + (" (the cluster's p-value)" if "cluster" in kind
+                                                             else ""),
+            **{k: common[k] for k in ("Rearrangement", "NumberOfRearrangements", "TwoSided",
+                                      "ClusterFormingThreshold", "ClusterConnectivity", "FWEAlpha")}})
+        log.info("contrast-%s: %d voxel(s), %d cluster(s) FWE-significant (%s, p < %g)", con.label,
+                 int(significant.sum()), len(clusters), kind, settings.fwe_alpha)
+        written += [path, masked]
+    return written
+
+
 def _write_exclusions(output_dir: Path, prefix: str, rows: list[Exclusion]) -> None:
     table = pd.DataFrame([(r.participant, r.run, r.contrast, r.reason) for r in rows],
                          columns=["participant_id", "run", "contrast", "reason"]).drop_duplicates()
@@ -459,6 +592,10 @@ def run_group_level(args, output_dir: Path) -> None:
     if not maps:
         raise DataError("every subject was excluded; nothing left to model", output_dir)
 
+    if settings.permutations is not None:
+        import numba
+
+        numba.set_num_threads(max(1, min(args.n_cpus, numba.config.NUMBA_NUM_THREADS)))
     participants = functools.cache(lambda: read_participants(output_dir))  # read only if a model needs it
 
     tasks = sorted({m.task for m in maps})

@@ -1,0 +1,373 @@
+"""Permutation inference: family-wise error by the maximum statistic.
+
+Model Y = M b + e (N inputs, P columns, possibly rank deficient) and a contrast
+C (k estimable rows). Freedman-Lane: the null model Z = M null(C) is fitted,
+its residuals E = (I - H_Z) Y are permuted (or sign flipped), the fit of Z is
+added back, and the full model is refitted. Moving the permutation P from the
+data to the design shows that the refit only needs a few projections of P E:
+
+    effect of interest  U_x' P E   (k rows; U_x spans M pinv(M'M) C', the part
+                                    of the design the contrast tests)
+    nuisance            U_z' P E   (U_z spans Z, less what P leaves in place)
+    RSS                 ||E||^2 - ||U_x' P E||^2 - ||U_z' P E||^2
+
+so a batch of B permutations is one (B (k + q), N) x (N, V) matrix product.
+For a one-sample test this is sign flipping with a single row per
+permutation; for the repeated-measures model, permuting conditions within
+subjects leaves the subject columns in place, so only the condition part of
+the nuisance remains (number of conditions - 1 - k rows).
+
+Which rearrangement: sign flips (symmetric errors) when the null model does
+not contain the constant (a mean is tested); otherwise permutations
+(exchangeable errors), within exchangeability blocks when given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from scipy import stats
+
+from . import clusterkernels as ck
+from .errors import ModelError
+
+log = logging.getLogger("bidsglm")
+
+SIGN_FLIP = "sign flipping"
+PERMUTE = "permutation"
+TFCE_E, TFCE_H, TFCE_DH = 0.5, 2.0, 0.1
+TIE_TOLERANCE = 1e-5  # relative: null values computed in float32 count as ties within this
+BATCH_BYTES = 256 * 2**20  # bound on the (B, rows, V) float32 products of one batch
+
+
+def _orthonormal_basis(A: np.ndarray, scale: float | None = None, tol: float = 1e-10) -> np.ndarray:
+    """(N, r) orthonormal basis of the column space of A (N, p); singular values
+    below tol * scale (default: the largest) count as zero."""
+    if A.size == 0:
+        return np.zeros((A.shape[0], 0))
+    u, s, _ = np.linalg.svd(A, full_matrices=False)
+    return u[:, s > tol * (s.max() if scale is None else scale)]
+
+
+def _contains(space: np.ndarray, vectors: np.ndarray) -> bool:
+    """Every column of ``vectors`` lies in the span of orthonormal ``space``."""
+    residual = vectors - space @ (space.T @ vectors)
+    return bool(np.allclose(residual, 0, atol=1e-8 * max(1.0, np.abs(vectors).max())))
+
+
+@dataclass
+class PermutationDesign:
+    """What the permutations need from a design and a contrast.
+
+    basis : (k + q, N) rows U_x' then the permuted nuisance U_z'
+    null_basis : (N, rank Z) orthonormal basis of the whole null model (for the residuals)
+    k : numerator degrees of freedom (1 for a t contrast)
+    blocks : (N,) exchangeability block per input (permutations stay within blocks)"""
+
+    scheme: str
+    basis: np.ndarray
+    null_basis: np.ndarray
+    k: int
+    dof: float
+    f_test: bool
+    blocks: np.ndarray
+
+    @property
+    def freedman_lane(self) -> bool:
+        return self.null_basis.shape[1] > 0
+
+    def describe(self) -> str:
+        where = (" within subjects" if len(np.unique(self.blocks)) > 1 else "")
+        how = f"{self.scheme}{where}"
+        return f"{how} of Freedman-Lane residuals" if self.freedman_lane else how
+
+
+def permutation_design(X: np.ndarray, c: np.ndarray, f_test: bool = False,
+                       blocks: np.ndarray | None = None, what: str = "contrast") -> PermutationDesign:
+    """X : (N, P) design; c : (k, P) contrast rows (estimable); blocks : (N,) labels
+    whose rows may only be permuted among themselves (the ANOVA's subjects)."""
+    X = np.asarray(X, dtype=np.float64)
+    c = np.atleast_2d(np.asarray(c, dtype=np.float64))
+    n = X.shape[0]
+    rank_m = np.linalg.matrix_rank(X)
+    dof = n - rank_m
+    null_space = scipy.linalg.null_space(c)
+    U_z = _orthonormal_basis(X @ null_space)
+    W = X @ scipy.linalg.pinv(X.T @ X) @ c.T
+    if f_test or c.shape[0] > 1:
+        U_x = _orthonormal_basis(W)
+    else:
+        U_x = W / np.linalg.norm(W)  # keeps the sign: positive t for a positive contrast
+    k = U_x.shape[1]
+    ones = np.ones((n, 1))
+    if blocks is None:
+        blocks = np.zeros(n, dtype=int)
+    indicators = (np.asarray(blocks)[:, None] == np.unique(blocks)[None, :]).astype(float)
+    if U_z.size and _contains(U_z, ones):
+        scheme = PERMUTE
+        if not _contains(U_z, indicators):
+            raise ModelError(f"{what}: not testable by permuting within subjects (it involves "
+                             "subject columns); permutation inference tests condition effects")
+        # rearrangements within blocks leave the block indicators in place and E is
+        # orthogonal to them: only the rest of the nuisance space changes
+        invariant = _orthonormal_basis(indicators)
+        moving = U_z - invariant @ (invariant.T @ U_z)
+    else:
+        scheme = SIGN_FLIP
+        blocks = np.zeros(n, dtype=int)
+        moving = U_z
+    U_moving = _orthonormal_basis(moving, scale=1.0)  # U_z has unit columns
+    basis = np.vstack([U_x.T, U_moving.T])
+    return PermutationDesign(scheme, basis, U_z, k, float(dof), bool(f_test or c.shape[0] > 1),
+                             np.asarray(blocks))
+
+
+def null_residuals(Y: np.ndarray, design: PermutationDesign) -> np.ndarray:
+    """(N, V) residuals of the null model (float64 in, float64 out)."""
+    Z = design.null_basis
+    return Y - Z @ (Z.T @ Y) if Z.size else Y.copy()
+
+
+def statistics_from_projections(Q: np.ndarray, ss_total: np.ndarray, k: int, dof: float,
+                                f_test: bool) -> np.ndarray:
+    """Q : (B, rows, V) projections of rearranged residuals -> (B, V) t or F."""
+    effect_ss = np.einsum("brv,brv->bv", Q[:, :k], Q[:, :k])
+    rss = ss_total - effect_ss - np.einsum("brv,brv->bv", Q[:, k:], Q[:, k:])
+    sigma2 = np.maximum(rss, np.finfo(Q.dtype).tiny) / dof
+    if f_test:
+        return effect_ss / k / sigma2
+    return Q[:, 0] / np.sqrt(sigma2)
+
+
+# --- rearrangements ------------------------------------------------------------------
+
+def count_rearrangements(design: PermutationDesign) -> float:
+    n = len(design.blocks)
+    if design.scheme == SIGN_FLIP:
+        return 2.0 ** n
+    sizes = np.unique(design.blocks, return_counts=True)[1]
+    return float(np.prod([math.factorial(int(s)) for s in sizes]))
+
+
+def all_sign_flips(n: int) -> np.ndarray:
+    """(2^n - 1, n) every sign vector but all +1 (the data as observed)."""
+    codes = np.arange(1, 2 ** n)[:, None]
+    return 1 - 2 * ((codes >> np.arange(n)) & 1).astype(np.int8)
+
+
+def all_permutations(blocks: np.ndarray) -> np.ndarray:
+    """(count - 1, N) every within-block permutation but the identity."""
+    import itertools
+
+    members = [np.flatnonzero(blocks == b) for b in np.unique(blocks)]
+    out = []
+    for choice in itertools.product(*(itertools.permutations(m) for m in members)):
+        perm = np.empty(len(blocks), dtype=np.int64)
+        for m, order in zip(members, choice):
+            perm[m] = order
+        out.append(perm)
+    return np.array(out[1:])  # the first is the identity
+
+
+def random_rearrangements(design: PermutationDesign, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, N): sign vectors, or permutations (row i of P E is row perm[i] of E)."""
+    n = len(design.blocks)
+    if design.scheme == SIGN_FLIP:
+        return (1 - 2 * rng.integers(0, 2, size=(count, n))).astype(np.int8)
+    # sorting random keys offset by block keeps every row within its block
+    _, block_index = np.unique(design.blocks, return_inverse=True)
+    positions = np.argsort(block_index, kind="stable")
+    keys = block_index[positions][None, :] * 2.0 + rng.random((count, n))
+    perms = np.empty((count, n), dtype=np.int64)
+    perms[:, positions] = positions[np.argsort(keys, axis=1)]
+    return perms
+
+
+def _batch_rows(design: PermutationDesign, rearrangements: np.ndarray) -> np.ndarray:
+    """(B * rows, N) rows u' P so that (u' P) E = u' (P E)."""
+    basis = design.basis
+    if design.scheme == SIGN_FLIP:
+        rows = basis[None, :, :] * rearrangements[:, None, :]
+    else:
+        inverse = np.argsort(rearrangements, axis=1)
+        rows = basis[:, inverse].transpose(1, 0, 2)
+    return rows.reshape(-1, basis.shape[1])
+
+
+# --- the permutation run ---------------------------------------------------------------
+
+@dataclass
+class PermutationOptions:
+    n_permutations: int
+    seed: int
+    two_sided: bool = True
+    cluster_forming_p: float = 0.001
+    tfce: bool = False
+    batch_bytes: int = BATCH_BYTES
+
+
+@dataclass
+class PermutationResult:
+    """Observed maps and FWE p-values, all (V,) over the mask's voxels.
+
+    null_* : the maximum over the map for the data as observed (first) and each
+    rearrangement; p-values are the share of them at least as large."""
+
+    stat: np.ndarray
+    p_voxel: np.ndarray
+    cluster_threshold: float
+    cluster_ids: np.ndarray  # -1 outside clusters
+    cluster_size: np.ndarray  # per voxel, size of its cluster (0 outside)
+    cluster_mass: np.ndarray
+    p_cluster_size: np.ndarray
+    p_cluster_mass: np.ndarray
+    tfce: np.ndarray | None
+    p_tfce: np.ndarray | None
+    null_max_stat: np.ndarray
+    null_max_size: np.ndarray
+    null_max_mass: np.ndarray
+    null_max_tfce: np.ndarray | None
+    n_rearrangements: int
+    exhaustive: bool
+    scheme: str
+
+
+def cluster_forming_threshold(p: float, design: PermutationDesign, two_sided: bool) -> float:
+    """Statistic height that defines clusters: upper-tail p (split between tails when two-sided)."""
+    if design.f_test:
+        return float(stats.f.isf(p, design.k, design.dof))
+    return float(stats.t.isf(p / 2 if two_sided else p, design.dof))
+
+
+def fwe_p(values: np.ndarray, null_max: np.ndarray) -> np.ndarray:
+    """Share of the null maxima >= each value (the observed maximum is one of them)."""
+    ordered = np.sort(null_max)
+    tol = TIE_TOLERANCE * np.abs(values)
+    below = np.searchsorted(ordered, values - tol, side="left")
+    return (len(ordered) - below) / len(ordered)
+
+
+def _signed_for_max(stat: np.ndarray, design: PermutationDesign, two_sided: bool) -> np.ndarray:
+    return np.abs(stat) if (two_sided and not design.f_test) else stat
+
+
+def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
+                     options: PermutationOptions, label: str = "") -> PermutationResult:
+    """Y : (N, V) inputs in the mask (bool 3D array with V voxels)."""
+    two_sided = options.two_sided and not design.f_test
+    neighbours = ck.neighbour_table(mask)
+    E64 = null_residuals(np.asarray(Y, dtype=np.float64), design)
+    ss64 = np.einsum("nv,nv->v", E64, E64)
+    stat = statistics_from_projections((design.basis @ E64)[None], ss64, design.k, design.dof,
+                                       design.f_test)[0]
+    threshold = cluster_forming_threshold(options.cluster_forming_p, design, two_sided)
+    observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce)
+
+    total = count_rearrangements(design)
+    exhaustive = total <= options.n_permutations + 1
+    if exhaustive:
+        rearrangements = (all_sign_flips(len(design.blocks)) if design.scheme == SIGN_FLIP
+                          else all_permutations(design.blocks))
+    else:
+        rng = np.random.default_rng(options.seed)
+        rearrangements = None
+    n_total = len(rearrangements) if exhaustive else options.n_permutations
+
+    E = E64.astype(np.float32)
+    ss = ss64.astype(np.float32)
+    del E64
+    rows = design.basis.shape[0]
+    batch = int(max(1, min(512, options.batch_bytes // max(1, 4 * rows * E.shape[1]))))
+    null_stat = [observed["max_stat"]]
+    null_size, null_mass, null_tfce = [observed["max_size"]], [observed["max_mass"]], [observed["max_tfce"]]
+    progress = _Progress(n_total, label)
+    done = 0
+    while done < n_total:
+        count = min(batch, n_total - done)
+        chunk = rearrangements[done:done + count] if exhaustive else random_rearrangements(design, count, rng)
+        A = _batch_rows(design, chunk).astype(np.float32)
+        Q = (A @ E).reshape(count, rows, -1)
+        perm_stats = statistics_from_projections(Q, ss, design.k, design.dof, design.f_test)
+        del Q
+        null_stat.extend(_signed_for_max(perm_stats, design, two_sided).max(axis=1).tolist())
+        sizes, masses, tfces = ck.batch_maxima(perm_stats, neighbours, threshold, two_sided, options.tfce,
+                                               TFCE_E, TFCE_H, TFCE_DH)
+        null_size.extend(sizes.tolist())
+        null_mass.extend(masses.tolist())
+        null_tfce.extend(tfces.tolist())
+        done += count
+        progress.update(done)
+    progress.finish()
+
+    null_stat = np.array(null_stat)
+    null_size, null_mass = np.array(null_size, dtype=float), np.array(null_mass)
+    in_cluster = observed["ids"] >= 0
+    p_size = np.ones_like(stat)
+    p_mass = np.ones_like(stat)
+    p_size[in_cluster] = fwe_p(observed["size"][in_cluster].astype(float), null_size)
+    p_mass[in_cluster] = fwe_p(observed["mass"][in_cluster], null_mass)
+    tfce = p_tfce = tfce_null = None
+    if options.tfce:
+        tfce = observed["tfce"]
+        tfce_null = np.array(null_tfce)
+        p_tfce = fwe_p(np.abs(tfce), tfce_null)
+    return PermutationResult(
+        stat=stat, p_voxel=fwe_p(_signed_for_max(stat, design, two_sided), null_stat),
+        cluster_threshold=threshold, cluster_ids=observed["ids"], cluster_size=observed["size"],
+        cluster_mass=observed["mass"], p_cluster_size=p_size, p_cluster_mass=p_mass,
+        tfce=tfce, p_tfce=p_tfce, null_max_stat=null_stat, null_max_size=null_size,
+        null_max_mass=null_mass, null_max_tfce=tfce_null, n_rearrangements=len(null_stat),
+        exhaustive=exhaustive, scheme=design.describe())
+
+
+def _observed_measures(stat, neighbours, threshold, two_sided, with_tfce) -> dict:
+    """Cluster ids, per-voxel cluster size and mass, TFCE, and their maxima."""
+    ids = ck.cluster_roots(stat, neighbours, threshold, two_sided)
+    inside = ids >= 0
+    sizes = np.bincount(ids[inside], minlength=len(stat))
+    masses = np.bincount(ids[inside], weights=np.abs(stat[inside]) - threshold, minlength=len(stat))
+    size = np.where(inside, sizes[np.maximum(ids, 0)], 0)
+    mass = np.where(inside, masses[np.maximum(ids, 0)], 0.0)
+    tfce = ck.tfce_map(stat, neighbours, two_sided, TFCE_E, TFCE_H, TFCE_DH) if with_tfce else None
+    return {
+        "ids": ids, "size": size, "mass": mass, "tfce": tfce,
+        "max_stat": float(np.max(np.abs(stat) if two_sided else stat)),
+        "max_size": float(size.max(initial=0)), "max_mass": float(mass.max(initial=0.0)),
+        "max_tfce": float(np.max(np.abs(tfce))) if with_tfce else 0.0,
+    }
+
+
+class _Progress:
+    """Permutations done, rate and time left, every few seconds."""
+
+    def __init__(self, total: int, label: str, every: float = 5.0):
+        self.total, self.label, self.every = total, label, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every or done >= self.total:
+            return
+        self.last = now
+        rate = done / (now - self.start)
+        log.info("%spermutations %d/%d (%.0f/s, about %s left)", self.label, done, self.total, rate,
+                 _duration((self.total - done) / rate))
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        log.info("%s%d permutations in %s (%.0f/s)", self.label, self.total, _duration(elapsed),
+                 self.total / max(elapsed, 1e-9))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
