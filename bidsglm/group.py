@@ -412,15 +412,18 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     group_dir = output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
     fit = fit_ols(Y, model.design.to_numpy())
-    if settings.permutations is None:
-        del Y
+    # permutations before any file: an interrupted run leaves no file of this model
+    permuted = [None if settings.permutations is None else
+                _permute(model, con, weights, Y, mask, settings.permutations)
+                for con, weights in model.contrasts]
+    del Y
     written = []
     design_table = model.design.reset_index()
     atomic_write_tsv(group_dir / f"{_design_name(model)}.tsv", design_table)
     mask_path = group_dir / f"{_design_name(model).removesuffix('_design')}_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
     mni = model.space.get("space", "").startswith("MNI")
-    for con, weights in model.contrasts:
+    for (con, weights), perm_result in zip(model.contrasts, permuted):
         res = fit.contrast(weights, f_test=con.is_f)
         stat = "F" if con.is_f else "t"
         values = {"t": res.stat, "F": res.stat, "z": res.z, "p": res.p}
@@ -440,9 +443,9 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
         log.info("task-%s contrast-%s (%s, %d inputs, dof %g): max |z| %.2f; %d cluster(s) at |z| >= %.3g",
                  model.task, con.label, stat, len(model.inputs), fit.dof, float(np.max(np.abs(values["z"]))),
                  n_clusters, threshold)
-        if settings.permutations is not None:
-            written += permutation_inference(group_dir, base, model, con, weights, Y, mask, affine, values["z"],
-                                             settings, mni)
+        if perm_result is not None:
+            written += write_permutation_outputs(group_dir, base, model, con, perm_result, mask, affine,
+                                                 values["z"], settings, mni)
     log.info("%s %s: %d contrast(s) written (%.1f s)", _prefix(model), model.name, len(model.contrasts),
              time.perf_counter() - t0)
     return written
@@ -503,15 +506,18 @@ _FWE_KINDS = {
 }
 
 
-def permutation_inference(group_dir, base, model, con, weights, Y, mask, affine, z_in_mask, settings,
-                          mni) -> list[Path]:
-    """FWE-corrected -log10 p maps, the statistic masked to FWE-significant voxels and
-    their cluster tables, for each kind of inference."""
-    options = settings.permutations
+def _permute(model, con, weights, Y, mask, options: PermutationOptions):
     design = permutation_design(model.design.to_numpy(), weights, con.is_f, _blocks(model),
                                 what=f"group contrast '{con.name}'")
     options = dataclasses.replace(options, two_sided=options.two_sided and not con.is_f)
-    result = run_permutations(Y, design, mask, options, label=f"contrast-{con.label}: ")
+    return options, run_permutations(Y, design, mask, options, label=f"contrast-{con.label}: ")
+
+
+def write_permutation_outputs(group_dir, base, model, con, permuted, mask, affine, z_in_mask, settings,
+                              mni) -> list[Path]:
+    """FWE-corrected -log10 p maps, the statistic masked to FWE-significant voxels and
+    their cluster tables, for each kind of inference."""
+    options, result = permuted
     stat = "F" if con.is_f else "t"
     common = {
         "Level": "group",

@@ -42,7 +42,7 @@ SIGN_FLIP = "sign flipping"
 PERMUTE = "permutation"
 TFCE_E, TFCE_H, TFCE_DH = 0.5, 2.0, 0.1
 TIE_TOLERANCE = 1e-5  # relative: null values computed in float32 count as ties within this
-BATCH_BYTES = 256 * 2**20  # bound on the (B, rows, V) float32 products of one batch
+BATCH_BYTES = 64 * 2**20  # bound on the (B, rows, V) float32 product of one batch
 
 
 def _orthonormal_basis(A: np.ndarray, scale: float | None = None, tol: float = 1e-10) -> np.ndarray:
@@ -135,13 +135,40 @@ def null_residuals(Y: np.ndarray, design: PermutationDesign) -> np.ndarray:
 
 def statistics_from_projections(Q: np.ndarray, ss_total: np.ndarray, k: int, dof: float,
                                 f_test: bool) -> np.ndarray:
-    """Q : (B, rows, V) projections of rearranged residuals -> (B, V) t or F."""
-    effect_ss = np.einsum("brv,brv->bv", Q[:, :k], Q[:, :k])
-    rss = ss_total - effect_ss - np.einsum("brv,brv->bv", Q[:, k:], Q[:, k:])
-    sigma2 = np.maximum(rss, np.finfo(Q.dtype).tiny) / dof
+    """Q : (B, rows, V) projections of rearranged residuals -> (B, V) t or F.
+
+    Works in place on a few (B, V) arrays: Q is the largest thing a batch holds."""
+    effect_ss = np.square(Q[:, 0])
+    for r in range(1, k):
+        effect_ss += np.square(Q[:, r])
+    rss = ss_total - effect_ss
+    for r in range(k, Q.shape[1]):
+        rss -= np.square(Q[:, r])
+    np.maximum(rss, np.finfo(Q.dtype).tiny, out=rss)
+    rss /= dof  # now the residual variance
     if f_test:
-        return effect_ss / k / sigma2
-    return Q[:, 0] / np.sqrt(sigma2)
+        effect_ss /= k
+        effect_ss /= rss
+        return effect_ss
+    np.sqrt(rss, out=rss)
+    return np.divide(Q[:, 0], rss, out=rss)
+
+
+def residuals_and_observed(Y: np.ndarray, design: PermutationDesign, chunk: int = 20000):
+    """Null-model residuals E (N, V) as float32, their sums of squares (V,) and the
+    observed statistic (V,), computed in float64 a block of voxels at a time."""
+    n, v = Y.shape
+    E = np.empty((n, v), dtype=np.float32)
+    ss = np.empty(v, dtype=np.float64)
+    stat = np.empty(v, dtype=np.float64)
+    for start in range(0, v, chunk):
+        part = null_residuals(np.asarray(Y[:, start:start + chunk], dtype=np.float64), design)
+        ss_part = np.einsum("nv,nv->v", part, part)
+        stat[start:start + chunk] = statistics_from_projections(
+            (design.basis @ part)[None], ss_part, design.k, design.dof, design.f_test)[0]
+        ss[start:start + chunk] = ss_part
+        E[:, start:start + chunk] = part
+    return E, ss, stat
 
 
 # --- rearrangements ------------------------------------------------------------------
@@ -261,10 +288,7 @@ def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
     """Y : (N, V) inputs in the mask (bool 3D array with V voxels)."""
     two_sided = options.two_sided and not design.f_test
     neighbours = ck.neighbour_table(mask)
-    E64 = null_residuals(np.asarray(Y, dtype=np.float64), design)
-    ss64 = np.einsum("nv,nv->v", E64, E64)
-    stat = statistics_from_projections((design.basis @ E64)[None], ss64, design.k, design.dof,
-                                       design.f_test)[0]
+    E, ss64, stat = residuals_and_observed(Y, design)
     threshold = cluster_forming_threshold(options.cluster_forming_p, design, two_sided)
     observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce)
 
@@ -278,9 +302,7 @@ def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
         rearrangements = None
     n_total = len(rearrangements) if exhaustive else options.n_permutations
 
-    E = E64.astype(np.float32)
     ss = ss64.astype(np.float32)
-    del E64
     rows = design.basis.shape[0]
     batch = int(max(1, min(512, options.batch_bytes // max(1, 4 * rows * E.shape[1]))))
     null_stat = [observed["max_stat"]]

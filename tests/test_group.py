@@ -220,3 +220,94 @@ def test_group_level_reads_what_the_participant_level_wrote(demo_results, tmp_pa
         model.fit([str(p) for p in subject_maps], design_matrix=pd.DataFrame({"i": np.ones(len(subject_maps))}))
         ref = np.asanyarray(model.compute_contrast("i", output_type="stat").dataobj)
     np.testing.assert_allclose(t[mask], ref[mask], rtol=1e-5, atol=1e-5)
+
+
+def _perm_files(g, label):
+    return sorted(p.name for p in g.glob(f"{PREFIX}_contrast-{label}_*") if "FWE" in p.name or "tfce" in p.name)
+
+
+def test_permutation_inference_from_the_command_line(outputs):
+    """Maps, masked maps and tables for every kind of FWE inference; the same seed gives
+    the same maps; the masked map and the table agree with the -log10 p map."""
+    out, mask, blob = outputs
+    options = ("--permutations", "300", "--random-seed", "5", "--tfce", "--atlases", "none",
+               "--group-model", "anova", "--group-contrast", "fmh=faces - houses",
+               "--group-f-contrast", "any=faces - houses")
+    assert _group(out, *options) == 0
+    g = out / "group"
+    for label, stat in (("fmh", "t"), ("any", "F")):
+        names = _perm_files(g, label)
+        for kind in ("voxel", "clustersize", "clustermass", "tfce"):
+            assert f"{PREFIX}_contrast-{label}_stat-logp_desc-{kind}FWE_statmap.nii.gz" in names
+            assert f"{PREFIX}_contrast-{label}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz" in names
+            assert f"{PREFIX}_contrast-{label}_desc-{kind}FWE_clusters.tsv" in names
+        assert f"{PREFIX}_contrast-{label}_stat-tfce_statmap.nii.gz" in names
+    logp = _data(g / f"{PREFIX}_contrast-fmh_stat-logp_desc-voxelFWE_statmap.nii.gz")
+    masked = _data(g / f"{PREFIX}_contrast-fmh_stat-t_desc-voxelFWE_statmap.nii.gz")
+    t = _data(g / f"{PREFIX}_contrast-fmh_stat-t_statmap.nii.gz")
+    significant = logp > -np.log10(0.05)
+    np.testing.assert_array_equal(masked != 0, significant)
+    np.testing.assert_allclose(masked[significant], t[significant], rtol=1e-6)
+    # the voxel-level FWE p equals the share of permuted maxima of |t| at least |t|: F = t^2
+    # makes the F contrast's voxel-level p the t contrast's two-sided one
+    logp_f = _data(g / f"{PREFIX}_contrast-any_stat-logp_desc-voxelFWE_statmap.nii.gz")
+    np.testing.assert_allclose(logp_f[mask], logp[mask], atol=1e-6)
+    side = json.loads((g / f"{PREFIX}_contrast-fmh_stat-logp_desc-tfceFWE_statmap.json").read_text())
+    assert side["Rearrangement"] == "permutation within subjects of Freedman-Lane residuals"
+    assert side["NumberOfRearrangements"] == 256 and side["Exhaustive"]  # 2!^8 <= 301: all of them
+    assert side["TFCE"] == {"E": 0.5, "H": 2.0, "dh": 0.1, "Connectivity": "faces (6-neighbour)"}
+    table = pd.read_csv(g / f"{PREFIX}_contrast-fmh_desc-clustermassFWE_clusters.tsv", sep="\t")
+    assert (table["p_fwe"] < 0.05).all()
+    first = {n: _data(g / n) for n in _perm_files(g, "fmh") if n.endswith(".nii.gz")}
+    assert _group(out, *options) == 0
+    for name, data in first.items():
+        np.testing.assert_array_equal(_data(g / name), data)
+
+
+def test_one_sample_permutations_record_seed_and_find_the_blob(outputs):
+    out, mask, blob = outputs
+    assert _group(out, "--permutations", "100", "--covariates", "age", "--random-seed", "9",
+                  "--atlases", "none") == 0
+    g = out / "group"
+    side = json.loads((g / f"{PREFIX}_contrast-faces_stat-logp_desc-clustersizeFWE_statmap.json").read_text())
+    assert side["RandomSeed"] == 9 and side["NumberOfRearrangements"] == 101 and not side["Exhaustive"]
+    assert side["Rearrangement"] == "sign flipping of Freedman-Lane residuals"
+    logp = _data(g / f"{PREFIX}_contrast-faces_stat-logp_desc-clustersizeFWE_statmap.nii.gz")
+    assert (logp[blob & mask] > -np.log10(0.05)).mean() > 0.5
+    assert (logp[mask & ~blob] > -np.log10(0.05)).mean() < 0.05
+
+
+def test_permutation_options_are_checked(outputs, capsys):
+    out, _, _ = outputs
+    for options, match in [(("--tfce",), "--tfce needs --permutations"),
+                           (("--permutations", "-1"), "--permutations must not be negative"),
+                           (("--permutations", "10", "--cluster-forming-p", "2"), "--cluster-forming-p"),
+                           (("--permutations", "10", "--fwe-alpha", "0"), "--fwe-alpha")]:
+        assert _group(out, *options) == 64
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0]
+        assert not (out / "group").exists()
+
+
+def test_interrupted_permutations_leave_no_file_of_that_contrast(outputs, monkeypatch, capsys):
+    """Ctrl-C during the second model's permutations: exit 130, the first model's
+    files complete, none of the second's, no temporary files."""
+    import bidsglm.group as group_module
+
+    out, _, _ = outputs
+    real = group_module.run_permutations
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(group_module, "run_permutations", interrupt_second)
+    assert _group(out, "--permutations", "50", "--atlases", "none") == 130
+    assert "interrupted" in capsys.readouterr().err
+    g = out / "group"
+    assert (g / f"{PREFIX}_contrast-faces_stat-logp_desc-voxelFWE_statmap.nii.gz").exists()
+    assert not list(g.glob(f"{PREFIX}_contrast-houses_*"))
+    assert not [p for p in g.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]

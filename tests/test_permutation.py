@@ -1,0 +1,234 @@
+"""Permutation inference: the batched Freedman-Lane algebra against refitting the
+model, FWE p-values against nilearn within Monte Carlo error, ground truth on
+simulated maps, bounded memory, and (slow) the family-wise error rate under the null."""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+
+from bidsglm.errors import ModelError
+from bidsglm.groupmodels import anova_design, fit_ols
+from bidsglm.permutation import (
+    PERMUTE,
+    SIGN_FLIP,
+    PermutationOptions,
+    _batch_rows,
+    all_permutations,
+    all_sign_flips,
+    null_residuals,
+    permutation_design,
+    random_rearrangements,
+    run_permutations,
+    statistics_from_projections,
+)
+
+RNG = np.random.default_rng(20261122)
+
+
+def _anova(n_subjects=8, conditions=("a", "b", "c")):
+    subjects = [f"{i:02d}" for i in range(n_subjects)]
+    design = anova_design([(s, c) for s in subjects for c in conditions], list(conditions)).to_numpy()
+    return design, np.repeat(np.arange(n_subjects), len(conditions))
+
+
+def _designs():
+    n = 14
+    age = RNG.standard_normal(n)
+    group = np.r_[np.ones(7), np.zeros(7)]
+    anova, blocks = _anova()
+    pad = [0.0] * 8
+    return {
+        "one-sample": (np.ones((n, 1)), [[1.0]], False, None),
+        "mean with covariate": (np.column_stack([np.ones(n), age]), [[1.0, 0]], False, None),
+        "covariate": (np.column_stack([np.ones(n), age]), [[0, 1.0]], False, None),
+        "two groups": (np.column_stack([group, 1 - group]), [[1.0, -1]], False, None),
+        "F on both columns": (np.column_stack([np.ones(n), age]), [[1.0, 0], [0, 1]], True, None),
+        "anova t": (anova, [[1.0, -1, 0] + pad], False, blocks),
+        "anova F": (anova, [[1.0, -1, 0] + pad, [0, 1.0, -1] + pad], True, blocks),
+    }
+
+
+def _refit_statistic(Y, X, c, f_test, design, rearrangement):
+    """Freedman-Lane by definition: rearrange the null model's residuals, add its
+    fit back, refit the full model and compute the statistic."""
+    E = null_residuals(Y, design)
+    fitted = Y - E
+    moved = rearrangement[:, None] * E if design.scheme == SIGN_FLIP else E[rearrangement]
+    return fit_ols(moved + fitted, X).contrast(np.array(c), f_test=f_test).stat
+
+
+@pytest.mark.parametrize("name", list(_designs()))
+def test_batched_statistics_equal_refitting_the_model(name):
+    X, c, f_test, blocks = _designs()[name]
+    c = np.array(c)
+    Y = RNG.standard_normal((X.shape[0], 40)) + 0.4
+    design = permutation_design(X, c, f_test, blocks)
+    E = null_residuals(Y, design)
+    ss = np.einsum("nv,nv->v", E, E)
+    observed = statistics_from_projections((design.basis @ E)[None], ss, design.k, design.dof, f_test)[0]
+    np.testing.assert_allclose(observed, fit_ols(Y, X).contrast(c, f_test=f_test).stat, rtol=1e-10)
+    moves = random_rearrangements(design, 6, RNG)
+    Q = (_batch_rows(design, moves) @ E).reshape(6, design.basis.shape[0], -1)
+    batched = statistics_from_projections(Q, ss, design.k, design.dof, f_test)
+    for j in range(6):
+        np.testing.assert_allclose(batched[j], _refit_statistic(Y, X, c, f_test, design, moves[j]),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_rearrangement_schemes():
+    designs = _designs()
+    scheme = {name: permutation_design(X, np.array(c), f, b).scheme for name, (X, c, f, b) in designs.items()}
+    assert scheme == {"one-sample": SIGN_FLIP, "mean with covariate": SIGN_FLIP, "covariate": PERMUTE,
+                      "two groups": PERMUTE, "F on both columns": SIGN_FLIP, "anova t": PERMUTE,
+                      "anova F": PERMUTE}
+    X, c, f, blocks = designs["anova t"]
+    d = permutation_design(X, np.array(c), f, blocks)
+    # subject columns stay in place: one effect row and one row for the third condition
+    assert d.basis.shape == (2, X.shape[0]) and "within subjects" in d.describe()
+    between_subjects = np.zeros((1, X.shape[1]))
+    between_subjects[0, 3], between_subjects[0, 4] = 1, -1
+    with pytest.raises(ModelError, match="within subjects"):
+        permutation_design(X, between_subjects, False, blocks)
+
+
+def test_rearrangements_stay_within_blocks_and_enumerate_all():
+    _, blocks = _anova(5)
+    d = permutation_design(*_designs()["anova t"][:1], np.array(_designs()["anova t"][1]), False,
+                           _designs()["anova t"][3])
+    moves = random_rearrangements(d, 200, RNG)
+    assert all(np.array_equal(np.sort(m), np.arange(len(m))) for m in moves)
+    assert (d.blocks[moves] == d.blocks[None, :]).all()
+    assert len({tuple(m) for m in all_permutations(blocks)}) == 6 ** 5 - 1
+    flips = all_sign_flips(6)
+    assert len({tuple(f) for f in flips}) == 63 and not (flips == 1).all(axis=1).any()
+
+
+def _smooth_null_maps(n, shape, rng, fwhm_vox=1.5):
+    sigma = fwhm_vox / 2.3548
+    maps = [ndimage.gaussian_filter(rng.standard_normal(shape), sigma) for _ in range(n)]
+    return np.stack(maps)
+
+
+def _blob(shape, centre, radius):
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+    return np.linalg.norm(grid - np.array(centre), axis=-1) <= radius
+
+
+def test_one_sample_fwe_p_match_nilearn_within_monte_carlo_error():
+    """10 subjects: our p-values use all 1024 sign flips (exact); nilearn draws 2000 at
+    random. Each of its p-values is a binomial estimate of the exact one, so they
+    must agree within 4.5 binomial standard errors (plus 2/n for its +1 and clipping)."""
+    from nilearn.maskers import NiftiMasker
+    from nilearn.mass_univariate import permuted_ols
+
+    rng = np.random.default_rng(0)
+    shape = (12, 12, 10)
+    mask = np.zeros(shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    maps = _smooth_null_maps(10, shape, rng) * 3
+    maps[:, _blob(shape, (5, 5, 5), 2.5)] += 1.5
+    Y = maps[:, mask]
+    design = permutation_design(np.ones((10, 1)), np.array([[1.0]]))
+    ours = run_permutations(Y, design, mask, PermutationOptions(2000, seed=1, cluster_forming_p=0.01))
+    assert ours.exhaustive and ours.n_rearrangements == 1024
+    masker = NiftiMasker(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4))).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = permuted_ols(np.ones((10, 1)), Y, model_intercept=False, n_perm=2000, two_sided_test=True,
+                              random_state=3, masker=masker, threshold=0.01, output_type="dict", verbose=0)
+    np.testing.assert_allclose(ours.stat, theirs["t"][0], rtol=1e-6)
+    n = 2000
+    for our_p, their_logp in [(ours.p_voxel, theirs["logp_max_t"][0]),
+                              (ours.p_cluster_size, theirs["logp_max_size"][0]),
+                              (ours.p_cluster_mass, theirs["logp_max_mass"][0])]:
+        their_p = 10 ** -their_logp
+        bound = 4.5 * np.sqrt(our_p * (1 - our_p) / n) + 2 / n
+        assert np.all(np.abs(their_p - our_p) <= bound)
+        assert our_p.min() < 0.05 and (our_p > 0.5).any()  # the test has both kinds of voxels
+
+
+def test_ground_truth_blob_found_and_nothing_else():
+    rng = np.random.default_rng(1)
+    shape = (16, 16, 12)
+    mask = np.ones(shape, bool)
+    blob = _blob(shape, (8, 8, 6), 2.5)
+    maps = _smooth_null_maps(16, shape, rng)
+    maps[:, blob] += 1.2
+    age = rng.standard_normal(16)
+    X = np.column_stack([np.ones(16), age - age.mean()])
+    design = permutation_design(X, np.array([[1.0, 0.0]]))
+    res = run_permutations(maps[:, mask], design, mask, PermutationOptions(400, seed=2, tfce=True))
+    inside, outside = blob[mask], ~blob[mask]
+    for p in (res.p_voxel, res.p_cluster_size, res.p_tfce):
+        assert (p[inside] < 0.05).mean() > 0.5
+        assert (p[outside] < 0.05).sum() <= 0.02 * outside.sum()
+    assert res.scheme == "sign flipping of Freedman-Lane residuals"
+
+
+def test_batches_hold_bounded_memory():
+    """100 subjects x 230k voxels: memory during the run is the float32 residuals
+    plus one batch, whatever the number of permutations."""
+    rng = np.random.default_rng(3)
+    shape = (60, 64, 60)
+    mask = np.ones(shape, bool)
+    Y = rng.standard_normal((100, mask.sum())).astype(np.float32)
+    design = permutation_design(np.ones((100, 1)), np.array([[1.0]]))
+    peaks = []
+    for n_perm in (20, 80):
+        tracemalloc.start()
+        run_permutations(Y, design, mask, PermutationOptions(n_perm, seed=0, batch_bytes=16 * 2**20))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    residuals = Y.nbytes
+    assert max(peaks) < residuals + 200 * 2**20
+    assert abs(peaks[1] - peaks[0]) < 20 * 2**20
+
+
+def _null_fwe_rejections(replications, design_X, contrast, n_perm, seed, nuisance, blocks=None):
+    rng = np.random.default_rng(seed)
+    shape = (10, 10, 8)
+    mask = np.ones(shape, bool)
+    rejected = np.zeros(4, int)
+    design = permutation_design(design_X, contrast, False, blocks)
+    for r in range(replications):
+        maps = _smooth_null_maps(design_X.shape[0], shape, rng, fwhm_vox=2.0)
+        maps += nuisance[:, None, None, None]  # effects the null model must absorb
+        res = run_permutations(maps[:, mask], design, mask,
+                               PermutationOptions(n_perm, seed=r, tfce=True, cluster_forming_p=0.01))
+        for i, p in enumerate((res.p_voxel, res.p_cluster_size, res.p_cluster_mass, res.p_tfce)):
+            rejected[i] += p.min() < 0.05
+    return rejected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["one-sample", "covariates", "anova"])
+def test_family_wise_error_rate_under_the_null(which):
+    """Smooth noise, no effect of interest (but nuisance effects the null model must
+    absorb): the share of replications with any FWE-significant voxel must lie in the
+    99 % binomial interval around 0.05 for voxel, cluster size, cluster mass and TFCE.
+    Seeded; counts seen: one-sample 7 8 13 10, covariates 8 6 12 9, anova 15 12 13 13 of 300."""
+    n = 12
+    rng = np.random.default_rng(7)
+    blocks = None
+    if which == "one-sample":
+        X, c = np.ones((n, 1)), np.array([[1.0]])
+        nuisance = np.zeros(n)
+    elif which == "covariates":
+        X = np.column_stack([np.ones(n), rng.standard_normal(n), rng.standard_normal(n)])
+        c = np.array([[0.0, 1.0, 0.0]])
+        nuisance = 2.0 + 1.5 * X[:, 2]
+    else:  # 3 conditions x 8 subjects, testing a - b; subject means and condition c differ
+        X, blocks = _anova(8)
+        c = np.zeros((1, X.shape[1]))
+        c[0, :2] = 1, -1
+        nuisance = np.repeat(rng.standard_normal(8) * 2, 3) + np.tile([0, 0, 1.0], 8)
+    replications = 300
+    rejected = _null_fwe_rejections(replications, X, c, 200, seed=11, nuisance=nuisance, blocks=blocks)
+    low, high = stats.binom.interval(0.99, replications, 0.05)
+    assert np.all((rejected >= low) & (rejected <= high)), rejected
