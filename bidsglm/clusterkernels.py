@@ -215,3 +215,77 @@ def batch_maxima(stats, neighbours, cluster_threshold, two_sided, with_tfce, E, 
         if with_tfce:
             tfce_best[j] = tfce_max(values, neighbours, two_sided, E, H, dh)
     return sizes, masses, tfce_best
+
+
+TILE = 2048  # voxels per tile: a tile of residuals and its products stay in cache
+
+
+def tile_residuals(E: np.ndarray, ss_total: np.ndarray):
+    """(N, V) residuals -> (tiles, N, TILE) contiguous blocks and (tiles, TILE) sums of
+    squares, zero-padded (padding gets a sum of squares of 1 and statistic 0)."""
+    n, v = E.shape
+    count = -(-v // TILE)
+    tiles = np.zeros((count, n, TILE), dtype=np.float32)
+    ss = np.ones((count, TILE), dtype=np.float32)
+    for t in range(count):
+        width = min(TILE, v - t * TILE)
+        tiles[t, :, :width] = E[:, t * TILE:t * TILE + width]
+        ss[t, :width] = ss_total[t * TILE:t * TILE + width]
+    return tiles, ss
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def batch_statistics(A, tiles, ss_tiles, rows, k, dof, f_test, two_sided, keep, v):
+    """t or F of a batch of rearrangements, the product and the statistic fused per tile.
+
+    A : (B * rows, N) rows u' P of each rearrangement; tiles, ss_tiles : from
+    tile_residuals. The formula is permutation.statistics_from_projections'.
+    Returns the maps (B, v) (empty when not ``keep``) and each map's maximum (of
+    |t| when ``two_sided``). Without ``keep`` only the maximum of effect^2 / RSS is
+    tracked (no square root per voxel), which is all the voxel-level null needs.
+    Call with BLAS limited to one thread: the tiles are the parallel loop."""
+    b = A.shape[0] // rows
+    n_tiles, _, width = tiles.shape
+    out = np.empty((b if keep else 0, v), dtype=np.float32)
+    tile_best = np.full((n_tiles, b), -np.inf, dtype=np.float32)
+    tiny = np.float32(1e-30)
+    for t in numba.prange(n_tiles):
+        Q = np.dot(A, tiles[t])
+        start = t * width
+        used = min(width, v - start)
+        for j in range(b):
+            best = np.float32(-np.inf)
+            first = j * rows
+            for i in range(used):
+                q = Q[first, i]
+                effect = q * q
+                for r in range(1, k):
+                    effect += Q[first + r, i] * Q[first + r, i]
+                rss = ss_tiles[t, i] - effect
+                for r in range(k, rows):
+                    rss -= Q[first + r, i] * Q[first + r, i]
+                rss = max(rss, tiny)
+                if keep:
+                    if f_test:
+                        value = effect / rss * (dof / k)
+                    else:
+                        value = q / np.sqrt(rss / dof)
+                    out[j, start + i] = value
+                    best = max(best, abs(value) if two_sided else value)
+                elif f_test or two_sided:
+                    best = max(best, effect / rss)
+                else:
+                    best = max(best, q * abs(q) / rss)  # signed square: same order as t
+            tile_best[t, j] = best
+    maxima = np.empty(b, dtype=np.float64)
+    for j in range(b):
+        best = tile_best[0, j]
+        for t in range(1, n_tiles):
+            best = max(best, tile_best[t, j])
+        if keep:
+            maxima[j] = best
+        elif f_test:
+            maxima[j] = best * dof / k
+        else:
+            maxima[j] = np.sign(best) * np.sqrt(abs(best) * dof)
+    return out, maxima

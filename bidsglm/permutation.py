@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 from scipy import stats
+from threadpoolctl import threadpool_limits
 
 from . import clusterkernels as ck
 from .errors import ModelError
@@ -42,7 +43,7 @@ SIGN_FLIP = "sign flipping"
 PERMUTE = "permutation"
 TFCE_E, TFCE_H, TFCE_DH = 0.5, 2.0, 0.1
 TIE_TOLERANCE = 1e-5  # relative: null values computed in float32 count as ties within this
-BATCH_BYTES = 64 * 2**20  # bound on the (B, rows, V) float32 product of one batch
+BATCH_BYTES = 64 * 2**20  # bound on the (B, V) float32 maps of one batch (kept for cluster/TFCE nulls)
 
 
 def _orthonormal_basis(A: np.ndarray, scale: float | None = None, tol: float = 1e-10) -> np.ndarray:
@@ -235,6 +236,7 @@ class PermutationOptions:
     two_sided: bool = True
     cluster_forming_p: float = 0.001
     tfce: bool = False
+    clusters: bool = True  # cluster size and mass (off: voxel-level only)
     batch_bytes: int = BATCH_BYTES
 
 
@@ -302,31 +304,38 @@ def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
         rearrangements = None
     n_total = len(rearrangements) if exhaustive else options.n_permutations
 
-    ss = ss64.astype(np.float32)
+    tiles, ss_tiles = ck.tile_residuals(E, ss64.astype(np.float32))
+    n_voxels = E.shape[1]
+    del E
     rows = design.basis.shape[0]
-    batch = int(max(1, min(512, options.batch_bytes // max(1, 4 * rows * E.shape[1]))))
+    spatial = options.clusters or options.tfce  # maps are kept only for cluster and TFCE nulls
+    batch = int(max(1, min(256, options.batch_bytes // (4 * n_voxels)))) if spatial else 64
     null_stat = [observed["max_stat"]]
     null_size, null_mass, null_tfce = [observed["max_size"]], [observed["max_mass"]], [observed["max_tfce"]]
     progress = _Progress(n_total, label)
     done = 0
-    while done < n_total:
-        count = min(batch, n_total - done)
-        chunk = rearrangements[done:done + count] if exhaustive else random_rearrangements(design, count, rng)
-        A = _batch_rows(design, chunk).astype(np.float32)
-        Q = (A @ E).reshape(count, rows, -1)
-        perm_stats = statistics_from_projections(Q, ss, design.k, design.dof, design.f_test)
-        del Q
-        null_stat.extend(_signed_for_max(perm_stats, design, two_sided).max(axis=1).tolist())
-        sizes, masses, tfces = ck.batch_maxima(perm_stats, neighbours, threshold, two_sided, options.tfce,
-                                               TFCE_E, TFCE_H, TFCE_DH)
-        null_size.extend(sizes.tolist())
-        null_mass.extend(masses.tolist())
-        null_tfce.extend(tfces.tolist())
-        done += count
-        progress.update(done)
+    with threadpool_limits(1, "blas"):  # the kernels parallelise over voxel tiles themselves
+        while done < n_total:
+            count = min(batch, n_total - done)
+            chunk = rearrangements[done:done + count] if exhaustive else random_rearrangements(design, count, rng)
+            A = _batch_rows(design, chunk).astype(np.float32)
+            perm_stats, maxima = ck.batch_statistics(A, tiles, ss_tiles, rows, design.k, np.float32(design.dof),
+                                                     design.f_test, two_sided, spatial, n_voxels)
+            null_stat.extend(maxima.tolist())
+            if spatial:
+                sizes, masses, tfces = ck.batch_maxima(perm_stats, neighbours, threshold, two_sided,
+                                                       options.tfce, TFCE_E, TFCE_H, TFCE_DH)
+                null_size.extend(sizes.tolist())
+                null_mass.extend(masses.tolist())
+                null_tfce.extend(tfces.tolist())
+            done += count
+            progress.update(done)
     progress.finish()
 
     null_stat = np.array(null_stat)
+    if not spatial:  # no cluster null: every cluster p-value is 1
+        null_size = null_size + [np.inf] * n_total
+        null_mass = null_mass + [np.inf] * n_total
     null_size, null_mass = np.array(null_size, dtype=float), np.array(null_mass)
     in_cluster = observed["ids"] >= 0
     p_size = np.ones_like(stat)
