@@ -179,7 +179,7 @@ def count_rearrangements(design: PermutationDesign) -> float:
     if design.scheme == SIGN_FLIP:
         return 2.0 ** n
     sizes = np.unique(design.blocks, return_counts=True)[1]
-    return float(np.prod([math.factorial(int(s)) for s in sizes]))
+    return float(math.prod(math.factorial(int(s)) for s in sizes))  # Python ints: no overflow
 
 
 def all_sign_flips(n: int) -> np.ndarray:

@@ -232,3 +232,18 @@ def test_family_wise_error_rate_under_the_null(which):
     rejected = _null_fwe_rejections(replications, X, c, 200, seed=11, nuisance=nuisance, blocks=blocks)
     low, high = stats.binom.interval(0.99, replications, 0.05)
     assert np.all((rejected >= low) & (rejected <= high)), rejected
+
+
+def test_large_designs_are_sampled_not_enumerated():
+    """(9!)^16 within-subject permutations overflow 64-bit integers: they must count as
+    many (random draws), not wrap around to a small number to enumerate."""
+    from bidsglm.permutation import count_rearrangements
+
+    X, blocks = _anova(16, tuple(f"c{i}" for i in range(9)))
+    c = np.zeros((1, X.shape[1]))
+    c[0, :2] = 1, -1
+    d = permutation_design(X, c, False, blocks)
+    assert count_rearrangements(d) > 1e80
+    res = run_permutations(RNG.standard_normal((len(X), 30)), d, np.ones((30, 1, 1), bool),
+                           PermutationOptions(20, seed=0))
+    assert not res.exhaustive and res.n_rearrangements == 21
