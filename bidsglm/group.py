@@ -8,7 +8,6 @@ tables with atlas labels. Everything is written to OUTPUT_DIR/group/.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -120,6 +119,7 @@ class PlannedModel:
     contrasts: list  # (GroupContrast, (k, P) weights)
     excluded: list  # Exclusion
     covariate_coding: dict
+    permutation_designs: list | None = None  # PermutationDesign per contrast, with --permutations
 
 
 # --- options -> settings ----------------------------------------------------------
@@ -313,9 +313,7 @@ def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
             raise DataError(f"task-{task} contrast '{label}': several subject-level maps per subject "
                             "(several sessions?); choose one with --session-label")
     if settings.model == "anova":
-        plans = [plan_anova(task, space, by_label, all_subjects, settings)]
-        _check_permutable(plans, settings)
-        return plans
+        return [plan_anova(task, space, by_label, all_subjects, settings)]
     plans = []
     for label in sorted(by_label):
         try:
@@ -325,7 +323,6 @@ def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
             if not (settings.allow_incomplete and len(by_label[label]) < len(all_subjects)):
                 raise
             log.warning("%s; contrast skipped", exc.message)
-    _check_permutable(plans, settings)
     return plans
 
 
@@ -334,13 +331,13 @@ def _blocks(model: PlannedModel) -> np.ndarray | None:
     return np.array([m.subject for m in model.inputs]) if model.kind == "anova" else None
 
 
-def _check_permutable(plans: list[PlannedModel], settings: GroupSettings) -> None:
-    if settings.permutations is None:
-        return
+def _plan_permutations(plans: list[PlannedModel]) -> None:
+    """What each contrast's permutations need; raises for contrasts that cannot be permuted."""
     for plan in plans:
-        for con, weights in plan.contrasts:
+        plan.permutation_designs = [
             permutation_design(plan.design.to_numpy(), weights, con.is_f, _blocks(plan),
                                what=f"group contrast '{con.name}'")
+            for con, weights in plan.contrasts]
 
 
 # --- computing and writing ----------------------------------------------------------------
@@ -413,9 +410,10 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     Y, mask, affine = _read_inputs(output_dir, model)
     fit = fit_ols(Y, model.design.to_numpy())
     # permutations before any file: an interrupted run leaves no file of this model
-    permuted = [None if settings.permutations is None else
-                _permute(model, con, weights, Y, mask, settings.permutations)
-                for con, weights in model.contrasts]
+    designs = model.permutation_designs or [None] * len(model.contrasts)
+    permuted = [None if design is None else
+                run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ")
+                for (con, _), design in zip(model.contrasts, designs)]
     del Y
     written = []
     design_table = model.design.reset_index()
@@ -506,18 +504,11 @@ _FWE_KINDS = {
 }
 
 
-def _permute(model, con, weights, Y, mask, options: PermutationOptions):
-    design = permutation_design(model.design.to_numpy(), weights, con.is_f, _blocks(model),
-                                what=f"group contrast '{con.name}'")
-    options = dataclasses.replace(options, two_sided=options.two_sided and not con.is_f)
-    return options, run_permutations(Y, design, mask, options, label=f"contrast-{con.label}: ")
-
-
-def write_permutation_outputs(group_dir, base, model, con, permuted, mask, affine, z_in_mask, settings,
+def write_permutation_outputs(group_dir, base, model, con, result, mask, affine, z_in_mask, settings,
                               mni) -> list[Path]:
     """FWE-corrected -log10 p maps, the statistic masked to FWE-significant voxels and
     their cluster tables, for each kind of inference."""
-    options, result = permuted
+    options = settings.permutations
     stat = "F" if con.is_f else "t"
     common = {
         "Level": "group",
@@ -528,7 +519,7 @@ def write_permutation_outputs(group_dir, base, model, con, permuted, mask, affin
         "NumberOfRearrangements": result.n_rearrangements,
         "Exhaustive": result.exhaustive,
         "RandomSeed": None if result.exhaustive else options.seed,
-        "TwoSided": options.two_sided,
+        "TwoSided": result.two_sided,
         "ClusterFormingP": options.cluster_forming_p,
         "ClusterFormingThreshold": result.cluster_threshold,
         "ClusterConnectivity": "faces (6-neighbour, NN1)",
@@ -609,6 +600,8 @@ def run_group_level(args, output_dir: Path) -> None:
     for task in tasks:
         task_maps = [m for m in maps if m.task == task]
         plans.extend(plan_task(task, task_maps, settings, participants))
+    if settings.permutations is not None:
+        _plan_permutations(plans)
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", output_dir)
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),

@@ -263,6 +263,7 @@ class PermutationResult:
     null_max_tfce: np.ndarray | None
     n_rearrangements: int
     exhaustive: bool
+    two_sided: bool  # as tested: an F test is one-sided whatever the options say
     scheme: str
 
 
@@ -353,7 +354,7 @@ def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
         cluster_mass=observed["mass"], p_cluster_size=p_size, p_cluster_mass=p_mass,
         tfce=tfce, p_tfce=p_tfce, null_max_stat=null_stat, null_max_size=null_size,
         null_max_mass=null_mass, null_max_tfce=tfce_null, n_rearrangements=len(null_stat),
-        exhaustive=exhaustive, scheme=design.describe())
+        exhaustive=exhaustive, two_sided=two_sided, scheme=design.describe())
 
 
 def _observed_measures(stat, neighbours, threshold, two_sided, with_tfce) -> dict:
