@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "One-sample designs flip signs; designs with nuisance columns use Freedman-Lane (the "
         "repeated-measures model permutes conditions within subjects). t and F contrasts.")
     perm.add_argument("--permutations", "--n-perm", type=int, default=0, metavar="N",
-                      help="number of random permutations (sign flips: all of them when there are "
+                      help="number of random permutations or sign flips (all of them when there are "
                            "no more than N+1); 0 turns permutation inference off (default: 0)")
     perm.add_argument("--random-seed", "--random_seed", type=int, metavar="SEED",
                       help="seed of the permutations (default: drawn, and recorded in the sidecars)")
