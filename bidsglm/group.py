@@ -510,6 +510,12 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     their cluster tables, for each kind of inference."""
     options = settings.permutations
     stat = "F" if con.is_f else "t"
+    smallest_p = 1 / result.n_rearrangements
+    if smallest_p >= settings.fwe_alpha:
+        log.warning("contrast-%s: only %d rearrangements exist%s, so the smallest FWE p-value is %.3g, "
+                    "not below --fwe-alpha %g: nothing can be significant (more subjects are needed)",
+                    con.label, result.n_rearrangements, " (all used)" if result.exhaustive else "",
+                    smallest_p, settings.fwe_alpha)
     common = {
         "Level": "group",
         "Contrast": con.name,

@@ -311,3 +311,13 @@ def test_interrupted_permutations_leave_no_file_of_that_contrast(outputs, monkey
     assert (g / f"{PREFIX}_contrast-faces_stat-logp_desc-voxelFWE_statmap.nii.gz").exists()
     assert not list(g.glob(f"{PREFIX}_contrast-houses_*"))
     assert not [p for p in g.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_too_few_rearrangements_are_reported(outputs, capsys):
+    """4 subjects have 16 sign flips: the smallest FWE p is 1/16 > 0.05, which the user is told."""
+    out, _, _ = outputs
+    assert _group(out, "--participant-label", "01", "02", "03", "04", "--permutations", "100",
+                  "--atlases", "none") == 0
+    assert "only 16 rearrangements exist (all used)" in capsys.readouterr().err
+    logp = _data(out / "group" / f"{PREFIX}_contrast-faces_stat-logp_desc-voxelFWE_statmap.nii.gz")
+    assert logp.max() == pytest.approx(-np.log10(1 / 16), rel=1e-6)
