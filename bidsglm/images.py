@@ -107,13 +107,23 @@ def _padded_box(mask: np.ndarray, sigmas: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _smooth_and_gather(vol: np.ndarray, sigmas: np.ndarray, inner: np.ndarray) -> np.ndarray:
-    """Zero non-finite values, smooth in place along each axis (as nilearn), take in-mask voxels."""
+def _smooth_and_gather(vol: np.ndarray, sigmas: np.ndarray, inner: np.ndarray,
+                       lines: np.ndarray | None = None) -> np.ndarray:
+    """Zero non-finite values, smooth along each axis in turn (as nilearn), take in-mask voxels.
+
+    The last pass filters only the lines along the last axis that hold mask
+    voxels (``lines``, a 2D mask over the first two axes); each line is
+    filtered independently, so the values are those of filtering them all."""
     if not np.isfinite(vol).all():
         np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    last = max((a for a, s in enumerate(sigmas) if s > 0), default=None)
     for axis, s in enumerate(sigmas):
-        if s > 0:
+        if s > 0 and not (axis == last == 2 and lines is not None):
             gaussian_filter1d(vol, s, output=vol, axis=axis, truncate=_TRUNCATE)
+    if last == 2 and lines is not None:
+        kept = vol[lines]  # (n_lines, K) copy, contiguous along the filtered axis
+        gaussian_filter1d(kept, sigmas[2], output=kept, axis=1, truncate=_TRUNCATE)
+        return kept[inner[lines]]
     return vol[inner]
 
 
@@ -202,6 +212,7 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
     sigmas = smoothing_sigmas(affine, fwhm)
     box = _padded_box(mask, sigmas)
     inner = mask[box]
+    lines = inner.any(axis=2)  # lines along the last axis that hold mask voxels
     out = None
     # the loaded header's vox_offset is reset by nibabel; the proxy keeps the file's
     for t, raw in enumerate(_prefetch(_volume_reader(path, header, int(img.dataobj.offset)))):
@@ -210,7 +221,7 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
         vol = np.array(vol, dtype=vol.dtype if vol.dtype.kind == "f" else np.float32)
         if out is None:
             out = np.empty((shape[3], int(inner.sum())), dtype=vol.dtype.newbyteorder("="))
-        out[t] = _smooth_and_gather(vol, sigmas, inner)
+        out[t] = _smooth_and_gather(vol, sigmas, inner, lines)
     return out, affine
 
 

@@ -345,14 +345,12 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
             log.warning("sub-%s: contrast '%s' is estimable in none of its runs; no subject map",
                         first.subject, con.name)
             continue
-        mask = np.logical_and.reduce([masks[results.index(r)] for r in contributing])
-        effects = np.stack([_read_masked(r.maps[con.name]["effect"], mask) for r in contributing])
-        variances = np.stack([_read_masked(r.maps[con.name]["variance"], mask) for r in contributing])
-        res = fixed_effects(effects, variances, [r.dof for r in contributing])
-        values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+        dof = float(sum(r.dof for r in contributing))
+        images = _fixed_effects_images(contributing, con.name, [masks[results.index(r)] for r in contributing],
+                                       affines[0])
         for stat in STATS_T:
             path = statmap_path(output_dir, entities, labels[con.name], stat)
-            atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), affines[0]))
+            atomic_write_bytes(path, images[stat])
             atomic_write_json(sidecar_path(path), {
                 "Description": f"{_STAT_WORDS[stat]} of contrast '{con.name}': "
                                "precision-weighted fixed effects across runs",
@@ -362,7 +360,7 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
                 "Statistic": stat,
                 "Test": "t",
                 "Tail": "one-sided (upper)" if stat in ("p", "z") else None,
-                "DegreesOfFreedom": res.dof,
+                "DegreesOfFreedom": dof,
                 "FixedEffects": "precision-weighted (inverse-variance) mean of run effects",
                 "Runs": [r.inputs.entities.get("run") for r in contributing],
                 "RunsDropped": dropped,
@@ -376,6 +374,22 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
     mask_path = func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask_all.astype(np.float32), affines[0]))
     return written
+
+
+def _fixed_effects_images(contributing: list[RunResult], name: str, masks: list[np.ndarray],
+                          affine: np.ndarray) -> dict[str, bytes]:
+    """Compressed NIfTI bytes of each subject-level statistic of one contrast.
+
+    One run passes through unchanged (fixed effects of one run are that run's
+    maps), so its files are copied rather than decompressed and recomputed."""
+    if len(contributing) == 1:
+        return {stat: Path(contributing[0].maps[name][stat]).read_bytes() for stat in STATS_T}
+    mask = np.logical_and.reduce(masks)
+    effects = np.stack([_read_masked(r.maps[name]["effect"], mask) for r in contributing])
+    variances = np.stack([_read_masked(r.maps[name]["variance"], mask) for r in contributing])
+    res = fixed_effects(effects, variances, [r.dof for r in contributing])
+    values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+    return {stat: nifti_bytes(unmask(values[stat], mask), affine) for stat in STATS_T}
 
 
 def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
