@@ -7,7 +7,7 @@ process (6 mm smoothing, cosine drift, AR(1), 3 contrasts) and prints wall
 time, CPU time and peak memory (max RSS) with their ratios. Checks that the
 z maps agree.
 
-    python benchmarks/bench_firstlevel.py [--volumes 300] [--voxel-size 2] [--keep DIR]
+    python benchmarks/bench_firstlevel.py [--volumes 300] [--voxel-size 2] [--keep DIR] [--profile]
 
 With --keep, earlier outputs in DIR are deleted first (bidsglm would reuse them).
 
@@ -98,13 +98,21 @@ NILEARN = textwrap.dedent("""
 
 BIDSGLM = textwrap.dedent("""
     import json, resource, sys, time
-    from bidsglm.cli import main
-    root, out = sys.argv[1], sys.argv[2]
     t0, c0 = time.perf_counter(), time.process_time()
+    from bidsglm.cli import main
+    root, out, profile = sys.argv[1], sys.argv[2], len(sys.argv) > 3
     args = [root, out, "participant", "--skip-bids-validation", "-q"]
     for name, expr in %(contrasts)r.items():
         args += ["--contrast", f"{name}={expr}"]
-    assert main(args) == 0
+    if profile:  # where the time goes: bidsglm's own functions by cumulative time
+        import cProfile, io, pstats
+        prof = cProfile.Profile()
+        assert prof.runcall(main, args) == 0
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(r"bidsglm|nilearn/glm/__init__", 22)
+        print(buf.getvalue(), file=sys.stderr)
+    else:
+        assert main(args) == 0
     print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """) % {"contrasts": CONTRASTS}
@@ -112,10 +120,12 @@ BIDSGLM = textwrap.dedent("""
 
 def run_tool(code: str, root: Path, out: Path, profile: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", code, str(root), str(out)]
+    cmd = [sys.executable, "-c", code, str(root), str(out)] + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
+    if profile:
+        print(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -124,6 +134,9 @@ def main() -> None:
     p.add_argument("--volumes", type=int, default=300)
     p.add_argument("--voxel-size", type=int, default=2)
     p.add_argument("--keep", type=Path, help="folder for the data and outputs (default: temporary)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run bidsglm once more under cProfile and print where its time goes "
+                        "(the inflating thread is not profiled; its time overlaps smoothing)")
     args = p.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bidsglm-bench-"))
     root = work / "bids"
@@ -151,6 +164,9 @@ def main() -> None:
         b = nib.load(next((work / "bidsglm").rglob(f"*_run-1_*contrast-{name}_stat-z_statmap.nii.gz"))).get_fdata()[m]
         worst = max(worst, float(np.abs(a - b).max()))
     print(f"max |z difference| over {len(CONTRASTS)} contrasts: {worst:.2e}")
+    if args.profile:
+        shutil.rmtree(work / "bidsglm-profile", ignore_errors=True)
+        run_tool(BIDSGLM, root, work / "bidsglm-profile", profile=True)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,26 @@ def test_mean_scaling_percent():
     # float32 data stay float32 (as nilearn): agreement to float32 precision
     np.testing.assert_allclose(out[:, 0], [100 * (100 / 105 - 1), 100 * (110 / 105 - 1)], rtol=1e-5)
     np.testing.assert_allclose(out[:, 1], [-50, 50], rtol=1e-5)
+
+
+def test_large_offset_data_match_nilearn():
+    """Unscaled data around 10000: the sums of squares the fit is built from are
+    large against the residuals; agreement with explicit residuals stays close."""
+    X, Y, _ = _simulated(seed=3)
+    Y = Y.astype(np.float64) + 1e4
+    labels, results = run_glm(Y, X, noise_model="ar1")
+    glm = RunGLM("ar1").fit(Y, X)
+    ref = compute_contrast(labels, results, np.eye(6)[1])
+    np.testing.assert_allclose(glm.contrast(np.eye(6)[1]).stat, ref.stat(), rtol=1e-6)
+
+
+def test_degenerate_voxels_give_finite_statistics():
+    """An empty voxel and one the design fits exactly: no NaN, no negative variance."""
+    X, Y, _ = _simulated(seed=4, V=4)
+    Y[:, 0] = 0
+    Y[:, 1] = X @ np.arange(1.0, 7.0)
+    glm = RunGLM("ar1").fit(Y, X)
+    res = glm.contrast(np.eye(6)[0])
+    assert np.all(np.isfinite(res.stat)) and np.all(glm.dispersion_ >= 0)
+    assert res.stat[0] == 0
+    assert np.all(np.abs(glm.ar1_) <= 1)
