@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     perm.add_argument("--fwe-alpha", "--fwe_alpha", type=float, default=0.05, metavar="P",
                       help="FWE level of the masked maps and cluster tables (default: %(default)s)")
 
+    rep = p.add_argument_group(
+        "reports", "self-contained HTML reports: OUTPUT_DIR/sub-<label>.html (participant level) and "
+                   "OUTPUT_DIR/group/report.html (group level), built from OUTPUT_DIR alone")
+    rep.add_argument("--reports-only", "--reports_only", action="store_true",
+                     help="only (re)write the reports of this level from existing outputs; nothing is refitted")
+    rep.add_argument("--no-reports", "--no_reports", action="store_true", help="write no reports")
+
     run = p.add_argument_group("running")
     run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
                      help="runs fitted in parallel; threads for permutations (default: %(default)s)")
@@ -209,10 +216,15 @@ def run(args) -> int:
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
     check_output_dir(bids_dir, output_dir)
+    if args.reports_only:
+        write_reports(args, output_dir)
+        return 0
     if args.analysis_level == "group":  # reads only what the participant level wrote
         from .group import run_group_level
 
         run_group_level(args, output_dir)
+        if not args.no_reports:
+            write_reports(args, output_dir)
         return 0
     check_dataset(bids_dir)
     from .runner import run_participant_level
@@ -223,8 +235,30 @@ def run(args) -> int:
         t0 = time.perf_counter()
         warnings = validate_dataset(bids_dir, args.work_dir)
         log.info("BIDS validation passed (%.1f s; %d warning type(s))", time.perf_counter() - t0, len(warnings))
-    run_participant_level(args, bids_dir, output_dir)
+    subjects = run_participant_level(args, bids_dir, output_dir)
+    if not args.no_reports:
+        write_reports(args, output_dir, subjects)
     return 0
+
+
+def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> None:
+    """The HTML reports of this level, from what OUTPUT_DIR holds."""
+    from . import reports
+    from .errors import DataError
+
+    t0 = time.perf_counter()
+    if args.analysis_level == "group":
+        paths = [reports.group_report(output_dir)]
+    else:
+        if subjects is None:
+            subjects = reports.subjects_with_results(output_dir, args.participant_label)
+            if not subjects:
+                raise DataError("no participant-level results to report on"
+                                + (" for the selected participants" if args.participant_label else ""),
+                                output_dir)
+        paths = reports.participant_reports(output_dir, subjects, args.n_cpus)
+    log.info("wrote %d report(s) in %.1f s: %s", len(paths), time.perf_counter() - t0,
+             ", ".join(str(p.relative_to(output_dir)) for p in paths))
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ written maps.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -307,7 +308,12 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         "Contrasts": {c.name: labels[c.name] for c in prep.contrasts},
         "DroppedContrasts": prep.dropped,
         "Confounds": prep.confound_columns,
+        "ConfoundsRequested": list(settings.confounds),
+        "ConfoundsUnmatched": _unmatched_confounds(settings.confounds, prep.confound_columns),
         "FramewiseDisplacementMean": prep.fd_mean,
+        "Model": {"HRFModel": settings.hrf_model, "DriftModel": settings.drift_model,
+                  "HighPassFilterCutoffHz": settings.high_pass, "NoiseModel": settings.noise_model,
+                  "SmoothingFWHM": settings.smoothing_fwhm},
         "Mask": mask_path.relative_to(output_dir).as_posix(),
         "ModelFingerprint": fingerprint,
         "InputsSignature": _inputs_signature(run),
@@ -318,6 +324,12 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     log.info("%s: wrote %d contrasts (%.1f s in all)", run.label, len(prep.contrasts),
              time.perf_counter() - t0)
     return result
+
+
+def _unmatched_confounds(requested, used: list[str]) -> list[str]:
+    """Requested names or patterns that selected no column of this run (e.g. ``motion_outlier*``
+    in a run without outliers); exact names that are absent are an error earlier."""
+    return [p for p in requested if not any(fnmatch.fnmatchcase(c, p) for c in used)]
 
 
 def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec], labels: dict,

@@ -44,7 +44,8 @@ def _fit_in_worker(level, *fit_args):
     return fit_run(*fit_args)
 
 
-def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
+def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
+    """Fit every selected run and subject; returns the subjects' labels."""
     from joblib import Parallel, delayed
 
     t_start = time.perf_counter()
@@ -92,5 +93,9 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> None:
             n_written += len(written)
             log.info("sub-%s%s task-%s: fixed effects over %d run(s) written (%d maps)", sub,
                      f" ses-{ses}" if ses else "", task, len(sub_results), len(written))
-    log.info("participant level done in %.1f s; results in %s", time.perf_counter() - t_start, output_dir)
+    n_runs = sum(len(prepared) for _, _, _, prepared in plans)
+    log.info("participant level done in %.1f s: %d run(s) of %d participant(s), %d subject-level maps; "
+             "results in %s", time.perf_counter() - t_start, n_runs, len({r.subject for r in runs}),
+             n_written, output_dir)
+    return sorted({r.subject for r in runs})
 

@@ -24,6 +24,26 @@ def shared_path(*parts) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_reports_by_default():
+    """Drawing reports takes seconds per subject, so the CLI writes none in tests
+    unless a test asks for them with the ``with_reports`` fixture."""
+    import bidsglm.cli
+
+    real = bidsglm.cli.write_reports
+    patch = pytest.MonkeyPatch()
+    patch.setattr(bidsglm.cli, "write_reports", lambda *args, **kwargs: None)
+    yield real
+    patch.undo()
+
+
+@pytest.fixture
+def with_reports(monkeypatch, _no_reports_by_default):
+    import bidsglm.cli
+
+    monkeypatch.setattr(bidsglm.cli, "write_reports", _no_reports_by_default)
+
+
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory):
     """Two subjects x two runs on a 6 mm grid, with the ground truth."""

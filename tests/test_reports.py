@@ -1,0 +1,206 @@
+"""HTML reports: design diagnostics against statsmodels, contents read from OUTPUT_DIR,
+self-containment, --reports-only, and rendering in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidsglm.cli import main
+from bidsglm.reports import variance_inflation
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Injected at the top of <head> of a copy of the report (the product carries no script):
+# records script errors, then on load measures every image through a canvas.
+CHECK_SCRIPT = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+window.addEventListener('load', () => {
+  const images = [];
+  for (const im of document.images) {
+    const c = document.createElement('canvas');
+    c.width = im.naturalWidth; c.height = im.naturalHeight;
+    let std = 0, coloured = 0;
+    if (c.width && c.height) {
+      const g = c.getContext('2d'); g.drawImage(im, 0, 0);
+      const d = g.getImageData(0, 0, c.width, c.height).data;
+      let s = 0, s2 = 0, n = 0;
+      for (let i = 0; i < d.length; i += 4) {
+        const v = (d[i] + d[i + 1] + d[i + 2]) / 3; s += v; s2 += v * v; n += 1;
+        if (v < 245) coloured += 1;
+      }
+      std = Math.sqrt(Math.max(s2 / n - (s / n) ** 2, 0)); coloured /= n;
+    }
+    images.push({alt: im.alt, complete: im.complete, w: im.naturalWidth, h: im.naturalHeight,
+                 std: std, coloured: coloured});
+  }
+  const pre = document.createElement('pre'); pre.id = 'bidsglm-check';
+  pre.textContent = JSON.stringify({errors: window.__errors, images: images, title: document.title});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def render(report: Path, tmp_path: Path) -> dict:
+    """Open a copy of the report in headless Chromium and return what the check script saw."""
+    page = report.read_text(encoding="utf-8")
+    copy = tmp_path / f"check-{report.name}"
+    copy.write_text(page.replace("<head>", "<head>" + CHECK_SCRIPT, 1), encoding="utf-8")
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+         "--virtual-time-budget=20000", "--dump-dom", copy.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="bidsglm-check">(.*?)</pre>', proc.stdout, re.S)
+    assert found, f"the page did not finish loading in Chromium: {proc.stderr[-2000:]}"
+    text = found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return json.loads(text)
+
+
+def assert_renders(report: Path, tmp_path: Path, min_images: int) -> dict:
+    seen = render(report, tmp_path)
+    assert seen["errors"] == [], seen["errors"]
+    assert len(seen["images"]) >= min_images
+    for im in seen["images"]:
+        assert im["complete"] and im["w"] > 100 and im["h"] > 50, im
+        # not blank: varied pixels, and more than a sliver of non-white
+        assert im["std"] > 5 and im["coloured"] > 0.01, im
+    return seen
+
+
+def assert_self_contained(report: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    external = [s for s in sources if not (s.startswith("data:image/png;base64,") or s.startswith("#"))]
+    assert external == []
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+
+
+# --- design diagnostics ---------------------------------------------------------
+
+def test_variance_inflation_matches_statsmodels():
+    sm = pytest.importorskip("statsmodels.stats.outliers_influence")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(200)
+    design = pd.DataFrame({"a": a, "b": 0.8 * a + 0.6 * rng.standard_normal(200),
+                           "c": rng.standard_normal(200), "constant": 1.0})
+    ours = variance_inflation(design)
+    exog = design[["constant", "a", "b", "c"]].to_numpy()
+    for i, col in enumerate(["a", "b", "c"], start=1):
+        assert ours[col] == pytest.approx(sm.variance_inflation_factor(exog, i), rel=1e-8)
+    assert "constant" not in ours.index
+
+
+def test_variance_inflation_of_collinear_columns_is_infinite():
+    x = np.arange(50.0)
+    ours = variance_inflation(pd.DataFrame({"x": x, "y": 2 * x + 1, "z": np.sin(x), "constant": 1.0}))
+    assert np.isinf(ours["x"]) and np.isinf(ours["y"]) and np.isfinite(ours["z"])
+
+
+# --- reports from real outputs ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reported(demo_small, tmp_path_factory, _no_reports_by_default):
+    """Both levels with reports on the small demo: one contrast that some runs lack
+    (error trials) and permutation inference at the group level."""
+    import bidsglm.cli
+
+    root, _ = demo_small
+    out = tmp_path_factory.mktemp("reports") / "out"
+    patch = pytest.MonkeyPatch()
+    patch.setattr(bidsglm.cli, "write_reports", _no_reports_by_default)  # the real one
+    try:
+        assert main([str(root), str(out), "participant", "--skip-bids-validation", "-q", "--n-cpus", "2",
+                     "--contrast", "IncongruentMinusCongruent=incongruent_correct - congruent_correct",
+                     "--contrast", "errors=incongruent_incorrect"]) == 0
+        assert main([str(root), str(out), "group", "-q", "--permutations", "20", "--random-seed", "3",
+                     "--allow-incomplete",
+                     "--cluster-forming-p", "0.05"]) == 0
+    finally:
+        patch.undo()
+    return root, out
+
+
+def test_participant_reports_written_and_complete(reported):
+    _, out = reported
+    for sub in ("01", "02"):
+        report = out / f"sub-{sub}.html"
+        assert report.is_file()
+        assert_self_contained(report)
+        page = report.read_text()
+        for text in ("run-1", "run-2", "Design matrix", "Correlation between regressors",
+                     "Variance inflation factors", "Contrast IncongruentMinusCongruent", "Contrast errors",
+                     "mean framewise displacement", "confounds used"):
+            assert text in page, (sub, text)
+        # every image the page promises: 3 design figures per run (design, correlation,
+        # contrasts) and a z map per run and subject where the contrast exists; 'errors'
+        # exists in run 2 of sub-01 only
+        expected = 2 * 3 + 3 + (2 if sub == "01" else 0)
+        assert page.count("<img ") == expected, (sub, page.count("<img "))
+    # the demo's error trials are absent from some runs: the report names the dropped run and why
+    pages = "".join((out / f"sub-{s}.html").read_text() for s in ("01", "02"))
+    assert "absent from this run" in pages
+
+
+def test_group_report_written_and_complete(reported):
+    _, out = reported
+    report = out / "group" / "report.html"
+    assert report.is_file()
+    assert_self_contained(report)
+    page = report.read_text()
+    for text in ("Participants", "Contents", "unthresholded z", "thresholded z", "Clusters",
+                 "Permutation inference", "voxel FWE", "clustersize FWE", "clustermass FWE",
+                 "aal_peak", "sign flipping"):
+        assert text in page, text
+    assert page.count('href="#') >= 3  # the index links to its sections
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium')")
+def test_reports_render_in_chromium(reported, tmp_path):
+    _, out = reported
+    seen = assert_renders(out / "sub-01.html", tmp_path, min_images=10)
+    assert seen["title"] == "bidsglm participant report: sub-01"
+    assert_renders(out / "group" / "report.html", tmp_path, min_images=8)
+
+
+def test_reports_only_regenerates_without_refitting(reported, tmp_path, with_reports):
+    root, out = reported
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    maps = sorted(work.rglob("*_statmap.nii.gz"))
+    before = {p: p.stat().st_mtime_ns for p in maps}
+    (work / "sub-02.html").unlink()
+    (work / "group" / "report.html").unlink()
+    assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "sub-02", "-q"]) == 0
+    assert main([str(root), str(work), "group", "--reports-only", "-q"]) == 0
+    assert (work / "sub-02.html").is_file() and (work / "group" / "report.html").is_file()
+    assert (work / "sub-01.html").read_bytes() == (out / "sub-01.html").read_bytes()  # not selected
+    assert {p: p.stat().st_mtime_ns for p in maps} == before  # nothing refitted or rewritten
+
+
+def test_reports_only_without_results_is_one_line_error(tmp_path, capsys, with_reports):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    code = main([str(raw), str(tmp_path / "empty"), "participant", "--reports-only"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 65 and len(err) == 1 and "no participant-level results" in err[0]
+    code = main([str(raw), str(tmp_path / "empty"), "group", "--reports-only"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 65 and len(err) == 1 and "no group-level maps" in err[0]
+
+
+def test_no_reports_option(demo_copy, tmp_path, with_reports):
+    out = tmp_path / "out"
+    assert main([str(demo_copy), str(out), "participant", "--skip-bids-validation", "-q", "--no-reports",
+                 "--participant-label", "01", "--contrast", "congruent_correct"]) == 0
+    assert list(out.rglob("*.html")) == []
