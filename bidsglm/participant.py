@@ -268,6 +268,8 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         return existing
     run = prep.inputs
     t0 = time.perf_counter()
+    log.info("%s: reading and smoothing %d volumes, then fitting %d contrast(s)", run.label,
+             prep.n_volumes, len(prep.contrasts))
     mask, mask_affine = load_mask(run.mask)
     Y, _ = stream_masked_timeseries(run.bold, mask, settings.smoothing_fwhm)
     log.info("%s: loaded and smoothed %d volumes x %d voxels (%.1f s)",
