@@ -13,8 +13,31 @@ it lives for, so one sort and one pass give what per-threshold labelling
 
 from __future__ import annotations
 
-import numba
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
+
+
+def _writable_numba_cache() -> None:
+    """numba's on-disk cache (``cache=True``) needs a writable folder: the package's
+    __pycache__, else NUMBA_CACHE_DIR. An installed package can be read-only (a
+    container run with --read-only), so point numba at the temporary folder then;
+    without any writable folder numba refuses to compile cached functions."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    try:
+        cache = Path(__file__).parent / "__pycache__"
+        cache.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):
+            pass
+    except OSError:
+        os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"bidsglm-numba-{os.getuid()}")
+
+
+_writable_numba_cache()
+import numba  # noqa: E402  (reads NUMBA_CACHE_DIR when imported)
 
 # neighbour offsets; the first three point to voxels earlier in C order
 _OFFSETS = np.array([(-1, 0, 0), (0, -1, 0), (0, 0, -1), (1, 0, 0), (0, 1, 0), (0, 0, 1)])

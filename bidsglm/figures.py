@@ -25,8 +25,10 @@ DPI = 72
 
 @functools.lru_cache(maxsize=1)
 def _pyplot():
-    # a writable config folder even where HOME is read-only (containers)
-    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="bidsglm-mpl-"))
+    # matplotlib keeps a font cache in its config folder; where HOME is unwritable
+    # (containers, some clusters) use one in the temporary folder, without its warning
+    if "MPLCONFIGDIR" not in os.environ and not os.access(Path.home(), os.W_OK):
+        os.environ["MPLCONFIGDIR"] = str(Path(tempfile.gettempdir()) / f"bidsglm-matplotlib-{os.getuid()}")
     import matplotlib
 
     matplotlib.use("Agg")  # draw off-screen; no display is needed
