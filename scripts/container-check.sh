@@ -15,7 +15,10 @@ cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/bidsglm-container-XXXXXX)}
 IMAGE=localhost/bidsglm:check
 BASE=localhost/bidsglm-base:bookworm
-PODMAN=(podman --storage-driver=vfs)   # vfs works without overlay support in the kernel
+# vfs storage works without overlay support in the kernel; cgroupfs without systemd
+# (runc: crun refuses hybrid cgroup hierarchies such as this sandbox's)
+PODMAN=(podman --storage-driver=vfs --cgroup-manager=cgroupfs)
+if command -v runc >/dev/null; then PODMAN+=(--runtime runc); fi
 mkdir -p "$WORK"
 echo "work folder: $WORK"
 
@@ -43,7 +46,10 @@ echo "== building $IMAGE"
     --build-arg VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' bidsglm/__init__.py)" \
     -t "$IMAGE" . > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
 
-run=("${PODMAN[@]}" run --rm --read-only --tmpfs /tmp --network=none)
+# Explicit limits below the host's: podman otherwise raises them to the system
+# maximum, which a sandbox without CAP_SYS_RESOURCE refuses ("error setting rlimit").
+run=("${PODMAN[@]}" run --rm --read-only --tmpfs /tmp --network=none
+     --ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
 echo "== bidsglm --version"
 "${run[@]}" "$IMAGE" --version
 
