@@ -1,0 +1,302 @@
+"""BIDS Stats Models: read a model JSON, check it against the specification
+(BIDS Stats Models 1.0) and against what bidsglm can honour.
+
+Every problem is a ModelError naming the node and the field, so a user sees
+``model.json: node 'run_level', field 'Model.Options.LowPassFilterCutoffHz':
+not supported by bidsglm`` rather than a silently different analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+
+LEVELS = ("Run", "Session", "Subject", "Dataset")
+MODEL_TYPES = ("glm", "meta")
+TESTS = ("t", "F", "pass")
+TRANSFORMER = "pybids-transforms-v1"
+# nilearn's HRF names, which the BIDS Stats Models examples also use
+HRF_MODELS = ("spm", "spm + derivative", "spm + derivative + dispersion",
+              "glover", "glover + derivative", "glover + derivative + dispersion")
+
+# fields of each object in the specification (BIDS Stats Models 1.0.0)
+_FIELDS = {
+    "model": {"Name", "BIDSModelVersion", "Description", "Input", "Nodes", "Edges"},
+    "node": {"Level", "Name", "GroupBy", "Transformations", "Model", "Contrasts", "DummyContrasts",
+             "Description"},
+    "transformations": {"Transformer", "Instructions", "Description"},
+    "Model": {"Type", "X", "Formula", "HRF", "Options", "Software", "Description"},
+    "HRF": {"Variables", "Model", "Parameters", "Description"},
+    "Options": {"HighPassFilterCutoffHz", "LowPassFilterCutoffHz", "ReplaceVariables", "Mask",
+                "AggregateMethod", "Description"},
+    "contrast": {"Name", "ConditionList", "Weights", "Test", "Description"},
+    "DummyContrasts": {"Contrasts", "Test", "Description"},
+    "edge": {"Source", "Destination", "Filter", "Description"},
+}
+# in the specification, but not something bidsglm can honour: an error, never ignored
+_UNSUPPORTED = {
+    "Model.Formula": "write the design with Model.X (and Transformations) instead",
+    "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented",
+    "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented",
+    "Model.Options.AggregateMethod": "region-of-interest models are not implemented",
+}
+
+
+@dataclass(frozen=True)
+class ModelContrast:
+    """A contrast of a node: t (one row of weights), F (several rows) or pass."""
+
+    name: str
+    conditions: tuple
+    weights: tuple  # t/pass: (w, ...); F: ((w, ...), ...)
+    test: str
+
+
+@dataclass
+class Node:
+    level: str
+    name: str
+    group_by: list
+    model_type: str
+    x: list
+    transformations: list = field(default_factory=list)  # pybids instructions
+    hrf: dict | None = None
+    options: dict = field(default_factory=dict)
+    contrasts: list = field(default_factory=list)  # ModelContrast
+    dummy_contrasts: dict | None = None  # {"Contrasts": [...] or None, "Test": ...}
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def intercept_only(self) -> bool:
+        return all(v in (1, "1", "intercept") for v in self.x)
+
+
+@dataclass
+class Edge:
+    source: str
+    destination: str
+    filter: dict = field(default_factory=dict)
+
+
+@dataclass
+class StatsModel:
+    name: str
+    path: Path
+    nodes: list
+    edges: list
+    input: dict
+    raw: dict
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def children(self, name: str) -> list[Edge]:
+        return [e for e in self.edges if e.source == name]
+
+    def parent_edge(self, name: str) -> Edge | None:
+        return next((e for e in self.edges if e.destination == name), None)
+
+
+class _Checker:
+    """Collects the location of each problem: file, node and field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, message: str, node: str | None = None, where: str | None = None):
+        loc = ", ".join(p for p in (f"node '{node}'" if node else None,
+                                    f"field '{where}'" if where else None) if p)
+        raise ModelError(message, self.path, where=loc or None)
+
+    def keys(self, obj, kind: str, node: str | None, prefix: str) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(f"must be a JSON object, not {type(obj).__name__}", node, prefix or None)
+        for key in obj:
+            if key not in _FIELDS[kind]:
+                self.fail(f"unknown field (BIDS Stats Models 1.0 allows: {', '.join(sorted(_FIELDS[kind]))})",
+                          node, f"{prefix}.{key}" if prefix else key)
+        return obj
+
+    def required(self, obj: dict, names, node, prefix: str) -> None:
+        for name in names:
+            if name not in obj:
+                self.fail("required field is missing", node, f"{prefix}.{name}" if prefix else name)
+
+    def string_list(self, value, node, where: str, allow_one: bool = False) -> list:
+        ok = isinstance(value, list) and all(
+            isinstance(v, str) or (allow_one and v == 1 and not isinstance(v, bool)) for v in value)
+        if not ok:
+            self.fail("must be a list of strings" + (" (or the number 1)" if allow_one else ""), node, where)
+        return value
+
+
+def load_model(path: Path) -> StatsModel:
+    """Read and check a BIDS Stats Model JSON file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"cannot read the model ({exc.strerror})", path) from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"not valid JSON: {exc.msg}", path, where=f"line {exc.lineno}, column {exc.colno}") from exc
+    check = _Checker(path)
+    check.keys(raw, "model", None, "")
+    check.required(raw, ("Name", "BIDSModelVersion", "Nodes"), None, "")
+    if not isinstance(raw["Name"], str):
+        check.fail("must be a string", None, "Name")
+    if not isinstance(raw["Nodes"], list) or not raw["Nodes"]:
+        check.fail("must be a non-empty list of nodes", None, "Nodes")
+    model_input = raw.get("Input") or {}
+    if not isinstance(model_input, dict) or not all(isinstance(v, list) for v in model_input.values()):
+        check.fail("must map entities to lists of values", None, "Input")
+    nodes = [_node(check, n, i) for i, n in enumerate(raw["Nodes"])]
+    names = [n.name for n in nodes]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        check.fail(f"node names must be unique; repeated: {', '.join(sorted(dup))}", None, "Nodes")
+    edges = _edges(check, raw.get("Edges"), nodes)
+    return StatsModel(raw["Name"], path, nodes, edges,
+                      {k: [str(v) for v in vals] for k, vals in model_input.items()}, raw)
+
+
+def _node(check: _Checker, raw, index: int) -> Node:
+    label = raw.get("Name") if isinstance(raw, dict) and isinstance(raw.get("Name"), str) else f"#{index + 1}"
+    check.keys(raw, "node", label, "")
+    check.required(raw, ("Level", "Name", "GroupBy", "Model"), label, "")
+    level = raw["Level"]
+    if not isinstance(level, str) or level.capitalize() not in LEVELS:
+        check.fail(f"{level!r} is not a level ({', '.join(LEVELS)})", label, "Level")
+    level = level.capitalize()
+    group_by = check.string_list(raw["GroupBy"], label, "GroupBy")
+    model = check.keys(raw["Model"], "Model", label, "Model")
+    check.required(model, ("Type", "X"), label, "Model")
+    if model["Type"] not in MODEL_TYPES:
+        check.fail(f"{model['Type']!r} is not a model type ({', '.join(MODEL_TYPES)})", label, "Model.Type")
+    x = check.string_list(model["X"], label, "Model.X", allow_one=True)
+    for key, why in _UNSUPPORTED.items():
+        parts = key.split(".")[1:]
+        obj = model
+        for part in parts[:-1]:
+            obj = obj.get(part) or {}
+        if parts[-1] in obj:
+            check.fail(f"not supported by bidsglm: {why}", label, key)
+    node = Node(level, raw["Name"], group_by, model["Type"], x, raw=raw)
+    node.transformations = _transformations(check, raw.get("Transformations"), label, level)
+    node.hrf = _hrf(check, model.get("HRF"), label, x)
+    options = model.get("Options") or {}
+    check.keys(options, "Options", label, "Model.Options")
+    node.options = options
+    if "HighPassFilterCutoffHz" in options:
+        hp = options["HighPassFilterCutoffHz"]
+        if not isinstance(hp, numbers.Real) or isinstance(hp, bool) or hp <= 0:
+            check.fail("must be a positive number of Hz", label, "Model.Options.HighPassFilterCutoffHz")
+    if "Mask" in options and not isinstance(options["Mask"], dict):
+        check.fail("must map BIDS entities to values, e.g. {\"desc\": \"brain\", \"suffix\": \"mask\"}",
+                   label, "Model.Options.Mask")
+    node.contrasts = [_contrast(check, c, label, i) for i, c in enumerate(raw.get("Contrasts") or [])]
+    if raw.get("DummyContrasts") is not None:
+        dummy = check.keys(raw["DummyContrasts"], "DummyContrasts", label, "DummyContrasts")
+        if dummy.get("Test", "t") not in TESTS:
+            check.fail(f"{dummy.get('Test')!r} is not a test ({', '.join(TESTS)})", label, "DummyContrasts.Test")
+        if "Contrasts" in dummy:
+            check.string_list(dummy["Contrasts"], label, "DummyContrasts.Contrasts", allow_one=True)
+        node.dummy_contrasts = {"Contrasts": dummy.get("Contrasts"), "Test": dummy.get("Test", "t")}
+    return node
+
+
+def _transformations(check: _Checker, raw, node: str, level: str) -> list:
+    if raw is None:
+        return []
+    check.keys(raw, "transformations", node, "Transformations")
+    if raw.get("Transformer", TRANSFORMER) != TRANSFORMER:
+        check.fail(f"transformer {raw.get('Transformer')!r} is not supported (only {TRANSFORMER})",
+                   node, "Transformations.Transformer")
+    instructions = raw.get("Instructions", [])
+    if not isinstance(instructions, list):
+        check.fail("must be a list", node, "Transformations.Instructions")
+    if instructions and level != "Run":
+        check.fail("transformations are supported on Run nodes only", node, "Transformations")
+    from bids.modeling import transformations as pybids_transformations
+
+    for i, ins in enumerate(instructions):
+        where = f"Transformations.Instructions[{i}]"
+        if not isinstance(ins, dict) or not isinstance(ins.get("Name"), str):
+            check.fail("each instruction needs a Name", node, where)
+        if not hasattr(pybids_transformations, ins["Name"]):
+            check.fail(f"unknown transformation {ins['Name']!r}", node, f"{where}.Name")
+        if "Input" not in ins:
+            check.fail(f"transformation {ins['Name']} needs an Input", node, f"{where}.Input")
+    return instructions
+
+
+def _hrf(check: _Checker, raw, node: str, x: list) -> dict | None:
+    if raw is None:
+        return None
+    check.keys(raw, "HRF", node, "Model.HRF")
+    check.required(raw, ("Variables", "Model"), node, "Model.HRF")
+    variables = check.string_list(raw["Variables"], node, "Model.HRF.Variables")
+    if str(raw["Model"]).lower() not in HRF_MODELS:
+        check.fail(f"HRF model {raw['Model']!r} is not supported ({', '.join(HRF_MODELS)})", node, "Model.HRF.Model")
+    if raw.get("Parameters"):
+        check.fail("HRF parameters are not supported (the canonical shapes are used)", node,
+                   "Model.HRF.Parameters")
+    import fnmatch
+
+    for v in variables:
+        if not any(isinstance(p, str) and fnmatch.fnmatchcase(v, p) for p in x):
+            check.fail(f"variable {v!r} is convolved but not in Model.X", node, "Model.HRF.Variables")
+    return {"Variables": variables, "Model": str(raw["Model"]).lower()}
+
+
+def _contrast(check: _Checker, raw, node: str, index: int) -> ModelContrast:
+    prefix = f"Contrasts[{index}]"
+    check.keys(raw, "contrast", node, prefix)
+    check.required(raw, ("Name", "ConditionList", "Weights", "Test"), node, prefix)
+    name = raw["Name"]
+    where = f"Contrasts[{index}] ('{name}')"
+    conditions = check.string_list(raw["ConditionList"], node, f"{where}.ConditionList", allow_one=True)
+    if raw["Test"] not in TESTS:
+        check.fail(f"{raw['Test']!r} is not a test ({', '.join(TESTS)})", node, f"{where}.Test")
+    weights = raw["Weights"]
+    rows = weights if weights and all(isinstance(w, list) for w in weights) else [weights]
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(conditions):
+            check.fail(f"needs one weight per condition ({len(conditions)})", node, f"{where}.Weights")
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in row):
+            check.fail("weights must be numbers", node, f"{where}.Weights")
+    if raw["Test"] != "F" and len(rows) > 1:
+        check.fail("several rows of weights need Test 'F'", node, f"{where}.Test")
+    cond = tuple("intercept" if c in (1, "1") else c for c in conditions)
+    if raw["Test"] == "F":
+        return ModelContrast(name, cond, tuple(tuple(float(w) for w in r) for r in rows), "F")
+    return ModelContrast(name, cond, tuple(float(w) for w in rows[0]), raw["Test"])
+
+
+def _edges(check: _Checker, raw, nodes: list[Node]) -> list[Edge]:
+    names = [n.name for n in nodes]
+    if raw is None:  # implicit: each node feeds the next
+        return [Edge(a, b) for a, b in zip(names, names[1:])]
+    if not isinstance(raw, list):
+        check.fail("must be a list", None, "Edges")
+    edges = []
+    for i, e in enumerate(raw):
+        check.keys(e, "edge", None, f"Edges[{i}]")
+        check.required(e, ("Source", "Destination"), None, f"Edges[{i}]")
+        for key in ("Source", "Destination"):
+            if e[key] not in names:
+                check.fail(f"no node named {e[key]!r} (nodes: {', '.join(names)})", None, f"Edges[{i}].{key}")
+        flt = e.get("Filter") or {}
+        if not isinstance(flt, dict) or not all(isinstance(v, list) for v in flt.values()):
+            check.fail("must map entities to lists of values", None, f"Edges[{i}].Filter")
+        edges.append(Edge(e["Source"], e["Destination"], {k: [str(v) for v in vals] for k, vals in flt.items()}))
+    order = {n: i for i, n in enumerate(names)}
+    for i, e in enumerate(edges):
+        src, dst = nodes[order[e.source]], nodes[order[e.destination]]
+        if LEVELS.index(src.level) >= LEVELS.index(dst.level):
+            check.fail(f"goes from a {src.level} node to a {dst.level} node; edges must go up a level",
+                       None, f"Edges[{i}]")
+    return edges
