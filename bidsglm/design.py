@@ -165,22 +165,36 @@ def build_design(
 
 @dataclass(frozen=True)
 class ContrastSpec:
-    """A named linear combination of conditions, e.g. ``incongruent - congruent``."""
+    """A named linear combination of conditions, e.g. ``incongruent - congruent``.
+
+    ``test`` is "t", "F" (``rows`` then holds one weights tuple per row) or
+    "pass" (only the effect and its variance are estimated, for the next level)."""
 
     name: str
     expression: str
     weights: tuple  # ((condition, weight), ...), sorted by condition
+    test: str = "t"
+    rows: tuple = ()  # F: (((condition, weight), ...), ...)
 
     @property
     def conditions(self) -> list[str]:
-        return [c for c, _ in self.weights]
+        pairs = [p for row in self.rows for p in row] if self.rows else self.weights
+        return list(dict.fromkeys(c for c, _ in pairs))
 
     def vector(self, columns: list[str]) -> np.ndarray:
         """Weights over design columns; conditions absent from ``columns`` are an error."""
-        vec = np.zeros(len(columns))
-        for cond, w in self.weights:
-            vec[columns.index(cond)] = w
-        return vec
+        return _weights_vector(self.weights, columns)
+
+    def matrix(self, columns: list[str]) -> np.ndarray:
+        """(k, P) F-contrast matrix (one row for a t contrast)."""
+        return np.array([_weights_vector(r, columns) for r in (self.rows or (self.weights,))])
+
+
+def _weights_vector(pairs, columns: list[str]) -> np.ndarray:
+    vec = np.zeros(len(columns))
+    for cond, w in pairs:
+        vec[columns.index(cond)] += w
+    return vec
 
 
 def _linear_terms(node, names: dict) -> dict:

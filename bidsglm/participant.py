@@ -44,6 +44,7 @@ from .images import (
     unmask,
 )
 from .outputs import (
+    STATS_F,
     STATS_T,
     atomic_write_bytes,
     atomic_write_json,
@@ -191,12 +192,12 @@ def _map_sidecar(prep: PreparedRun, settings: ModelSettings, con: ContrastSpec, 
             "Name": con.name,
             "Label": label,
             "Expression": con.expression,
-            "Weights": dict(zip(prep.design.columns, con.vector(list(prep.design.columns)))),
+            "Weights": _weights_by_column(con, list(prep.design.columns)),
         },
         "Statistic": stat,
-        "Test": "t",
+        "Test": con.test,
         "Tail": "one-sided (upper)" if stat in ("p", "z") else None,
-        "DegreesOfFreedom": dof,
+        "DegreesOfFreedom": [con.matrix(list(prep.design.columns)).shape[0], dof] if con.test == "F" else dof,
         "NoiseModel": settings.noise_model,
         "SmoothingFWHM": settings.smoothing_fwhm,
         "HRFModel": settings.hrf_model,
@@ -209,6 +210,16 @@ def _map_sidecar(prep: PreparedRun, settings: ModelSettings, con: ContrastSpec, 
         "Sources": [bids_uri(p, links) for p in (prep.inputs.bold, prep.inputs.mask,
                                                  prep.inputs.confounds, prep.inputs.events)],
     }
+
+
+def contrast_stats(con: ContrastSpec) -> tuple:
+    """The maps written for a contrast: t and F tests, or effect and variance only ("pass")."""
+    return {"F": STATS_F, "pass": ("effect", "variance")}.get(con.test, STATS_T)
+
+
+def _weights_by_column(con: ContrastSpec, columns: list[str]):
+    rows = [dict(zip(columns, row.tolist())) for row in con.matrix(columns)]
+    return rows if con.test == "F" else rows[0]
 
 
 _STAT_WORDS = {
@@ -252,7 +263,7 @@ def _existing_result(prep, output_dir, fingerprint, labels) -> RunResult | None:
     result = RunResult(prep.inputs, dof=record.get("DegreesOfFreedom", 0.0), dropped=prep.dropped,
                        mask_path=output_dir / record.get("Mask", ""), skipped=True)
     for con in prep.contrasts:
-        paths = {s: statmap_path(output_dir, prep.inputs.entities, labels[con.name], s) for s in STATS_T}
+        paths = {s: statmap_path(output_dir, prep.inputs.entities, labels[con.name], s) for s in contrast_stats(con)}
         if not all(p.is_file() for p in paths.values()):
             return None
         result.maps[con.name] = paths
@@ -284,10 +295,14 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     result = RunResult(run, dof=glm.dof_, dropped=prep.dropped)
     columns = list(prep.design.columns)
     for con in prep.contrasts:
-        res = glm.contrast(con.vector(columns))
-        values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+        if con.test == "F":
+            res = glm.contrast(con.matrix(columns))
+            values = {"F": res.stat, "z": res.z, "p": res.p}
+        else:
+            res = glm.contrast(con.vector(columns))
+            values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
         paths = {}
-        for stat in STATS_T:
+        for stat in contrast_stats(con):
             path = statmap_path(output_dir, run.entities, labels[con.name], stat)
             atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), mask_affine))
             atomic_write_json(sidecar_path(path),
@@ -352,6 +367,11 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
         return []
     written = []
     for con in contrasts:
+        if con.test == "F":
+            log.warning("sub-%s: F contrast '%s' is not combined across runs (fixed effects combine "
+                        "t contrasts); its run maps stand alone", first.subject, con.name)
+            continue
+        stats = contrast_stats(con)
         contributing = [r for r in results if con.name in r.maps]
         dropped = {r.inputs.label: r.dropped.get(con.name, "not estimable")
                    for r in results if con.name not in r.maps}
@@ -361,8 +381,8 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
             continue
         dof = float(sum(r.dof for r in contributing))
         images = _fixed_effects_images(contributing, con.name, [masks[results.index(r)] for r in contributing],
-                                       affines[0])
-        for stat in STATS_T:
+                                       affines[0], stats)
+        for stat in stats:
             path = statmap_path(output_dir, entities, labels[con.name], stat)
             atomic_write_bytes(path, images[stat])
             atomic_write_json(sidecar_path(path), {
@@ -372,7 +392,7 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
                 "Contrast": {"Name": con.name, "Label": labels[con.name], "Expression": con.expression,
                              "Weights": dict(con.weights)},
                 "Statistic": stat,
-                "Test": "t",
+                "Test": con.test,
                 "Tail": "one-sided (upper)" if stat in ("p", "z") else None,
                 "DegreesOfFreedom": dof,
                 "FixedEffects": "precision-weighted (inverse-variance) mean of run effects",
@@ -391,19 +411,19 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
 
 
 def _fixed_effects_images(contributing: list[RunResult], name: str, masks: list[np.ndarray],
-                          affine: np.ndarray) -> dict[str, bytes]:
+                          affine: np.ndarray, stats=STATS_T) -> dict[str, bytes]:
     """Compressed NIfTI bytes of each subject-level statistic of one contrast.
 
     One run passes through unchanged (fixed effects of one run are that run's
     maps), so its files are copied rather than decompressed and recomputed."""
     if len(contributing) == 1:
-        return {stat: Path(contributing[0].maps[name][stat]).read_bytes() for stat in STATS_T}
+        return {stat: Path(contributing[0].maps[name][stat]).read_bytes() for stat in stats}
     mask = np.logical_and.reduce(masks)
     effects = np.stack([_read_masked(r.maps[name]["effect"], mask) for r in contributing])
     variances = np.stack([_read_masked(r.maps[name]["variance"], mask) for r in contributing])
     res = fixed_effects(effects, variances, [r.dof for r in contributing])
     values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
-    return {stat: nifti_bytes(unmask(values[stat], mask), affine) for stat in STATS_T}
+    return {stat: nifti_bytes(unmask(values[stat], mask), affine) for stat in stats}
 
 
 def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
