@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "SPACE:res-N to pick a resolution (default: MNI152NLin2009cAsym at the "
                           "participant level; at the group level the one space in OUTPUT_DIR)")
 
+    bsm = p.add_argument_group("BIDS Stats Model")
+    bsm.add_argument("--model", type=Path, metavar="MODEL_JSON",
+                     help="a BIDS Stats Model: the participant level runs its Run, Session and Subject nodes "
+                          "(outputs under OUTPUT_DIR/node-<Name>/); the model options below are then not used "
+                          "except --smoothing-fwhm and --noise-model")
     mod = p.add_argument_group("model (when no BIDS Stats Model is given)")
     mod.add_argument("--contrast", action="append", metavar="NAME=EXPRESSION",
                      help="t contrast over condition names, e.g. 'IncongruentMinusCongruent=incongruent - "
@@ -219,6 +224,9 @@ def run(args) -> int:
     if args.reports_only:
         write_reports(args, output_dir)
         return 0
+    if args.model is not None and args.analysis_level == "group":
+        raise UsageError("the Dataset node of a BIDS Stats Model is not run by this version; run the group "
+                         "level without --model on OUTPUT_DIR/node-<subject node> outputs is not supported either")
     if args.analysis_level == "group":  # reads only what the participant level wrote
         from .group import run_group_level
 
@@ -235,7 +243,13 @@ def run(args) -> int:
         t0 = time.perf_counter()
         warnings = validate_dataset(bids_dir, args.work_dir)
         log.info("BIDS validation passed (%.1f s; %d warning type(s))", time.perf_counter() - t0, len(warnings))
-    subjects = run_participant_level(args, bids_dir, output_dir)
+    if args.model is not None:
+        from .modelrunner import run_model_participant_level
+        from .runner import settings_from_args
+
+        subjects = run_model_participant_level(args, bids_dir, output_dir, settings_from_args(args))
+    else:
+        subjects = run_participant_level(args, bids_dir, output_dir)
     if not args.no_reports:
         write_reports(args, output_dir, subjects)
     return 0
@@ -247,6 +261,11 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
     from .errors import DataError
 
     t0 = time.perf_counter()
+    if getattr(args, "model", None) is not None and args.analysis_level == "participant":
+        from .modelrunner import node_root
+        from .statsmodel import load_model
+
+        output_dir = node_root(output_dir, load_model(args.model).nodes[0])  # the Run node's maps
     if args.analysis_level == "group":
         paths = [reports.group_report(output_dir)]
     else:

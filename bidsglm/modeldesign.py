@@ -1,0 +1,178 @@
+"""Run-level design matrices of a BIDS Stats Model.
+
+Variables (events, their columns, fMRIPrep confounds) and the
+pybids-transforms-v1 instructions are evaluated by pybids' ``bids.modeling``,
+the reference implementation of those transformations, so a model gives the
+same regressors here as in other tools built on it (tests compare the
+published models' design matrices column by column). bidsglm adds what
+pybids leaves to the estimating software: ``Model.HRF`` (convolution of the
+listed variables), ``Model.Options.HighPassFilterCutoffHz`` (a cosine drift
+basis, as nilearn's) and contrasts, which are checked against each run's
+columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .design import ContrastSpec
+from .discovery import RunInputs
+from .errors import ModelError
+from .statsmodel import ModelContrast, Node, StatsModel
+
+log = logging.getLogger("bidsglm")
+
+# pybids entity names for BIDS filename entities
+_PYBIDS_ENTITY = {"sub": "subject", "ses": "session", "task": "task", "run": "run", "acq": "acquisition",
+                  "rec": "reconstruction", "dir": "direction", "echo": "echo"}
+
+
+class RunDesigner:
+    """Design matrices and contrasts of a model's Run node, one run at a time.
+
+    The pybids layout is indexed once (raw dataset plus fMRIPrep derivatives);
+    each run's variables are loaded with that run's entities only."""
+
+    def __init__(self, bids_dir: Path, derivatives: list[Path], model: StatsModel, node: Node):
+        from bids import BIDSLayout
+
+        if node.level != "Run":
+            raise ModelError("the first node must be a Run node", model.path, where=f"node '{node.name}'")
+        missing = {"run", "subject"} - set(node.group_by)
+        if missing:
+            raise ModelError(f"a Run node must be grouped by run and subject (missing: {', '.join(sorted(missing))})",
+                             model.path, where=f"node '{node.name}', field 'GroupBy'")
+        self.model, self.node = model, node
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.layout = BIDSLayout(str(bids_dir), derivatives=[str(d) for d in derivatives], validate=False)
+
+    def _spec(self) -> dict:
+        """A one-node model for pybids: the Run node, HRF convolution appended to its transformations."""
+        raw = copy.deepcopy(self.node.raw)
+        instructions = list((raw.get("Transformations") or {}).get("Instructions", []))
+        if self.node.hrf:
+            instructions.append({"Name": "Convolve", "Input": self.node.hrf["Variables"],
+                                 "Model": self.node.hrf["Model"]})
+        raw["Transformations"] = {"Transformer": "pybids-transforms-v1", "Instructions": instructions}
+        model = raw.setdefault("Model", {})
+        model.pop("HRF", None)
+        model.pop("Options", None)
+        return {"Name": self.model.name, "BIDSModelVersion": "1.0.0", "Nodes": [raw]}
+
+    def design(self, run: RunInputs, n_volumes: int, tr: float) -> pd.DataFrame:
+        """(n_volumes, columns) design of one run, in the order Model.X lists them."""
+        from bids.modeling import BIDSStatsModelsGraph
+
+        entities = {_PYBIDS_ENTITY[k]: v for k, v in run.entities.items() if k in _PYBIDS_ENTITY}
+        if "run" in entities:
+            entities["run"] = int(entities["run"]) if str(entities["run"]).isdigit() else entities["run"]
+        where = f"node '{self.node.name}'"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = BIDSStatsModelsGraph(self.layout, self._spec())
+                graph.load_collections(scan_length=n_volumes * tr, **entities)
+                outputs = graph.root_node.run(group_by=self.node.group_by, force_dense=False,
+                                              transformation_history=False)
+        except KeyError as exc:
+            raise ModelError(f"{run.label}: variable {exc.args[0]!r} is not available (not an events column, "
+                             "a confound or the output of an earlier transformation)",
+                             self.model.path, where=f"{where}, field 'Transformations' or 'Model.X'") from exc
+        except ValueError as exc:
+            hint = (" (an n/a onset or duration in a convolved variable, e.g. a duration assigned from a "
+                    "column with n/a values)" if "NaN" in str(exc) else "")
+            raise ModelError(f"{run.label}: the transformations failed: {exc}{hint}", self.model.path,
+                             where=f"{where}, field 'Transformations'") from exc
+        except (IndexError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{type(exc).__name__} while building the design of {run.label}: {exc}",
+                             self.model.path, where=where) from exc
+        if len(outputs) != 1:
+            raise ModelError(f"{run.label}: the model's variables give {len(outputs)} designs for one run "
+                             "(are the events and confounds found?)", self.model.path, where=where)
+        X = outputs[0].X.reset_index(drop=True)
+        if len(X) != n_volumes:
+            raise ModelError(f"{run.label}: design has {len(X)} rows, the BOLD run {n_volumes} volumes",
+                             self.model.path, where=where)
+        X = self._fill_leading_nan(X, run)
+        hp = self.node.options.get("HighPassFilterCutoffHz")
+        if hp:
+            X = pd.concat([X, cosine_drift(hp, np.arange(n_volumes) * tr)], axis=1)
+        return X.astype(float)
+
+    def _fill_leading_nan(self, X: pd.DataFrame, run: RunInputs) -> pd.DataFrame:
+        """fMRIPrep's derivative columns start with n/a: those rows become 0; n/a later is an error."""
+        for col in X.columns:
+            values = X[col].to_numpy(dtype=float)
+            nan = np.isnan(values)
+            if not nan.any():
+                continue
+            if nan.all():
+                raise ModelError(f"{run.label}: variable '{col}' is n/a throughout (n/a values in an events "
+                                 "column make its convolved regressor n/a)", self.model.path,
+                                 where=f"node '{self.node.name}', field 'Model.X'")
+            first = int(np.argmin(nan))
+            if nan[first:].any():
+                row = first + int(np.flatnonzero(nan[first:])[0])
+                raise ModelError(f"{run.label}: variable '{col}' is n/a at volume {row + 1}",
+                                 self.model.path, where=f"node '{self.node.name}', field 'Model.X'")
+            X[col] = np.where(nan, 0.0, values)
+        return X
+
+    def contrasts(self, columns: list[str]) -> tuple[list[ContrastSpec], dict]:
+        """This run's contrasts (explicit and dummy) and those dropped, with why."""
+        return node_contrasts(self.node, columns, self.model.path)
+
+
+def cosine_drift(high_pass_hz: float, frame_times: np.ndarray) -> pd.DataFrame:
+    """nilearn's discrete cosine basis below the cut-off (its constant left out: the model has one)."""
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    drift = make_first_level_design_matrix(frame_times, drift_model="cosine", high_pass=high_pass_hz)
+    return drift.drop(columns="constant").reset_index(drop=True)
+
+
+def node_contrasts(node: Node, columns: list[str], model_path: Path) -> tuple[list[ContrastSpec], dict]:
+    """ContrastSpecs of a node over the given design columns.
+
+    DummyContrasts give one contrast per listed variable (all of Model.X's
+    variables, wildcards expanded, when none are listed); explicit Contrasts
+    replace dummy ones of the same name. A contrast naming a variable that is
+    not a column is dropped for this design, with the reason."""
+    specs: dict[str, ContrastSpec] = {}
+    dropped: dict[str, str] = {}
+    if node.dummy_contrasts is not None:
+        listed = node.dummy_contrasts["Contrasts"] or node.x
+        names = []
+        for var in listed:
+            var = "intercept" if var in (1, "1") else var
+            names += [c for c in columns if fnmatch.fnmatchcase(c, var)] or [var]
+        for var in dict.fromkeys(names):
+            specs[var] = _spec(ModelContrast(var, (var,), (1.0,), node.dummy_contrasts["Test"]))
+    for con in node.contrasts:
+        specs[con.name] = _spec(con)
+    usable = []
+    for spec in specs.values():
+        missing = [c for c in spec.conditions if c not in columns]
+        if missing:
+            dropped[spec.name] = f"variable(s) {', '.join(missing)} not in this design"
+        else:
+            usable.append(spec)
+    return usable, dropped
+
+
+def _spec(con: ModelContrast) -> ContrastSpec:
+    if con.test == "F":
+        rows = tuple(tuple(zip(con.conditions, row)) for row in con.weights)
+        expr = "; ".join(" + ".join(f"{w:g}*{c}" for c, w in row if w) for row in rows)
+        return ContrastSpec(con.name, expr, rows[0], "F", rows)
+    pairs = tuple(zip(con.conditions, con.weights))
+    expr = " + ".join(f"{w:g}*{c}" for c, w in pairs if w)
+    return ContrastSpec(con.name, expr, pairs, con.test)

@@ -1,0 +1,245 @@
+"""The participant level of a BIDS Stats Model (``--model model.json``).
+
+The Run node is fitted run by run (designs from ``modeldesign``, the GLM and
+map writing of the participant level); its outputs feed the Session and
+Subject nodes along the model's Edges (with their Filters):
+
+- ``meta`` nodes combine run contrasts by precision-weighted fixed effects;
+- ``glm`` nodes with ``X: [1]`` fit the mean of the run effects by OLS
+  (a one-sample t-test across runs, n - 1 degrees of freedom), as the
+  model says.
+
+Every node writes under ``OUTPUT_DIR/node-<Name>/`` and its sidecars name the
+node and the model, so nodes never overwrite each other. The Dataset node is
+the group level's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .design import contrast_labels
+from .discovery import SpaceSpec, discover_runs, find_derivatives
+from .errors import ModelError
+from .images import nifti_bytes, read_header, unmask
+from .modeldesign import RunDesigner
+from .outputs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    copy_participants_table,
+    dataset_links,
+    ensure_dataset,
+    entity_prefix,
+    func_dir,
+    sidecar_path,
+    statmap_path,
+)
+from .participant import (
+    PreparedRun,
+    RunResult,
+    contrast_stats,
+    fit_run,
+    repetition_time,
+    subject_fixed_effects,
+)
+from .statistics import t_contrast
+from .statsmodel import Node, StatsModel, load_model
+
+log = logging.getLogger("bidsglm")
+_INPUT_ENTITY = {"subject": "sub", "session": "ses", "task": "task", "run": "run", "acquisition": "acq"}
+
+
+def node_root(output_dir: Path, node: Node) -> Path:
+    return output_dir / f"node-{node.name}"
+
+
+def _select_runs(runs, model: StatsModel):
+    """Model.Input filters (subject, session, task, run) on top of the command line's."""
+    kept = []
+    for run in runs:
+        ok = True
+        for key, values in model.input.items():
+            ent = _INPUT_ENTITY.get(key)
+            if ent is None:
+                raise ModelError(f"filtering on {key!r} is not supported (subject, session, task, run)",
+                                 model.path, where="field 'Input'")
+            have = run.entities.get(ent)
+            if have is None or (have not in values and have.lstrip("0") not in [v.lstrip("0") for v in values]):
+                ok = False
+        if ok:
+            kept.append(run)
+    return kept
+
+
+def _fingerprint(model: StatsModel, node: Node, settings) -> str:
+    payload = json.dumps({"model": model.raw, "node": node.name, "smoothing": settings.smoothing_fwhm,
+                          "noise": settings.noise_model}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool) -> PreparedRun:
+    header = read_header(run.bold)
+    shape = header.get_data_shape()
+    if len(shape) != 4 or shape[3] < 2:
+        from .errors import DataError
+
+        raise DataError(f"preprocessed BOLD must be 4D with several volumes, got shape {shape}", run.bold)
+    tr = repetition_time(run, header, allow_tr_mismatch)
+    X = designer.design(run, int(shape[3]), tr)
+    contrasts, dropped = designer.contrasts(list(X.columns))
+    confound_cols = [c for c in X.columns if c.startswith(("trans_", "rot_", "cosine", "a_comp", "t_comp",
+                                                          "motion_outlier", "framewise", "csf", "white"))]
+    from .design import mean_framewise_displacement
+
+    return PreparedRun(run, tr, int(shape[3]), 0.0, X, contrasts, dropped, confound_cols,
+                       mean_framewise_displacement(run.confounds))
+
+
+def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings) -> list[str]:
+    """Fit the model's Run node and the Session/Subject nodes it feeds; returns the subjects."""
+    t_start = time.perf_counter()
+    model = load_model(args.model)
+    run_node = model.nodes[0]
+    derivatives = find_derivatives(bids_dir, args.derivatives)
+    space = SpaceSpec.parse(args.space or "MNI152NLin2009cAsym")
+    runs = discover_runs(bids_dir, derivatives, space, args.participant_label, args.session_label, args.task)
+    runs = _select_runs(runs, model)
+    if not runs:
+        raise ModelError("no runs match both the command line and the model's Input", model.path)
+    log.info("model '%s' (%s): %d run(s) of %d participant(s); nodes: %s", model.name, model.path.name,
+             len(runs), len({r.subject for r in runs}),
+             ", ".join(f"{n.name} ({n.level}, {n.model_type})" for n in model.nodes))
+    designer = RunDesigner(bids_dir, derivatives, model, run_node)
+    prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
+    _check_contrasts_estimable(model, run_node, prepared)
+    names = list(dict.fromkeys(c.name for p in prepared for c in p.contrasts))
+    labels = contrast_labels(names)
+    links = dataset_links(bids_dir, derivatives)
+    ensure_dataset(output_dir, links)
+    copy_participants_table(bids_dir, output_dir)
+    root = node_root(output_dir, run_node)
+    ensure_dataset(root, links)
+    fingerprint = _fingerprint(model, run_node, settings)
+    results = [fit_run(p, settings, root, labels, links, fingerprint) for p in prepared]
+    for res in results:
+        _tag_sidecars(res, model, run_node)
+    for edge in model.children(run_node.name):
+        dst = model.node(edge.destination)
+        if dst.level == "Dataset":
+            continue  # the group level's
+        _fit_combining_node(model, dst, edge.filter, results, prepared, output_dir, settings, links, labels)
+    log.info("model '%s': participant level done in %.1f s; results in %s", model.name,
+             time.perf_counter() - t_start, output_dir)
+    return sorted({r.subject for r in runs})
+
+
+def _check_contrasts_estimable(model: StatsModel, node: Node, prepared: list[PreparedRun]) -> None:
+    """A contrast may lack its conditions in some runs (dropped there, recorded); in none is an error."""
+    for i, con in enumerate(node.contrasts):
+        if all(con.name in p.dropped for p in prepared):
+            reasons = sorted({p.dropped[con.name] for p in prepared})
+            raise ModelError(f"contrast '{con.name}' cannot be estimated in any run: {'; '.join(reasons)}",
+                             model.path, where=f"node '{node.name}', field 'Contrasts[{i}].ConditionList'")
+
+
+def _tag_sidecars(result: RunResult, model: StatsModel, node: Node) -> None:
+    """Record the node and model in every sidecar of a run's maps."""
+    for paths in result.maps.values():
+        for path in paths.values():
+            side = sidecar_path(Path(path))
+            meta = json.loads(side.read_text())
+            meta.update({"Node": node.name, "NodeLevel": node.level, "StatsModel": model.name,
+                         "StatsModelFile": model.path.name,
+                         # the design is the model's: its transformations and Model.X, not the CLI's
+                         "HRFModel": node.hrf["Model"] if node.hrf else "as the model's transformations",
+                         "DriftModel": "cosine" if node.options.get("HighPassFilterCutoffHz") else
+                                       "as Model.X (e.g. fMRIPrep's cosine* columns)",
+                         "HighPassFilterCutoffHz": node.options.get("HighPassFilterCutoffHz")})
+            atomic_write_json(side, meta)
+
+
+def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared, output_dir, settings, links,
+                        labels) -> None:
+    """A Session or Subject node over the Run node's contrasts."""
+    if not node.intercept_only:
+        raise ModelError("Session and Subject nodes support Model.X [1] only", model.path,
+                         where=f"node '{node.name}', field 'Model.X'")
+    root = node_root(output_dir, node)
+    ensure_dataset(root, links)
+    wanted = set(edge_filter.get("contrast", [])) or None
+    by_group: dict[tuple, list] = {}
+    for res, prep in zip(results, prepared):
+        key = (res.inputs.subject, res.inputs.entities.get("ses") if node.level == "Session" else None,
+               res.inputs.task)
+        by_group.setdefault(key, []).append((res, prep))
+    for (sub, ses, task), members in by_group.items():
+        contrasts = {c.name: c for _, p in members for c in p.contrasts if wanted is None or c.name in wanted}
+        if node.model_type == "meta":
+            written = subject_fixed_effects([r for r, _ in members], list(contrasts.values()), labels, root,
+                                            settings, links)
+        else:
+            written = _ols_across_runs([r for r, _ in members], list(contrasts.values()), labels, root)
+        for path in written:
+            side = sidecar_path(path)
+            meta = json.loads(side.read_text())
+            meta.update({"Level": node.level.lower(), "Node": node.name, "NodeLevel": node.level,
+                         "StatsModel": model.name, "StatsModelFile": model.path.name,
+                         "NodeModelType": node.model_type})
+            atomic_write_json(side, meta)
+        log.info("sub-%s%s task-%s: node %s (%s) wrote %d maps", sub, f" ses-{ses}" if ses else "", task,
+                 node.name, node.model_type, len(written))
+        _check_node_contrasts(model, node, list(contrasts))
+
+
+def _check_node_contrasts(model, node: Node, inputs: list[str]) -> None:
+    """Contrasts of a combining node may name only the intercept (each input contrast
+    is combined on its own, under its name)."""
+    for con in node.contrasts:
+        bad = [c for c in con.conditions if c != "intercept"]
+        if bad:
+            raise ModelError(f"contrast '{con.name}' names {', '.join(bad)}; a node with Model.X [1] "
+                             "has only the intercept", model.path, where=f"node '{node.name}', field 'Contrasts'")
+
+
+def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path) -> list[Path]:
+    """One-sample OLS over the runs' effect maps (Model.Type glm, X [1])."""
+    written = []
+    first = results[0].inputs
+    entities = {k: v for k, v in first.entities.items() if k not in ("run", "echo")}
+    for con in contrasts:
+        if con.test == "F":
+            continue
+        runs = [r for r in results if con.name in r.maps]
+        if len(runs) < 2:
+            log.warning("sub-%s: contrast '%s' has %d run(s); a glm across runs needs 2 or more "
+                        "(Model.Type 'meta' combines any number)", first.subject, con.name, len(runs))
+            continue
+        imgs = [nib.load(str(r.maps[con.name]["effect"])) for r in runs]
+        masks = [np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in runs]
+        mask = np.logical_and.reduce(masks)
+        Y = np.stack([np.asanyarray(img.dataobj, dtype=np.float64)[mask] for img in imgs])
+        n = len(runs)
+        effect = Y.mean(axis=0)
+        variance = Y.var(axis=0, ddof=1) / n
+        res = t_contrast(effect, variance, n - 1)
+        values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+        for stat in contrast_stats(con):
+            path = statmap_path(root, entities, labels[con.name], stat)
+            atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), imgs[0].affine))
+            atomic_write_json(sidecar_path(path), {
+                "Description": f"{stat} of contrast '{con.name}': one-sample OLS across runs",
+                "Contrast": {"Name": con.name, "Label": labels[con.name]},
+                "Statistic": stat, "Test": con.test, "DegreesOfFreedom": n - 1,
+                "Runs": [r.inputs.entities.get("run") for r in runs]})
+            written.append(path)
+    mask_path = func_dir(root, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
+    all_masks = np.logical_and.reduce([np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in results])
+    atomic_write_bytes(mask_path, nifti_bytes(all_masks.astype(np.float32), nib.load(str(results[0].mask_path)).affine))
+    return written
