@@ -1,0 +1,167 @@
+"""Published BIDS Stats Models run on simulated BOLD around the real events:
+run-level designs against the peer tool's design matrices, maps against
+nilearn and scipy, node outputs, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from bidsglm.cli import main
+from bidsglm.discovery import SpaceSpec, discover_runs, find_derivatives
+from bidsglm.modeldesign import RunDesigner
+from bidsglm.statsmodel import load_model
+from conftest import shared_path
+from simulate import simulate_dataset
+
+# ds000117's events code trial types as IniFF, ImmUF, DelSF...; the published model
+# (and its design matrix) use famous_initial, unfamiliar_immediate, scrambled_delayed...
+_REPEAT = {"Ini": "initial", "Imm": "immediate", "Del": "delayed"}
+_FACE = {"FF": "famous", "UF": "unfamiliar", "SF": "scrambled"}
+DS117_NAMES = {f"{r}{f}": f"{_FACE[f]}_{_REPEAT[r]}" for r in _REPEAT for f in _FACE}
+# columns from fMRIPrep's confounds differ legitimately: the confounds are simulated here
+CONFOUND_PREFIXES = ("trans_", "rot_", "cosine")
+DESIGN_TOL = 1e-9
+
+
+def _dataset(tmp_path_factory, ds, subjects, n_volumes, runs=None, rename=None):
+    root = tmp_path_factory.mktemp(ds) / "bids"
+    return simulate_dataset(shared_path("events", ds), root, subjects, n_volumes, runs=runs,
+                            rename_trial_types=rename)
+
+
+@pytest.fixture(scope="module")
+def flanker(tmp_path_factory):
+    return _dataset(tmp_path_factory, "ds000102", ["16"], 146)
+
+
+def _designs(root, model_path, subject):
+    model = load_model(model_path)
+    derivatives = find_derivatives(root, None)
+    runs = discover_runs(root, derivatives, SpaceSpec.parse("MNI152NLin2009cAsym"), [subject], None, None)
+    designer = RunDesigner(root, derivatives, model, model.nodes[0])
+    return {r.entities["run"]: designer.design(r, nib.load(r.bold).shape[3], 2.0) for r in runs}, designer
+
+
+@pytest.mark.parametrize("ds,n_volumes,run,rename", [
+    ("ds000102", 146, "2", None),
+    ("ds000117", 208, "04", DS117_NAMES),
+])
+def test_run_designs_match_published_design_matrices(tmp_path_factory, ds, n_volumes, run, rename):
+    """The published design matrices are of sub-16 (ds000102 run 2, ds000117 run 4); every
+    column built from the events matches to 1e-9, the confound columns are simulated."""
+    root = _dataset(tmp_path_factory, ds, ["16"], n_volumes, runs=4 if ds == "ds000117" else None, rename=rename)
+    model_path = next(shared_path("models", ds).glob("*_specs.json"))
+    reference = pd.read_csv(next(shared_path("models", ds).glob("*_design-matrix.tsv")), sep="\t")
+    designs, _ = _designs(root, model_path, "16")
+    X = designs[run]
+    event_columns = [c for c in reference.columns if not c.startswith(CONFOUND_PREFIXES) and c != "intercept"]
+    assert len(event_columns) >= 4
+    for col in event_columns:
+        np.testing.assert_allclose(X[col].to_numpy(), reference[col].to_numpy(), atol=DESIGN_TOL, err_msg=col)
+    assert (X["intercept"] == 1).all() and (reference["intercept"] == 1).all()
+    confounds = [c for c in reference.columns if c.startswith(CONFOUND_PREFIXES)]
+    assert set(confounds) <= set(X.columns)  # the same columns, selected by the same wildcards
+
+
+def test_contrast_conditions_absent_from_a_run_are_dropped_there(flanker):
+    model_path = shared_path("models", "ds000102", "ds000102-flanker_specs.json")
+    designs, designer = _designs(flanker, model_path, "16")
+    for X in designs.values():
+        contrasts, dropped = designer.contrasts(list(X.columns))
+        assert {c.name for c in contrasts} | set(dropped) == {"inVcon", "inVbase", "rt"}
+
+
+@pytest.fixture(scope="module")
+def flanker_results(flanker, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flanker_out") / "out"
+    model_path = shared_path("models", "ds000102", "ds000102-flanker_specs.json")
+    code = main([str(flanker), str(out), "participant", "--model", str(model_path), "--skip-bids-validation",
+                 "-q", "--smoothing-fwhm", "8"])
+    assert code == 0
+    return flanker, out, model_path
+
+
+def test_node_outputs_and_sidecars(flanker_results):
+    _, out, _ = flanker_results
+    run_maps = sorted((out / "node-run_level").rglob("*_run-*_contrast-*_stat-z_statmap.nii.gz"))
+    subject_maps = sorted((out / "node-subject_level").rglob("*_contrast-*_stat-z_statmap.nii.gz"))
+    assert len(run_maps) == 2 * 3 and len(subject_maps) == 3
+    side = json.loads(run_maps[0].with_name(run_maps[0].name.replace(".nii.gz", ".json")).read_text())
+    assert side["Node"] == "run_level" and side["StatsModel"] == "ds000102" and side["NodeLevel"] == "Run"
+    sub_side = json.loads(subject_maps[0].with_name(subject_maps[0].name.replace(".nii.gz", ".json")).read_text())
+    assert sub_side["Node"] == "subject_level" and sub_side["NodeModelType"] == "glm"
+    assert not list(out.glob("sub-*"))  # nothing outside the node folders
+
+
+def test_run_maps_equal_nilearn_first_level_with_the_same_design(flanker_results):
+    """Independent computation: nilearn's FirstLevelModel given the model's design matrix."""
+    from nilearn.glm.first_level import FirstLevelModel
+
+    root, out, model_path = flanker_results
+    designs, _ = _designs(root, model_path, "16")
+    bold = next(root.rglob("*run-1_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"))
+    mask = next(root.rglob("*run-1_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz"))
+    flm = FirstLevelModel(t_r=2.0, noise_model="ar1", smoothing_fwhm=8, mask_img=str(mask), signal_scaling=0,
+                          minimize_memory=False).fit(str(bold), design_matrices=[designs["1"]])
+    m = np.asanyarray(nib.load(mask).dataobj) > 0
+    for name, cond in (("inVbase", "trial_type.incongruent_correct"), ("rt", "rt_reg.rt")):
+        ref = flm.compute_contrast(cond, output_type="z_score").get_fdata()[m]
+        ours = nib.load(next((out / "node-run_level").rglob(f"*run-1_*contrast-{name}_stat-z_statmap.nii.gz")))
+        np.testing.assert_allclose(ours.get_fdata()[m], ref, atol=1e-4)
+
+
+def test_subject_glm_node_is_a_one_sample_test_across_runs(flanker_results):
+    """Model.Type glm with X [1] at the Subject node: scipy's one-sample t-test on the run effects."""
+    _, out, _ = flanker_results
+    effects = [nib.load(p).get_fdata() for p in
+               sorted((out / "node-run_level").rglob("*_run-*_contrast-inVbase_stat-effect_statmap.nii.gz"))]
+    t_map = nib.load(next((out / "node-subject_level").rglob("*contrast-inVbase_stat-t_statmap.nii.gz"))).get_fdata()
+    inside = np.flatnonzero(t_map.ravel() != 0)[::97]
+    expected = stats.ttest_1samp(np.stack([e.ravel()[inside] for e in effects]), 0.0).statistic
+    np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-4)
+
+
+def _run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_contrast_over_absent_conditions_is_an_error(flanker, tmp_path, capsys):
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model["Nodes"][0]["Contrasts"].append({"Name": "ghost", "ConditionList": ["trial_type.neutral"],
+                                           "Weights": [1], "Test": "t"})
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1
+    assert "node 'run_level'" in err[0] and "Contrasts[3].ConditionList" in err[0] and "ghost" in err[0]
+    assert not (tmp_path / "out" / "node-run_level").exists()
+
+
+def test_missing_variable_is_an_error(flanker, tmp_path, capsys):
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model["Nodes"][0]["Transformations"]["Instructions"][3]["Input"] = ["reaction_time"]  # Assign
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and "node 'run_level'" in err[0] and "reaction_time" in err[0]
+
+
+def test_invalid_model_is_an_error_before_anything_runs(flanker, tmp_path, capsys):
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model["Nodes"][0]["Model"]["Options"] = {"LowPassFilterCutoffHz": 0.1}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and "LowPassFilterCutoffHz" in err[0]
+    assert not (tmp_path / "out").exists()

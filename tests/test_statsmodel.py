@@ -1,0 +1,107 @@
+"""BIDS Stats Model reading and checking: the published models load; broken ones
+fail with the node and field named."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bidsglm.errors import ModelError
+from bidsglm.statsmodel import load_model
+from conftest import SHARED_DATA
+
+MODELS = sorted((SHARED_DATA / "models").glob("*/*_specs.json")) if (SHARED_DATA / "models").is_dir() else []
+
+MINIMAL = {
+    "Name": "minimal", "BIDSModelVersion": "1.0.0",
+    "Nodes": [
+        {"Level": "Run", "Name": "run", "GroupBy": ["run", "subject"],
+         "Model": {"Type": "glm", "X": [1, "a", "b"]},
+         "Contrasts": [{"Name": "aVsB", "ConditionList": ["a", "b"], "Weights": [1, -1], "Test": "t"},
+                       {"Name": "any", "ConditionList": ["a", "b"], "Weights": [[1, 0], [0, 1]], "Test": "F"}]},
+        {"Level": "Subject", "Name": "subject", "GroupBy": ["subject", "contrast"],
+         "Model": {"Type": "meta", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+    ],
+}
+
+
+def _write(tmp_path: Path, model: dict) -> Path:
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    return path
+
+
+@pytest.mark.parametrize("path", MODELS, ids=[p.parent.name for p in MODELS])
+def test_published_models_load(path):
+    model = load_model(path)
+    assert [n.level for n in model.nodes] == ["Run", "Subject", "Dataset"]
+    assert [(e.source, e.destination) for e in model.edges] == [
+        (model.nodes[0].name, model.nodes[1].name), (model.nodes[1].name, model.nodes[2].name)]
+    assert model.nodes[0].contrasts and all(c.test == "t" for c in model.nodes[0].contrasts)
+    assert model.nodes[1].dummy_contrasts == {"Contrasts": None, "Test": "t"}
+
+
+def test_published_models_agree_with_bsmschema():
+    """Independent check: the community's schema package accepts what we accept."""
+    bsmschema = pytest.importorskip("bsmschema.models")
+    if not MODELS:
+        pytest.skip("shared models absent")
+    for path in MODELS:
+        bsmschema.BIDSStatsModel.model_validate(json.loads(path.read_text()))
+
+
+def test_minimal_model_parses(tmp_path):
+    model = load_model(_write(tmp_path, MINIMAL))
+    run = model.nodes[0]
+    assert run.contrasts[0].weights == (1.0, -1.0)
+    assert run.contrasts[1].test == "F" and run.contrasts[1].weights == ((1.0, 0.0), (0.0, 1.0))
+    assert model.nodes[1].model_type == "meta" and model.nodes[1].intercept_only
+
+
+def _broken(path_fn):
+    model = copy.deepcopy(MINIMAL)
+    path_fn(model)
+    return model
+
+
+@pytest.mark.parametrize("change,node,field,words", [
+    (lambda m: m["Nodes"][0]["Model"].update(Formula="y ~ a + b"), "run", "Model.Formula", "not supported"),
+    (lambda m: m["Nodes"][0]["Model"].update(Colour="red"), "run", "Model.Colour", "unknown field"),
+    (lambda m: m["Nodes"][0]["Model"].pop("X"), "run", "Model.X", "required"),
+    (lambda m: m["Nodes"][0]["Contrasts"][0].update(Test="z"), "run", "Contrasts[0] ('aVsB').Test", "not a test"),
+    (lambda m: m["Nodes"][0]["Contrasts"][0].update(Weights=[1]), "run", "Contrasts[0] ('aVsB').Weights",
+     "one weight per condition"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"LowPassFilterCutoffHz": 0.1}), "run",
+     "Model.Options.LowPassFilterCutoffHz", "not supported"),
+    (lambda m: m["Nodes"][0].update(Transformations={"Transformer": "pybids-transforms-v1",
+                                                     "Instructions": [{"Name": "Frobnicate", "Input": ["a"]}]}),
+     "run", "Transformations.Instructions[0].Name", "unknown transformation"),
+    (lambda m: m["Nodes"][0]["Model"].update(HRF={"Variables": ["c"], "Model": "spm"}), "run",
+     "Model.HRF.Variables", "not in Model.X"),
+    (lambda m: m["Nodes"][1].update(Level="Group"), "subject", "Level", "not a level"),
+])
+def test_broken_models_name_node_and_field(tmp_path, change, node, field, words):
+    with pytest.raises(ModelError) as err:
+        load_model(_write(tmp_path, _broken(change)))
+    message = err.value.message
+    assert f"node '{node}'" in message and f"field '{field}'" in message and words in message, message
+    assert str(tmp_path / "model.json") in message
+
+
+def test_edges_must_name_nodes_and_go_up(tmp_path):
+    model = _broken(lambda m: m.update(Edges=[{"Source": "run", "Destination": "dataset"}]))
+    with pytest.raises(ModelError, match=r"Edges\[0\]\.Destination.*no node named 'dataset'"):
+        load_model(_write(tmp_path, model))
+    model = _broken(lambda m: m.update(Edges=[{"Source": "subject", "Destination": "run"}]))
+    with pytest.raises(ModelError, match="edges must go up a level"):
+        load_model(_write(tmp_path, model))
+
+
+def test_not_json(tmp_path):
+    path = tmp_path / "model.json"
+    path.write_text('{"Name": "x",\n "Nodes": [}')
+    with pytest.raises(ModelError, match="line 2, column 12: not valid JSON"):
+        load_model(path)
