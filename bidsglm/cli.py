@@ -225,8 +225,12 @@ def run(args) -> int:
         write_reports(args, output_dir)
         return 0
     if args.model is not None and args.analysis_level == "group":
-        raise UsageError("the Dataset node of a BIDS Stats Model is not run by this version; run the group "
-                         "level without --model on OUTPUT_DIR/node-<subject node> outputs is not supported either")
+        from .modelrunner import run_model_group_level
+
+        run_model_group_level(args, output_dir)
+        if not args.no_reports:
+            write_reports(args, output_dir)
+        return 0
     if args.analysis_level == "group":  # reads only what the participant level wrote
         from .group import run_group_level
 
@@ -259,14 +263,20 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
     """The HTML reports of this level, from what OUTPUT_DIR holds."""
     from . import reports
     from .errors import DataError
+    from .modelrunner import node_root
+    from .statsmodel import load_model
 
     t0 = time.perf_counter()
-    if getattr(args, "model", None) is not None and args.analysis_level == "participant":
-        from .modelrunner import node_root
-        from .statsmodel import load_model
+    model = load_model(args.model) if getattr(args, "model", None) is not None else None
+    if model is not None and args.analysis_level == "participant":
+        output_dir = node_root(output_dir, model.nodes[0])  # the Run node's maps
+    if model is not None and args.analysis_level == "group":
+        from .modelrunner import dataset_node_folders
 
-        output_dir = node_root(output_dir, load_model(args.model).nodes[0])  # the Run node's maps
-    if args.analysis_level == "group":
+        paths = [reports.group_report(output_dir, folder) for folder in dataset_node_folders(output_dir, model)]
+        if not paths:
+            raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
+    elif args.analysis_level == "group":
         paths = [reports.group_report(output_dir)]
     else:
         if subjects is None:

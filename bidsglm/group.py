@@ -104,6 +104,7 @@ class GroupSettings:
     atlases: list = field(default_factory=list)
     permutations: PermutationOptions | None = None
     fwe_alpha: float = 0.05
+    default_contrasts: bool = True  # the mean (or group means); a Stats Model without DummyContrasts: none
 
 
 @dataclass
@@ -236,7 +237,8 @@ def plan_onesample(task, space, label, maps, all_subjects, settings, participant
     check_enough_inputs(design, f"{what}, one-sample model")
     by_subject = {m.subject: m for m in maps}
     inputs = [by_subject[s[4:]] for s in design.index]
-    contrasts = _default_onesample_contrasts(design, settings.group_by) + list(settings.contrasts)
+    defaults = _default_onesample_contrasts(design, settings.group_by) if settings.default_contrasts else []
+    contrasts = defaults + list(settings.contrasts)
     contrasts = [GroupContrast(c.name, c.rows, c.f_test) for c in contrasts]  # labels differ per model
     _set_labels(contrasts, label)
     weights = _weights(contrasts, list(design.columns), where="one-sample model")
@@ -404,9 +406,11 @@ def _design_name(model: PlannedModel) -> str:
     return f"{_prefix(model)}_{what}_design"
 
 
-def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings) -> list[Path]:
+def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings,
+                  group_dir: Path | None = None) -> list[Path]:
+    """Fit one planned model on maps under ``output_dir``; write into ``group_dir`` (OUTPUT_DIR/group)."""
     t0 = time.perf_counter()
-    group_dir = output_dir / "group"
+    group_dir = group_dir or output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
     fit = fit_ols(Y, model.design.to_numpy())
     # permutations before any file: an interrupted run leaves no file of this model
@@ -578,22 +582,30 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     return written
 
 
-def _write_exclusions(output_dir: Path, prefix: str, rows: list[Exclusion]) -> None:
+def _write_exclusions(group_dir: Path, prefix: str, rows: list[Exclusion]) -> None:
     table = pd.DataFrame([(r.participant, r.run, r.contrast, r.reason) for r in rows],
                          columns=["participant_id", "run", "contrast", "reason"]).drop_duplicates()
-    path = output_dir / "group" / f"{prefix}_exclusions.tsv"
+    path = group_dir / f"{prefix}_exclusions.tsv"
     atomic_write_tsv(path, table)
 
 
-def run_group_level(args, output_dir: Path) -> None:
+def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, group_dir: Path | None = None,
+                    contrast_names=None, settings: GroupSettings | None = None) -> None:
+    """Group models over the subject maps in ``inputs_dir`` (default OUTPUT_DIR), written to
+    ``group_dir`` (default OUTPUT_DIR/group). A BIDS Stats Model's Dataset node passes its
+    source node's folder, its own folder, the contrasts its edge lets through and its settings."""
     t_start = time.perf_counter()
-    settings = settings_from_args(args)
+    inputs_dir = inputs_dir or output_dir
+    group_dir = group_dir or output_dir / "group"
+    settings = settings or settings_from_args(args)
     run_rules = [parse_run_rule(r) for r in args.exclude_run or ()]
-    maps = find_subject_maps(output_dir, args.space, args.task, args.participant_label, args.session_label)
-    attach_run_records(output_dir, maps)
+    maps = find_subject_maps(inputs_dir, args.space, args.task, args.participant_label, args.session_label)
+    if contrast_names is not None:
+        maps = [m for m in maps if m.name in contrast_names or m.label in contrast_names]
+    attach_run_records(inputs_dir, maps)
     maps, exclusions = apply_exclusions(maps, args.exclude_participant_label, run_rules, args.exclude_fd_mean)
     if not maps:
-        raise DataError("every subject was excluded; nothing left to model", output_dir)
+        raise DataError("every subject was excluded; nothing left to model", inputs_dir)
 
     if settings.permutations is not None:
         import numba
@@ -609,7 +621,7 @@ def run_group_level(args, output_dir: Path) -> None:
     if settings.permutations is not None:
         _plan_permutations(plans)
     if not plans:
-        raise DataError("no group model has enough subjects to be fitted", output_dir)
+        raise DataError("no group model has enough subjects to be fitted", inputs_dir)
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),
              ", ".join(tasks), len({m.subject for m in maps}), len(exclusions))
     n_written = 0
@@ -619,8 +631,7 @@ def run_group_level(args, output_dir: Path) -> None:
             continue
         prefix = _prefix(task_plans[0])
         task_excl = [e for e in exclusions if e.task == task] + [e for p in task_plans for e in p.excluded]
-        _write_exclusions(output_dir, prefix, task_excl)
+        _write_exclusions(group_dir, prefix, task_excl)
         for plan in task_plans:
-            n_written += len(fit_and_write(output_dir, plan, settings))
-    log.info("group level done in %.1f s: %d maps in %s", time.perf_counter() - t_start, n_written,
-             output_dir / "group")
+            n_written += len(fit_and_write(inputs_dir, plan, settings, group_dir))
+    log.info("group level done in %.1f s: %d maps in %s", time.perf_counter() - t_start, n_written, group_dir)

@@ -80,6 +80,7 @@ class RunDesigner:
                 warnings.simplefilter("ignore")
                 graph = BIDSStatsModelsGraph(self.layout, self._spec())
                 graph.load_collections(scan_length=n_volumes * tr, **entities)
+                _absent_where_na(graph.root_node)
                 outputs = graph.root_node.run(group_by=self.node.group_by, force_dense=False,
                                               transformation_history=False)
         except KeyError as exc:
@@ -129,6 +130,19 @@ class RunDesigner:
     def contrasts(self, columns: list[str]) -> tuple[list[ContrastSpec], dict]:
         """This run's contrasts (explicit and dummy) and those dropped, with why."""
         return node_contrasts(self.node, columns, self.model.path)
+
+
+def _absent_where_na(node) -> None:
+    """n/a in a numeric events column means the event has no value for it (a parametric
+    modulator given for some trial types only, a response time of a trial without
+    response). pybids keeps such rows, and a NaN amplitude or duration makes the whole
+    convolved regressor n/a; a 0 gives that event no weight, as dropping it would."""
+    from bids.variables import SparseRunVariable
+
+    for collection in getattr(node, "_collections", []):
+        for var in collection.variables.values():
+            if isinstance(var, SparseRunVariable) and var.values.dtype.kind == "f" and var.values.isna().any():
+                var.values = var.values.fillna(0.0)
 
 
 def cosine_drift(high_pass_hz: float, frame_times: np.ndarray) -> pd.DataFrame:

@@ -16,6 +16,7 @@ the group level's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -175,10 +176,15 @@ def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared,
     ensure_dataset(root, links)
     wanted = set(edge_filter.get("contrast", [])) or None
     by_group: dict[tuple, list] = {}
+    by_session = node.level == "Session" or "session" in node.group_by
     for res, prep in zip(results, prepared):
-        key = (res.inputs.subject, res.inputs.entities.get("ses") if node.level == "Session" else None,
-               res.inputs.task)
+        key = (res.inputs.subject, res.inputs.entities.get("ses") if by_session else None, res.inputs.task)
         by_group.setdefault(key, []).append((res, prep))
+    for (sub, _, task), members in by_group.items():
+        if len({r.inputs.entities.get("ses") for r, _ in members}) > 1:
+            raise ModelError(f"sub-{sub} task-{task}: runs from several sessions; combining across sessions "
+                             "is not supported (add \"session\" to GroupBy, or a Session node)", model.path,
+                             where=f"node '{node.name}', field 'GroupBy'")
     for (sub, ses, task), members in by_group.items():
         contrasts = {c.name: c for _, p in members for c in p.contrasts if wanted is None or c.name in wanted}
         if node.model_type == "meta":
@@ -243,3 +249,111 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path) ->
     all_masks = np.logical_and.reduce([np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in results])
     atomic_write_bytes(mask_path, nifti_bytes(all_masks.astype(np.float32), nib.load(str(results[0].mask_path)).affine))
     return written
+
+
+# --- the Dataset node (group level) ---------------------------------------------------
+
+def run_model_group_level(args, output_dir: Path) -> list[Path]:
+    """Fit every Dataset node on the outputs of its source node; returns the node folders."""
+    import dataclasses
+
+    from .group import GroupSettings, run_group_level, settings_from_args
+    from .groupmodels import INTERCEPT
+
+    model = load_model(args.model)
+    datasets = [n for n in model.nodes if n.level == "Dataset"]
+    if not datasets:
+        raise ModelError("the model has no Dataset node for the group level", model.path)
+    written = []
+    for node in datasets:
+        where = f"node '{node.name}'"
+        edge = model.parent_edge(node.name)
+        if edge is None:
+            raise ModelError("no edge leads to this Dataset node", model.path, where=where)
+        extra = set(node.group_by) - {"contrast", "session"}
+        if extra:
+            raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported (contrast, session)",
+                             model.path, where=f"{where}, field 'GroupBy'")
+        if node.model_type != "glm":
+            raise ModelError("a Dataset node must be a glm (meta-analysis across subjects is not supported)",
+                             model.path, where=f"{where}, field 'Model.Type'")
+        covariates = [v for v in node.x if v not in (1, "1", "intercept")]
+        if len(covariates) == len(node.x):
+            raise ModelError("Model.X needs the intercept (1)", model.path, where=f"{where}, field 'Model.X'")
+        source = node_root(output_dir, model.node(edge.source))
+        if not source.is_dir():
+            raise ModelError(f"no outputs of node '{edge.source}' in {output_dir} (run the participant level "
+                             "with this model first)", model.path, where=where)
+        base = settings_from_args(args)
+        settings: GroupSettings = dataclasses.replace(
+            base, model="onesample", covariates=covariates, group_by=None,
+            contrasts=_group_contrasts(node, INTERCEPT, model.path),
+            default_contrasts=node.dummy_contrasts is not None)
+        root = node_root(output_dir, node)
+        ensure_dataset(root, {})
+        log.info("model '%s': node %s over node %s%s", model.name, node.name, edge.source,
+                 f" (contrasts {', '.join(edge.filter['contrast'])})" if edge.filter.get("contrast") else "")
+        sessions = _sessions(source, args.session_label) if "session" in node.group_by else [None]
+        for ses in sessions:  # grouped by session: one model per session, in ses-<label>/
+            target = root / f"ses-{ses}" if ses else root
+            session_args = copy.copy(args)
+            if ses:
+                session_args.session_label = [ses]
+            run_group_level(session_args, output_dir, inputs_dir=source, group_dir=target,
+                            contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
+                            settings=settings)
+            _tag_group_sidecars(target, model, node)
+            written.append(target)
+    return written
+
+
+def _sessions(source: Path, selected) -> list[str]:
+    found = sorted({p.name[4:] for p in source.glob("sub-*/ses-*") if p.is_dir()})
+    if selected:
+        found = [s for s in found if s in {x.removeprefix("ses-") for x in selected}]
+    if not found:
+        raise ModelError("the Dataset node groups by session, but the subject maps have no sessions", source)
+    return found
+
+
+def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
+    """Folders holding a Dataset node's group maps (the node's, or its ses-<label> subfolders)."""
+    folders = []
+    for node in model.nodes:
+        if node.level != "Dataset":
+            continue
+        root = node_root(output_dir, node)
+        for folder in [root, *sorted(root.glob("ses-*"))]:
+            if any(folder.glob("*_stat-z_statmap.nii.gz")):
+                folders.append(folder)
+    return folders
+
+
+def _group_contrasts(node: Node, intercept: str, model_path: Path):
+    """The node's explicit Contrasts as group contrasts over its design (1 -> the mean column)."""
+    from .design import parse_contrast
+    from .group import GroupContrast
+
+    out = []
+    for con in node.contrasts:
+        rename = {"intercept": intercept}
+        rows = con.weights if con.test == "F" else (con.weights,)
+        specs = []
+        for row in rows:
+            expr = " + ".join(f"{w!r}*`{rename.get(c, c)}`" for c, w in zip(con.conditions, row) if w)
+            specs.append(parse_contrast(con.name, expr))
+        if con.test == "pass":
+            raise ModelError("Test 'pass' has no meaning at the Dataset node", model_path,
+                             where=f"node '{node.name}', field 'Contrasts' ('{con.name}')")
+        out.append(GroupContrast(con.name, specs, f_test=con.test == "F"))
+    return out
+
+
+def _tag_group_sidecars(folder: Path, model: StatsModel, node: Node) -> None:
+    for side in folder.glob("*.json"):
+        if side.name == "dataset_description.json":
+            continue
+        meta = json.loads(side.read_text())
+        meta.update({"Node": node.name, "NodeLevel": node.level, "StatsModel": model.name,
+                     "StatsModelFile": model.path.name})
+        atomic_write_json(side, meta)

@@ -412,11 +412,11 @@ def _group_contrast_section(group_dir: Path, z: Path) -> str:
     return "".join(parts)
 
 
-def group_report(output_dir: Path) -> Path:
-    """Write ``group/report.html``; returns its path."""
+def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
+    """Write ``group/report.html`` (or ``report.html`` in a Dataset node's folder); returns its path."""
     from .figures import design_figure_from_table
 
-    group_dir = output_dir / "group"
+    group_dir = group_dir or output_dir / "group"
     models = _group_contrasts(group_dir)
     if not models:
         raise DataError("no group-level maps to report (run the group level first)", group_dir)

@@ -51,11 +51,13 @@ def _designs(root, model_path, subject):
 @pytest.mark.parametrize("ds,n_volumes,run,rename", [
     ("ds000102", 146, "2", None),
     ("ds000117", 208, "04", DS117_NAMES),
+    ("ds000001", 300, "01", None),
 ])
 def test_run_designs_match_published_design_matrices(tmp_path_factory, ds, n_volumes, run, rename):
-    """The published design matrices are of sub-16 (ds000102 run 2, ds000117 run 4); every
-    column built from the events matches to 1e-9, the confound columns are simulated."""
-    root = _dataset(tmp_path_factory, ds, ["16"], n_volumes, runs=4 if ds == "ds000117" else None, rename=rename)
+    """The published design matrices are of sub-16 (ds000102 run 2, ds000117 run 4, ds000001
+    run 1); every column built from the events (conditions, response-time regressor,
+    ds000001's parametric modulators) matches to 1e-9; the confound columns are simulated."""
+    root = _dataset(tmp_path_factory, ds, ["16"], n_volumes, runs=int(run), rename=rename)
     model_path = next(shared_path("models", ds).glob("*_specs.json"))
     reference = pd.read_csv(next(shared_path("models", ds).glob("*_design-matrix.tsv")), sep="\t")
     designs, _ = _designs(root, model_path, "16")
@@ -165,3 +167,42 @@ def test_invalid_model_is_an_error_before_anything_runs(flanker, tmp_path, capsy
                          "--skip-bids-validation", "-q")
     assert code == 65 and len(err) == 1 and "LowPassFilterCutoffHz" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+MODELS = {  # dataset: (volumes, trial type recoding)
+    "ds000102": (146, None),
+    "ds000117": (208, DS117_NAMES),
+    "ds000001": (300, None),
+}
+
+
+@pytest.mark.parametrize("ds", list(MODELS))
+def test_published_model_runs_at_both_levels(tmp_path_factory, ds):
+    """Three subjects, two runs each: Run, Subject and Dataset nodes all write their maps,
+    and the Dataset node's t is scipy's one-sample t-test over the Subject node's effects."""
+    n_volumes, rename = MODELS[ds]
+    root = _dataset(tmp_path_factory, ds, ["14", "15", "16"], n_volumes, runs=2, rename=rename)
+    model_path = next(shared_path("models", ds).glob("*_specs.json"))
+    model = load_model(model_path)
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(model_path), "--skip-bids-validation",
+                 "-q", "--smoothing-fwhm", "0"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(model_path), "-q"]) == 0
+    run_node, subject_node, dataset_node = model.nodes
+    run_z = list((out / f"node-{run_node.name}").rglob("*_run-*_stat-z_statmap.nii.gz"))
+    assert len(run_z) >= 3 * 2 * 2
+    for con in run_node.contrasts:
+        subject_maps = list((out / f"node-{subject_node.name}").rglob(f"*_contrast-{con.name}_stat-effect_statmap.nii.gz"))
+        assert len(subject_maps) == 3, con.name
+        group_t = list((out / f"node-{dataset_node.name}").rglob(f"*_contrast-{con.name}_stat-t_statmap.nii.gz"))
+        assert len(group_t) == 1, con.name
+    con = run_node.contrasts[0].name
+    effects = [nib.load(p).get_fdata() for p in
+               sorted((out / f"node-{subject_node.name}").rglob(f"*_contrast-{con}_stat-effect_statmap.nii.gz"))]
+    t_img = next((out / f"node-{dataset_node.name}").rglob(f"*_contrast-{con}_stat-t_statmap.nii.gz"))
+    t_map = nib.load(t_img).get_fdata()
+    inside = np.flatnonzero(t_map.ravel() != 0)[::53]
+    expected = stats.ttest_1samp(np.stack([e.ravel()[inside] for e in effects]), 0.0).statistic
+    np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-4)
+    side = json.loads(t_img.with_name(t_img.name.replace(".nii.gz", ".json")).read_text())
+    assert side["Node"] == dataset_node.name and side["StatsModel"] == model.name
