@@ -58,11 +58,19 @@ class RunDesigner:
         """A one-node model for pybids: the Run node, HRF convolution appended to its transformations."""
         raw = copy.deepcopy(self.node.raw)
         instructions = list((raw.get("Transformations") or {}).get("Instructions", []))
-        if self.node.hrf:
-            instructions.append({"Name": "Convolve", "Input": self.node.hrf["Variables"],
-                                 "Model": self.node.hrf["Model"]})
-        raw["Transformations"] = {"Transformer": "pybids-transforms-v1", "Instructions": instructions}
         model = raw.setdefault("Model", {})
+        if self.node.hrf:
+            name = self.node.hrf["Model"]
+            derivative, dispersion = "derivative" in name, "dispersion" in name
+            instructions.append({"Name": "Convolve", "Input": self.node.hrf["Variables"],
+                                 "Model": name.split("+")[0].strip(), "Derivative": derivative,
+                                 "Dispersion": dispersion})
+            # the derivative regressors join the design beside their variable
+            suffixes = ["_derivative"] * derivative + ["_dispersion"] * dispersion
+            extra = [v + s for v in self.node.hrf["Variables"] for s in suffixes]
+            model["X"] = list(model["X"]) + [c for c in extra if not any(
+                isinstance(p, str) and fnmatch.fnmatchcase(c, p) for p in model["X"])]
+        raw["Transformations"] = {"Transformer": "pybids-transforms-v1", "Instructions": instructions}
         model.pop("HRF", None)
         model.pop("Options", None)
         return {"Name": self.model.name, "BIDSModelVersion": "1.0.0", "Nodes": [raw]}

@@ -292,6 +292,10 @@ def _edges(check: _Checker, raw, nodes: list[Node]) -> list[Edge]:
         flt = e.get("Filter") or {}
         if not isinstance(flt, dict) or not all(isinstance(v, list) for v in flt.values()):
             check.fail("must map entities to lists of values", None, f"Edges[{i}].Filter")
+        if set(flt) - {"contrast"}:
+            check.fail(f"filtering on {', '.join(sorted(set(flt) - {'contrast'}))} is not supported "
+                       "(only contrast; select participants, sessions and tasks on the command line)",
+                       None, f"Edges[{i}].Filter")
         edges.append(Edge(e["Source"], e["Destination"], {k: [str(v) for v in vals] for k, vals in flt.items()}))
     order = {n: i for i, n in enumerate(names)}
     for i, e in enumerate(edges):

@@ -206,3 +206,23 @@ def test_published_model_runs_at_both_levels(tmp_path_factory, ds):
     np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-4)
     side = json.loads(t_img.with_name(t_img.name.replace(".nii.gz", ".json")).read_text())
     assert side["Node"] == dataset_node.name and side["StatsModel"] == model.name
+
+
+def test_model_hrf_equals_the_convolve_transformation(flanker, tmp_path):
+    """Model.HRF is applied as pybids' Convolve: without the Convolve instruction but with
+    Model.HRF the regressors are the same; '+ derivative' adds the derivative columns."""
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    with_hrf = json.loads(json.dumps(published))
+    run = with_hrf["Nodes"][0]
+    convolve = run["Transformations"]["Instructions"].pop()  # the Convolve instruction
+    run["Model"]["HRF"] = {"Variables": ["trial_type.congruent_correct", "trial_type.incongruent_correct",
+                                         "rt_reg.rt"], "Model": "spm + derivative"}
+    path = tmp_path / "hrf.json"
+    path.write_text(json.dumps(with_hrf))
+    assert convolve["Name"] == "Convolve"
+    reference, _ = _designs(flanker, shared_path("models", "ds000102", "ds000102-flanker_specs.json"), "16")
+    ours, _ = _designs(flanker, path, "16")
+    for col in ("trial_type.congruent_correct", "trial_type.incongruent_correct", "rt_reg.rt"):
+        np.testing.assert_allclose(ours["1"][col], reference["1"][col], atol=1e-12)
+        assert f"{col}_derivative" in ours["1"].columns
+        assert np.abs(ours["1"][f"{col}_derivative"]).max() > 0
