@@ -38,6 +38,7 @@ BIDSIGNORE = """\
 group/
 reports/
 logs/
+node-*/
 """
 
 
@@ -52,6 +53,7 @@ Statistical maps from task-fMRI GLMs, written by bidsglm.
 - The same names without `run-`: precision-weighted fixed effects across the subject's runs.
 - `group/`: second-level maps, thresholded maps and cluster tables (`bidsglm ... group`).
 - `participants.tsv`: a copy of the raw dataset's table, read by the group level for covariates.
+- `node-<Name>/`: the outputs of one node of a BIDS Stats Model (`--model`), each a dataset of its own.
 - Every map has a JSON sidecar with the contrast weights, test, degrees of freedom,
   noise model, smoothing and input files.
 
