@@ -235,7 +235,10 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
     from .figures import brain_figure
 
     subject_prefix = _subject_prefix(runs[0].map_prefix)
-    z_subject = output_dir / f"{subject_prefix}_contrast-{label}_stat-z_statmap.nii.gz"
+    name_z = f"{subject_prefix}_contrast-{label}_stat-z_statmap.nii.gz"
+    # a Stats Model's Subject node writes beside the Run node: OUTPUT_DIR/node-<Name>/
+    folders = [output_dir] + (sorted(output_dir.parent.glob("node-*")) if output_dir.name.startswith("node-") else [])
+    z_subject = next((f / name_z for f in folders if (f / name_z).is_file()), output_dir / name_z)
     parts = []
     side_path = z_subject.with_name(z_subject.name.replace(".nii.gz", ".json"))
     if z_subject.is_file() and side_path.is_file():
@@ -243,7 +246,7 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
         used = ", ".join(f"run-{r}" if r is not None else "the run" for r in side.get("Runs", []))
         dropped = side.get("RunsDropped", {})
         parts.append(_kv_table({
-            "runs combined (fixed effects)": _esc(used or "none"),
+            "runs combined": _esc(used or "none"),
             "runs dropped": "<br>".join(f"{_esc(k)}: {_esc(v)}" for k, v in dropped.items()) or "none",
             "degrees of freedom": _esc(side.get("DegreesOfFreedom")),
         }))

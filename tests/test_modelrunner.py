@@ -226,3 +226,66 @@ def test_model_hrf_equals_the_convolve_transformation(flanker, tmp_path):
         np.testing.assert_allclose(ours["1"][col], reference["1"][col], atol=1e-12)
         assert f"{col}_derivative" in ours["1"].columns
         assert np.abs(ours["1"][f"{col}_derivative"]).max() > 0
+
+
+CUSTOM = {
+    "Name": "flankerCustom", "BIDSModelVersion": "1.0.0",
+    "Nodes": [
+        {"Level": "Run", "Name": "runs", "GroupBy": ["run", "subject"],
+         "Transformations": {"Transformer": "pybids-transforms-v1",
+                             "Instructions": [{"Name": "Factor", "Input": ["trial_type"]}]},
+         "Model": {"Type": "glm", "X": [1, "trial_type.congruent_correct", "trial_type.incongruent_correct",
+                                        "trans_*", "rot_*"],
+                   "HRF": {"Variables": ["trial_type.congruent_correct", "trial_type.incongruent_correct"],
+                           "Model": "glover"},
+                   "Options": {"HighPassFilterCutoffHz": 0.01}},
+         "Contrasts": [
+             {"Name": "incongruentVsCongruent", "ConditionList": ["trial_type.incongruent_correct",
+                                                                  "trial_type.congruent_correct"],
+              "Weights": [1, -1], "Test": "t"},
+             {"Name": "anyEffect", "ConditionList": ["trial_type.incongruent_correct", "trial_type.congruent_correct"],
+              "Weights": [[1, 0], [0, 1]], "Test": "F"},
+             {"Name": "congruentEffect", "ConditionList": ["trial_type.congruent_correct"], "Weights": [1],
+              "Test": "pass"}]},
+        {"Level": "Subject", "Name": "subjects", "GroupBy": ["subject", "contrast"],
+         "Model": {"Type": "meta", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+        {"Level": "Dataset", "Name": "groupAge", "GroupBy": ["contrast"],
+         "Model": {"Type": "glm", "X": [1, "age"]},
+         "Contrasts": [{"Name": "ageSlope", "ConditionList": ["age"], "Weights": [1], "Test": "t"}]},
+    ],
+    "Edges": [{"Source": "runs", "Destination": "subjects"},
+              {"Source": "subjects", "Destination": "groupAge", "Filter": {"contrast": ["incongruentVsCongruent"]}}],
+}
+
+
+def test_custom_model_f_pass_meta_covariate_and_filter(tmp_path_factory):
+    """F and pass contrasts at the run level, fixed effects (meta) per subject, a Dataset node
+    with an age covariate behind an edge that lets one contrast through."""
+    root = _dataset(tmp_path_factory, "ds000102", ["01", "02", "03", "04"], 146)
+    path = root.parent / "custom.json"
+    path.write_text(json.dumps(CUSTOM))
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    runs = out / "node-runs"
+    assert len(list(runs.rglob("*_run-*_contrast-anyEffect_stat-F_statmap.nii.gz"))) == 8
+    assert not list(runs.rglob("*contrast-congruentEffect_stat-t_statmap.nii.gz"))  # pass: no test
+    assert len(list(runs.rglob("*_run-*_contrast-congruentEffect_stat-effect_statmap.nii.gz"))) == 8
+    design = pd.read_csv(next(runs.rglob("*_run-1_design.tsv")), sep="\t")
+    assert any(c.startswith("drift_") for c in design.columns)  # HighPassFilterCutoffHz
+    # meta: precision-weighted fixed effects of the two runs
+    subject = next((out / "node-subjects").rglob("sub-01_*contrast-incongruentVsCongruent_stat-effect_statmap.nii.gz"))
+    run_e = [nib.load(p).get_fdata() for p in sorted(runs.rglob(
+        "sub-01_*_run-*_contrast-incongruentVsCongruent_stat-effect_statmap.nii.gz"))]
+    run_v = [nib.load(p).get_fdata() for p in sorted(runs.rglob(
+        "sub-01_*_run-*_contrast-incongruentVsCongruent_stat-variance_statmap.nii.gz"))]
+    inside = run_v[0] > 0
+    w = [1 / v[inside] for v in run_v]
+    expected = (w[0] * run_e[0][inside] + w[1] * run_e[1][inside]) / (w[0] + w[1])
+    np.testing.assert_allclose(nib.load(subject).get_fdata()[inside], expected, rtol=1e-4, atol=1e-6)
+    # the edge filter: only incongruentVsCongruent reaches the Dataset node, which fits 1 + age
+    group = out / "node-groupAge"
+    assert {p.name.split("_contrast-")[1].split("_")[0] for p in group.glob("*_stat-t_statmap.nii.gz")} == \
+        {"incongruentVsCongruentAgeSlope"}
+    table = pd.read_csv(next(group.glob("*_design.tsv")), sep="\t")
+    assert "age" in table.columns and len(table) == 4
