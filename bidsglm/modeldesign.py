@@ -135,6 +135,25 @@ class RunDesigner:
             X[col] = np.where(nan, 0.0, values)
         return X
 
+    def analysis_mask(self, run: RunInputs) -> Path | None:
+        """Model.Options.Mask: the one image of the input datasets with these entities
+        (and the run's subject, session and space), used instead of the brain mask."""
+        wanted = self.node.options.get("Mask")
+        if not wanted:
+            return None
+        query = {k: v for k, v in wanted.items()}
+        query.setdefault("subject", run.entities["sub"])
+        if "ses" in run.entities:
+            query.setdefault("session", run.entities["ses"])
+        if "space" in run.entities:
+            query.setdefault("space", run.entities["space"])
+        files = self.layout.get(return_type="file", extension=[".nii.gz", ".nii"], **query)
+        if len(files) != 1:
+            found = f"{len(files)} images" + (f" ({', '.join(Path(f).name for f in files[:3])})" if files else "")
+            raise ModelError(f"{run.label}: the mask {wanted} matches {found}; exactly one is needed",
+                             self.model.path, where=f"node '{self.node.name}', field 'Model.Options.Mask'")
+        return Path(files[0])
+
     def contrasts(self, columns: list[str]) -> tuple[list[ContrastSpec], dict]:
         """This run's contrasts (explicit and dummy) and those dropped, with why."""
         return node_contrasts(self.node, columns, self.model.path)

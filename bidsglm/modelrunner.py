@@ -93,6 +93,16 @@ def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool) -> Pr
 
         raise DataError(f"preprocessed BOLD must be 4D with several volumes, got shape {shape}", run.bold)
     tr = repetition_time(run, header, allow_tr_mismatch)
+    mask = designer.analysis_mask(run)
+    if mask is not None:
+        from dataclasses import replace
+
+        from .images import check_same_grid
+
+        mask_hdr = read_header(mask)
+        check_same_grid(run.bold, shape, header.get_best_affine(), mask, mask_hdr.get_data_shape(),
+                        mask_hdr.get_best_affine())
+        run = replace(run, mask=mask)
     X = designer.design(run, int(shape[3]), tr)
     contrasts, dropped = designer.contrasts(list(X.columns))
     confound_cols = [c for c in X.columns if c.startswith(("trans_", "rot_", "cosine", "a_comp", "t_comp",

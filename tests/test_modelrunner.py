@@ -289,3 +289,33 @@ def test_custom_model_f_pass_meta_covariate_and_filter(tmp_path_factory):
         {"incongruentVsCongruentAgeSlope"}
     table = pd.read_csv(next(group.glob("*_design.tsv")), sep="\t")
     assert "age" in table.columns and len(table) == 4
+
+
+def test_options_mask_restricts_the_analysis(flanker, tmp_path, capsys):
+    """Model.Options.Mask names an image of the input datasets by its entities."""
+    from simulate import AFFINE, SHAPE
+
+    roi = np.zeros(SHAPE, np.uint8)
+    roi[6:13, 8:15, 6:12] = 1
+    func = flanker / "derivatives" / "fmriprep" / "sub-16" / "func"
+    roi_path = func / "sub-16_task-flanker_space-MNI152NLin2009cAsym_desc-roi_mask.nii.gz"
+    nib.save(nib.Nifti1Image(roi, AFFINE), roi_path)
+    try:
+        model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+        model["Nodes"][0]["Model"]["Options"] = {"Mask": {"desc": "roi", "suffix": "mask"}}
+        model["Nodes"] = model["Nodes"][:1]
+        path = tmp_path / "masked.json"
+        path.write_text(json.dumps(model))
+        out = tmp_path / "out"
+        assert main([str(flanker), str(out), "participant", "--model", str(path), "--skip-bids-validation",
+                     "-q", "--smoothing-fwhm", "0"]) == 0
+        z = nib.load(next(out.rglob("*_run-1_*contrast-inVbase_stat-z_statmap.nii.gz"))).get_fdata()
+        assert np.all(z[roi == 0] == 0) and np.count_nonzero(z[roi == 1]) > 0.9 * roi.sum()
+        model["Nodes"][0]["Model"]["Options"] = {"Mask": {"desc": "nothing", "suffix": "mask"}}
+        path.write_text(json.dumps(model))
+        code = main([str(flanker), str(tmp_path / "out2"), "participant", "--model", str(path),
+                     "--skip-bids-validation", "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 65 and len(err) == 1 and "Model.Options.Mask" in err[0] and "matches 0 images" in err[0]
+    finally:
+        roi_path.unlink()
