@@ -5,7 +5,8 @@ pybids-transforms-v1 instructions are evaluated by pybids' ``bids.modeling``,
 the reference implementation of those transformations, so a model gives the
 same regressors here as in other tools built on it (tests compare the
 published models' design matrices column by column). bidsglm adds what
-pybids leaves to the estimating software: ``Model.HRF`` (convolution of the
+pybids leaves to the estimating software (pybids evaluates ``Model.Formula``
+with formulaic): ``Model.HRF`` (convolution of the
 listed variables), ``Model.Options.HighPassFilterCutoffHz`` (a cosine drift
 basis, as nilearn's) and contrasts, which are checked against each run's
 columns.
@@ -103,6 +104,12 @@ class RunDesigner:
         except (IndexError, TypeError, AttributeError) as exc:
             raise ModelError(f"{type(exc).__name__} while building the design of {run.label}: {exc}",
                              self.model.path, where=where) from exc
+        except Exception as exc:  # formulaic's errors (Model.Formula) share no base class with the above
+            if not type(exc).__module__.startswith("formulaic"):
+                raise
+            raise ModelError(f"{run.label}: {type(exc).__name__}: {str(exc).splitlines()[0]} (formula terms "
+                             "name Model.X variables, dotted names in backquotes: `trial_type.a`)",
+                             self.model.path, where=f"{where}, field 'Model.Formula'") from exc
         if len(outputs) != 1:
             raise ModelError(f"{run.label}: the model's variables give {len(outputs)} designs for one run "
                              "(are the events and confounds found?)", self.model.path, where=where)

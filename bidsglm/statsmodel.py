@@ -39,7 +39,6 @@ _FIELDS = {
 }
 # in the specification, but not something bidsglm can honour: an error, never ignored
 _UNSUPPORTED = {
-    "Model.Formula": "write the design with Model.X (and Transformations) instead",
     "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented",
     "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented",
     "Model.Options.AggregateMethod": "region-of-interest models are not implemented",
@@ -177,6 +176,10 @@ def _node(check: _Checker, raw, index: int) -> Node:
     if model["Type"] not in MODEL_TYPES:
         check.fail(f"{model['Type']!r} is not a model type ({', '.join(MODEL_TYPES)})", label, "Model.Type")
     x = check.string_list(model["X"], label, "Model.X", allow_one=True)
+    if "Formula" in model and not isinstance(model["Formula"], str):
+        check.fail("must be a string", label, "Model.Formula")
+    if "Formula" in model and level != "Run":
+        check.fail("formulas are supported on Run nodes only", label, "Model.Formula")
     for key, why in _UNSUPPORTED.items():
         parts = key.split(".")[1:]
         obj = model

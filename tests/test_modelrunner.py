@@ -319,3 +319,26 @@ def test_options_mask_restricts_the_analysis(flanker, tmp_path, capsys):
         assert code == 65 and len(err) == 1 and "Model.Options.Mask" in err[0] and "matches 0 images" in err[0]
     finally:
         roi_path.unlink()
+
+
+def test_formula_builds_the_design_from_model_x(flanker, tmp_path, capsys):
+    """Model.Formula (evaluated by pybids with formulaic): 0 drops the intercept, a:b is the product."""
+    model_path = shared_path("models", "ds000102", "ds000102-flanker_specs.json")
+    reference, _ = _designs(flanker, model_path, "16")
+    model = json.loads(model_path.read_text())
+    model["Nodes"][0]["Model"]["Formula"] = ("0 + `trial_type.congruent_correct` + `trial_type.incongruent_correct` "
+                                             "+ `rt_reg.rt` + `trial_type.congruent_correct`:`rt_reg.rt`")
+    path = tmp_path / "formula.json"
+    path.write_text(json.dumps(model))
+    ours, _ = _designs(flanker, path, "16")
+    X, ref = ours["1"], reference["1"]
+    assert list(X.columns) == ["trial_type.congruent_correct", "trial_type.incongruent_correct", "rt_reg.rt",
+                               "trial_type.congruent_correct:rt_reg.rt"]
+    np.testing.assert_allclose(X["trial_type.congruent_correct:rt_reg.rt"],
+                               ref["trial_type.congruent_correct"] * ref["rt_reg.rt"], atol=1e-12)
+    model["Nodes"][0]["Model"]["Formula"] = "1 + trial_type.*"
+    path.write_text(json.dumps(model))
+    code = main([str(flanker), str(tmp_path / "out"), "participant", "--model", str(path),
+                 "--skip-bids-validation", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 65 and len(err) == 1 and "Model.Formula" in err[0] and "node 'run_level'" in err[0]

@@ -68,7 +68,7 @@ def _broken(path_fn):
 
 
 @pytest.mark.parametrize("change,node,field,words", [
-    (lambda m: m["Nodes"][0]["Model"].update(Formula="y ~ a + b"), "run", "Model.Formula", "not supported"),
+    (lambda m: m["Nodes"][1]["Model"].update(Formula="1"), "subject", "Model.Formula", "Run nodes only"),
     (lambda m: m["Nodes"][0]["Model"].update(Colour="red"), "run", "Model.Colour", "unknown field"),
     (lambda m: m["Nodes"][0]["Model"].pop("X"), "run", "Model.X", "required"),
     (lambda m: m["Nodes"][0]["Contrasts"][0].update(Test="z"), "run", "Contrasts[0] ('aVsB').Test", "not a test"),
