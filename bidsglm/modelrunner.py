@@ -127,6 +127,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     log.info("model '%s' (%s): %d run(s) of %d participant(s); nodes: %s", model.name, model.path.name,
              len(runs), len({r.subject for r in runs}),
              ", ".join(f"{n.name} ({n.level}, {n.model_type})" for n in model.nodes))
+    _check_supported_graph(model)
     designer = RunDesigner(bids_dir, derivatives, model, run_node)
     prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
     _check_contrasts_estimable(model, run_node, prepared)
@@ -149,6 +150,21 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     log.info("model '%s': participant level done in %.1f s; results in %s", model.name,
              time.perf_counter() - t_start, output_dir)
     return sorted({r.subject for r in runs})
+
+
+def _check_supported_graph(model: StatsModel) -> None:
+    """Session and Subject nodes must be fed by the Run node; Dataset nodes by one of those."""
+    run_node = model.nodes[0]
+    for node in model.nodes[1:]:
+        edge = model.parent_edge(node.name)
+        where = f"node '{node.name}'"
+        if edge is None:
+            raise ModelError("no edge leads to this node", model.path, where=where)
+        source = model.node(edge.source)
+        if node.level in ("Session", "Subject") and source is not run_node:
+            raise ModelError(f"a {node.level} node fed by the {source.level} node '{source.name}' is not "
+                             "supported (Session and Subject nodes combine the Run node's contrasts)",
+                             model.path, where=f"{where}, field 'Edges'")
 
 
 def _check_contrasts_estimable(model: StatsModel, node: Node, prepared: list[PreparedRun]) -> None:

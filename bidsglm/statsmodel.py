@@ -9,6 +9,7 @@ not supported by bidsglm`` rather than a silently different analysis.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,11 @@ def _node(check: _Checker, raw, index: int) -> Node:
             obj = obj.get(part) or {}
         if parts[-1] in obj:
             check.fail(f"not supported by bidsglm: {why}", label, key)
+    if model.get("Software"):
+        # options for named software packages; none is addressed to bidsglm, so say so rather than drop them
+        logging.getLogger("bidsglm").warning(
+            "%s: node '%s', field 'Model.Software': options for %s are not used by bidsglm", check.path.name,
+            label, ", ".join(sorted(model["Software"])))
     node = Node(level, raw["Name"], group_by, model["Type"], x, raw=raw)
     node.transformations = _transformations(check, raw.get("Transformations"), label, level)
     node.hrf = _hrf(check, model.get("HRF"), label, x)

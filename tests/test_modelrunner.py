@@ -342,3 +342,30 @@ def test_formula_builds_the_design_from_model_x(flanker, tmp_path, capsys):
                  "--skip-bids-validation", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 65 and len(err) == 1 and "Model.Formula" in err[0] and "node 'run_level'" in err[0]
+
+
+def test_session_node_and_unsupported_graphs(tmp_path_factory, capsys):
+    """A Session node (meta) feeding a Dataset node grouped by session; a Subject node fed
+    by a Session node is refused with the node and field named."""
+    root = _dataset(tmp_path_factory, "ds000117", ["15", "16"], 208, runs=2, rename=DS117_NAMES)
+    published = json.loads(next(shared_path("models", "ds000117").glob("*_specs.json")).read_text())
+    model = {"Name": "sessions", "BIDSModelVersion": "1.0.0", "Nodes": [
+        published["Nodes"][0],
+        {"Level": "Session", "Name": "perSession", "GroupBy": ["subject", "session", "contrast"],
+         "Model": {"Type": "meta", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+        {"Level": "Dataset", "Name": "group", "GroupBy": ["contrast", "session"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}}]}
+    path = root.parent / "sessions.json"
+    path.write_text(json.dumps(model))
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    assert len(list((out / "node-perSession").rglob("sub-*/ses-mri/func/*_stat-t_statmap.nii.gz"))) == 2 * 6
+    assert len(list((out / "node-group" / "ses-mri").glob("*_stat-t_statmap.nii.gz"))) == 6
+    model["Nodes"].insert(2, {"Level": "Subject", "Name": "perSubject", "GroupBy": ["subject", "contrast"],
+                              "Model": {"Type": "meta", "X": [1]}, "DummyContrasts": {"Test": "t"}})
+    path.write_text(json.dumps(model))
+    code = main([str(root), str(root.parent / "out2"), "participant", "--model", str(path),
+                 "--skip-bids-validation", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 65 and len(err) == 1 and "node 'perSubject', field 'Edges'" in err[0]
