@@ -97,16 +97,28 @@ def read_confounds(path: Path, requested: list[str], n_volumes: int) -> pd.DataF
         columns.extend(c for c in hits if c not in columns)
     out = {}
     for col in columns:
-        values = _numeric_column(table, col, path, allow_na=True).to_numpy()
-        nan = np.isnan(values)
-        if nan.any():
-            first_valid = int(np.argmin(nan)) if not nan.all() else len(values)
-            if nan[first_valid:].any():
-                row = first_valid + int(np.flatnonzero(nan[first_valid:])[0])
-                raise DataError("n/a after the first rows", path, where=f"column '{col}', line {row + 2}")
-            values = np.where(nan, 0.0, values)
+        values, bad_row = leading_na_as_zero(_numeric_column(table, col, path, allow_na=True).to_numpy())
+        if bad_row is not None:
+            problem = "n/a throughout" if bad_row < 0 else "n/a after the first rows"
+            raise DataError(problem, path, where=f"column '{col}'" + (f", line {bad_row + 2}" if bad_row >= 0 else ""))
         out[col] = values
     return pd.DataFrame(out, index=range(n_volumes))
+
+
+def leading_na_as_zero(values: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """fMRIPrep's derivative columns start with n/a: those rows become 0.
+
+    Returns the values and None, or the row of the first n/a after a value
+    (-1 for a column that is n/a throughout), which the caller reports."""
+    nan = np.isnan(values)
+    if not nan.any():
+        return values, None
+    if nan.all():
+        return values, -1
+    first = int(np.argmin(nan))
+    if nan[first:].any():
+        return values, first + int(np.flatnonzero(nan[first:])[0])
+    return np.where(nan, 0.0, values), None
 
 
 def mean_framewise_displacement(path: Path) -> float | None:

@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .design import ContrastSpec
+from .design import ContrastSpec, leading_na_as_zero
 from .discovery import RunInputs
 from .errors import ModelError
 from .statsmodel import ModelContrast, Node, StatsModel
 
 log = logging.getLogger("bidsglm")
 
-# pybids entity names for BIDS filename entities
-_PYBIDS_ENTITY = {"sub": "subject", "ses": "session", "task": "task", "run": "run", "acq": "acquisition",
+# pybids' entity names for the BIDS filename entities (Model.Input uses pybids' names too)
+PYBIDS_ENTITY = {"sub": "subject", "ses": "session", "task": "task", "run": "run", "acq": "acquisition",
                   "rec": "reconstruction", "dir": "direction", "echo": "echo"}
 
 
@@ -80,7 +80,7 @@ class RunDesigner:
         """(n_volumes, columns) design of one run, in the order Model.X lists them."""
         from bids.modeling import BIDSStatsModelsGraph
 
-        entities = {_PYBIDS_ENTITY[k]: v for k, v in run.entities.items() if k in _PYBIDS_ENTITY}
+        entities = {PYBIDS_ENTITY[k]: v for k, v in run.entities.items() if k in PYBIDS_ENTITY}
         if "run" in entities:
             entities["run"] = int(entities["run"]) if str(entities["run"]).isdigit() else entities["run"]
         where = f"node '{self.node.name}'"
@@ -124,22 +124,15 @@ class RunDesigner:
         return X.astype(float)
 
     def _fill_leading_nan(self, X: pd.DataFrame, run: RunInputs) -> pd.DataFrame:
-        """fMRIPrep's derivative columns start with n/a: those rows become 0; n/a later is an error."""
+        """Leading n/a (fMRIPrep's derivative columns) become 0; n/a later, or throughout, is an error."""
         for col in X.columns:
-            values = X[col].to_numpy(dtype=float)
-            nan = np.isnan(values)
-            if not nan.any():
-                continue
-            if nan.all():
-                raise ModelError(f"{run.label}: variable '{col}' is n/a throughout (n/a values in an events "
-                                 "column make its convolved regressor n/a)", self.model.path,
+            values, bad_row = leading_na_as_zero(X[col].to_numpy(dtype=float))
+            if bad_row is not None:
+                problem = ("is n/a throughout (n/a values in an events column make its convolved regressor n/a)"
+                           if bad_row < 0 else f"is n/a at volume {bad_row + 1}")
+                raise ModelError(f"{run.label}: variable '{col}' {problem}", self.model.path,
                                  where=f"node '{self.node.name}', field 'Model.X'")
-            first = int(np.argmin(nan))
-            if nan[first:].any():
-                row = first + int(np.flatnonzero(nan[first:])[0])
-                raise ModelError(f"{run.label}: variable '{col}' is n/a at volume {row + 1}",
-                                 self.model.path, where=f"node '{self.node.name}', field 'Model.X'")
-            X[col] = np.where(nan, 0.0, values)
+            X[col] = values
         return X
 
     def analysis_mask(self, run: RunInputs) -> Path | None:

@@ -30,7 +30,7 @@ from .design import contrast_labels
 from .discovery import SpaceSpec, discover_runs, find_derivatives
 from .errors import ModelError
 from .images import nifti_bytes, read_header, unmask
-from .modeldesign import RunDesigner
+from .modeldesign import PYBIDS_ENTITY, RunDesigner
 from .outputs import (
     atomic_write_bytes,
     atomic_write_json,
@@ -54,7 +54,7 @@ from .statistics import t_contrast
 from .statsmodel import Node, StatsModel, load_model
 
 log = logging.getLogger("bidsglm")
-_INPUT_ENTITY = {"subject": "sub", "session": "ses", "task": "task", "run": "run", "acquisition": "acq"}
+_FILENAME_ENTITY = {v: k for k, v in PYBIDS_ENTITY.items()}  # Model.Input's names -> filename entities
 
 
 def node_root(output_dir: Path, node: Node) -> Path:
@@ -67,9 +67,9 @@ def _select_runs(runs, model: StatsModel):
     for run in runs:
         ok = True
         for key, values in model.input.items():
-            ent = _INPUT_ENTITY.get(key)
+            ent = _FILENAME_ENTITY.get(key)
             if ent is None:
-                raise ModelError(f"filtering on {key!r} is not supported (subject, session, task, run)",
+                raise ModelError(f"filtering on {key!r} is not supported ({', '.join(_FILENAME_ENTITY)})",
                                  model.path, where="field 'Input'")
             have = run.entities.get(ent)
             if have is None or (have not in values and have.lstrip("0") not in [v.lstrip("0") for v in values]):

@@ -63,6 +63,9 @@ def test_confounds_leading_na_zeroed_interior_na_rejected(tmp_path):
     with pytest.raises(DataError, match="column 'b', line 4"):
         read_confounds(path, ["a", "b"], 3)
     assert read_confounds(path, ["a"], 3)["a"].tolist() == [0.0, 2.0, 3.0]
+    path.write_text("a\tc\n1\tn/a\n2\tn/a\n3\tn/a\n")
+    with pytest.raises(DataError, match="column 'c': n/a throughout"):  # not silently a column of zeros
+        read_confounds(path, ["a", "c"], 3)
 
 
 def test_design_equals_nilearn():
