@@ -21,15 +21,16 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .design import contrast_labels
+from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
-from .errors import ModelError
-from .images import nifti_bytes, read_header, unmask
+from .errors import DataError, ModelError
+from .images import check_same_grid, nifti_bytes, read_header, unmask
 from .modeldesign import PYBIDS_ENTITY, RunDesigner
 from .outputs import (
     atomic_write_bytes,
@@ -89,16 +90,10 @@ def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool) -> Pr
     header = read_header(run.bold)
     shape = header.get_data_shape()
     if len(shape) != 4 or shape[3] < 2:
-        from .errors import DataError
-
         raise DataError(f"preprocessed BOLD must be 4D with several volumes, got shape {shape}", run.bold)
     tr = repetition_time(run, header, allow_tr_mismatch)
     mask = designer.analysis_mask(run)
     if mask is not None:
-        from dataclasses import replace
-
-        from .images import check_same_grid
-
         mask_hdr = read_header(mask)
         check_same_grid(run.bold, shape, header.get_best_affine(), mask, mask_hdr.get_data_shape(),
                         mask_hdr.get_best_affine())
@@ -107,8 +102,6 @@ def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool) -> Pr
     contrasts, dropped = designer.contrasts(list(X.columns))
     confound_cols = [c for c in X.columns if c.startswith(("trans_", "rot_", "cosine", "a_comp", "t_comp",
                                                           "motion_outlier", "framewise", "csf", "white"))]
-    from .design import mean_framewise_displacement
-
     return PreparedRun(run, tr, int(shape[3]), 0.0, X, contrasts, dropped, confound_cols,
                        mean_framewise_displacement(run.confounds))
 
@@ -131,6 +124,9 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     designer = RunDesigner(bids_dir, derivatives, model, run_node)
     prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
     _check_contrasts_estimable(model, run_node, prepared)
+    for edge in model.children(run_node.name):
+        if model.node(edge.destination).level != "Dataset":
+            _check_combining_node(model, model.node(edge.destination), [p.inputs for p in prepared])
     names = list(dict.fromkeys(c.name for p in prepared for c in p.contrasts))
     labels = contrast_labels(names)
     links = dataset_links(bids_dir, derivatives)
@@ -139,9 +135,8 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     root = node_root(output_dir, run_node)
     ensure_dataset(root, links)
     fingerprint = _fingerprint(model, run_node, settings)
-    results = [fit_run(p, settings, root, labels, links, fingerprint) for p in prepared]
-    for res in results:
-        _tag_sidecars(res, model, run_node)
+    results = [fit_run(p, settings, root, labels, links, fingerprint, _run_node_sidecar(model, run_node))
+               for p in prepared]
     for edge in model.children(run_node.name):
         dst = model.node(edge.destination)
         if dst.level == "Dataset":
@@ -176,71 +171,69 @@ def _check_contrasts_estimable(model: StatsModel, node: Node, prepared: list[Pre
                              model.path, where=f"node '{node.name}', field 'Contrasts[{i}].ConditionList'")
 
 
-def _tag_sidecars(result: RunResult, model: StatsModel, node: Node) -> None:
-    """Record the node and model in every sidecar of a run's maps."""
-    for paths in result.maps.values():
-        for path in paths.values():
-            side = sidecar_path(Path(path))
-            meta = json.loads(side.read_text())
-            meta.update({"Node": node.name, "NodeLevel": node.level, "StatsModel": model.name,
-                         "StatsModelFile": model.path.name,
-                         # the design is the model's: its transformations and Model.X, not the CLI's
-                         "HRFModel": node.hrf["Model"] if node.hrf else "as the model's transformations",
-                         "DriftModel": "cosine" if node.options.get("HighPassFilterCutoffHz") else
-                                       "as Model.X (e.g. fMRIPrep's cosine* columns)",
-                         "HighPassFilterCutoffHz": node.options.get("HighPassFilterCutoffHz")})
-            atomic_write_json(side, meta)
+def _node_sidecar(model: StatsModel, node: Node) -> dict:
+    return {"Node": node.name, "NodeLevel": node.level, "NodeModelType": node.model_type,
+            "StatsModel": model.name, "StatsModelFile": model.path.name}
+
+
+def _run_node_sidecar(model: StatsModel, node: Node) -> dict:
+    """The Run node's design is the model's (transformations, Model.X), not the command line's."""
+    return {**_node_sidecar(model, node),
+            "HRFModel": node.hrf["Model"] if node.hrf else "as the model's transformations",
+            "DriftModel": "cosine" if node.options.get("HighPassFilterCutoffHz") else
+                          "as Model.X (e.g. fMRIPrep's cosine* columns)",
+            "HighPassFilterCutoffHz": node.options.get("HighPassFilterCutoffHz")}
+
+
+def _combining_groups(model: StatsModel, node: Node, runs) -> dict[tuple, list[int]]:
+    """Indices of the runs each Session/Subject node output combines: per subject and task
+    (and session when the node is a Session node or groups by session)."""
+    by_session = node.level == "Session" or "session" in node.group_by
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault((run.subject, run.entities.get("ses") if by_session else None, run.task), []).append(i)
+    for (sub, _, task), members in groups.items():
+        if len({runs[i].entities.get("ses") for i in members}) > 1:
+            raise ModelError(f"sub-{sub} task-{task}: runs from several sessions; combining across sessions "
+                             "is not supported (add \"session\" to GroupBy, or a Session node)", model.path,
+                             where=f"node '{node.name}', field 'GroupBy'")
+    return groups
+
+
+def _check_combining_node(model: StatsModel, node: Node, runs) -> None:
+    """Before anything is fitted: what a Session/Subject node asks for can be done."""
+    where = f"node '{node.name}'"
+    if not node.intercept_only:
+        raise ModelError("Session and Subject nodes support Model.X [1] only", model.path,
+                         where=f"{where}, field 'Model.X'")
+    for con in node.contrasts:  # each input contrast is combined on its own, under its name
+        bad = [c for c in con.conditions if c != "intercept"]
+        if bad:
+            raise ModelError(f"contrast '{con.name}' names {', '.join(bad)}; a node with Model.X [1] "
+                             "has only the intercept", model.path, where=f"{where}, field 'Contrasts'")
+    _combining_groups(model, node, runs)
 
 
 def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared, output_dir, settings, links,
                         labels) -> None:
     """A Session or Subject node over the Run node's contrasts."""
-    if not node.intercept_only:
-        raise ModelError("Session and Subject nodes support Model.X [1] only", model.path,
-                         where=f"node '{node.name}', field 'Model.X'")
     root = node_root(output_dir, node)
     ensure_dataset(root, links)
     wanted = set(edge_filter.get("contrast", [])) or None
-    by_group: dict[tuple, list] = {}
-    by_session = node.level == "Session" or "session" in node.group_by
-    for res, prep in zip(results, prepared):
-        key = (res.inputs.subject, res.inputs.entities.get("ses") if by_session else None, res.inputs.task)
-        by_group.setdefault(key, []).append((res, prep))
-    for (sub, _, task), members in by_group.items():
-        if len({r.inputs.entities.get("ses") for r, _ in members}) > 1:
-            raise ModelError(f"sub-{sub} task-{task}: runs from several sessions; combining across sessions "
-                             "is not supported (add \"session\" to GroupBy, or a Session node)", model.path,
-                             where=f"node '{node.name}', field 'GroupBy'")
-    for (sub, ses, task), members in by_group.items():
-        contrasts = {c.name: c for _, p in members for c in p.contrasts if wanted is None or c.name in wanted}
+    extra = {**_node_sidecar(model, node), "Level": node.level.lower()}
+    for (sub, ses, task), members in _combining_groups(model, node, [r.inputs for r in results]).items():
+        runs = [results[i] for i in members]
+        contrasts = [c for c in {c.name: c for i in members for c in prepared[i].contrasts}.values()
+                     if wanted is None or c.name in wanted]
         if node.model_type == "meta":
-            written = subject_fixed_effects([r for r, _ in members], list(contrasts.values()), labels, root,
-                                            settings, links)
+            written = subject_fixed_effects(runs, contrasts, labels, root, settings, links, extra)
         else:
-            written = _ols_across_runs([r for r, _ in members], list(contrasts.values()), labels, root)
-        for path in written:
-            side = sidecar_path(path)
-            meta = json.loads(side.read_text())
-            meta.update({"Level": node.level.lower(), "Node": node.name, "NodeLevel": node.level,
-                         "StatsModel": model.name, "StatsModelFile": model.path.name,
-                         "NodeModelType": node.model_type})
-            atomic_write_json(side, meta)
+            written = _ols_across_runs(runs, contrasts, labels, root, extra)
         log.info("sub-%s%s task-%s: node %s (%s) wrote %d maps", sub, f" ses-{ses}" if ses else "", task,
                  node.name, node.model_type, len(written))
-        _check_node_contrasts(model, node, list(contrasts))
 
 
-def _check_node_contrasts(model, node: Node, inputs: list[str]) -> None:
-    """Contrasts of a combining node may name only the intercept (each input contrast
-    is combined on its own, under its name)."""
-    for con in node.contrasts:
-        bad = [c for c in con.conditions if c != "intercept"]
-        if bad:
-            raise ModelError(f"contrast '{con.name}' names {', '.join(bad)}; a node with Model.X [1] "
-                             "has only the intercept", model.path, where=f"node '{node.name}', field 'Contrasts'")
-
-
-def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path) -> list[Path]:
+def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, extra_sidecar: dict) -> list[Path]:
     """One-sample OLS over the runs' effect maps (Model.Type glm, X [1])."""
     written = []
     first = results[0].inputs
@@ -269,7 +262,7 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path) ->
                 "Description": f"{stat} of contrast '{con.name}': one-sample OLS across runs",
                 "Contrast": {"Name": con.name, "Label": labels[con.name]},
                 "Statistic": stat, "Test": con.test, "DegreesOfFreedom": n - 1,
-                "Runs": [r.inputs.entities.get("run") for r in runs]})
+                "Runs": [r.inputs.entities.get("run") for r in runs], **extra_sidecar})
             written.append(path)
     mask_path = func_dir(root, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
     all_masks = np.logical_and.reduce([np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in results])

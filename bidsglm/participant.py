@@ -271,8 +271,10 @@ def _existing_result(prep, output_dir, fingerprint, labels) -> RunResult | None:
 
 
 def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels: dict,
-            links: dict, fingerprint: str) -> RunResult:
-    """Load, smooth, fit and write every contrast map of one run."""
+            links: dict, fingerprint: str, extra_sidecar: dict | None = None) -> RunResult:
+    """Load, smooth, fit and write every contrast map of one run.
+
+    ``extra_sidecar`` adds to (or overrides) every map's sidecar, e.g. a Stats Model's node."""
     existing = _existing_result(prep, output_dir, fingerprint, labels)
     if existing is not None:
         log.info("%s: already done with this model, reusing its maps", prep.inputs.label)
@@ -305,8 +307,8 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         for stat in contrast_stats(con):
             path = statmap_path(output_dir, run.entities, labels[con.name], stat)
             atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), mask_affine))
-            atomic_write_json(sidecar_path(path),
-                              _map_sidecar(prep, settings, con, labels[con.name], stat, glm.dof_, links))
+            atomic_write_json(sidecar_path(path), {
+                **_map_sidecar(prep, settings, con, labels[con.name], stat, glm.dof_, links), **(extra_sidecar or {})})
             paths[stat] = path
         result.maps[con.name] = paths
 
@@ -350,7 +352,8 @@ def _unmatched_confounds(requested, used: list[str]) -> list[str]:
 
 
 def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec], labels: dict,
-                          output_dir: Path, settings: ModelSettings, links: dict) -> list[Path]:
+                          output_dir: Path, settings: ModelSettings, links: dict,
+                          extra_sidecar: dict | None = None) -> list[Path]:
     """Combine the written run maps of one subject and task, contrast by contrast."""
     import nibabel as nib
 
@@ -402,6 +405,7 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
                 "SmoothingFWHM": settings.smoothing_fwhm,
                 "Sources": [bids_uri(r.maps[con.name][s], links | {"bidsglm": output_dir.resolve()})
                             for r in contributing for s in ("effect", "variance")],
+                **(extra_sidecar or {}),
             })
             written.append(path)
     mask_all = np.logical_and.reduce(masks)
