@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bsm = p.add_argument_group("BIDS Stats Model")
     bsm.add_argument("--model", type=Path, metavar="MODEL_JSON",
-                     help="a BIDS Stats Model: the participant level runs its Run, Session and Subject nodes "
-                          "(outputs under OUTPUT_DIR/node-<Name>/); the model options below are then not used "
-                          "except --smoothing-fwhm and --noise-model")
+                     help="a BIDS Stats Model: the participant level runs its Run, Session and Subject nodes, "
+                          "the group level its Dataset nodes (outputs under OUTPUT_DIR/node-<Name>/); the model "
+                          "options below are then not used except --smoothing-fwhm and --noise-model, nor the "
+                          "group model options except thresholds, permutations and atlases")
     mod = p.add_argument_group("model (when no BIDS Stats Model is given)")
     mod.add_argument("--contrast", action="append", metavar="NAME=EXPRESSION",
                      help="t contrast over condition names, e.g. 'IncongruentMinusCongruent=incongruent - "
