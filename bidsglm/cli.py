@@ -208,7 +208,29 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     log.propagate = False
 
 
+# options a BIDS Stats Model defines itself: given with --model they would be silently ignored
+_MODEL_DEFINED = {
+    "contrast": "--contrast", "hrf_model": "--hrf-model", "drift_model": "--drift-model",
+    "high_pass": "--high-pass", "slice_time_ref": "--slice-time-ref", "group_model": "--group-model",
+    "conditions": "--conditions", "group_contrast": "--group-contrast", "group_f_contrast": "--group-f-contrast",
+    "covariates": "--covariates", "group_by": "--group-by",
+}
+
+
+def _check_model_options(args) -> None:
+    defaults = build_parser()
+    given = [flag for dest, flag in _MODEL_DEFINED.items()
+             if getattr(args, dest, None) != defaults.get_default(dest)]
+    if args.confounds != list(DEFAULT_CONFOUNDS) and args.confounds != defaults.get_default("confounds"):
+        given.append("--confounds")
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be used with --model: the model defines the design, "
+                         "contrasts and group model (Model.X, Contrasts, Transformations)")
+
+
 def _check_args(args) -> None:
+    if getattr(args, "model", None) is not None:
+        _check_model_options(args)
     if args.n_cpus < 1:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:

@@ -369,3 +369,13 @@ def test_session_node_and_unsupported_graphs(tmp_path_factory, capsys):
                  "--skip-bids-validation", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 65 and len(err) == 1 and "node 'perSubject', field 'Edges'" in err[0]
+
+
+@pytest.mark.parametrize("level,option", [("participant", ["--contrast", "a=b"]),
+                                          ("participant", ["--confounds", "csf"]),
+                                          ("group", ["--group-model", "anova"]),
+                                          ("group", ["--covariates", "age"])])
+def test_options_the_model_defines_are_refused(tmp_path, capsys, level, option):
+    code = main([str(tmp_path), str(tmp_path / "out"), level, "--model", str(tmp_path / "m.json"), *option])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 64 and len(err) == 1 and option[0] in err[0] and "cannot be used with --model" in err[0]
