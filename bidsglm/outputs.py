@@ -28,6 +28,7 @@ STATS_F = ("F", "z", "p")
 BIDSIGNORE = """\
 # Written by bidsglm: statistical maps, design matrices and reports use names
 # (contrast-, stat-, _statmap, _design) that the BIDS schema does not define yet.
+# Folders are named without a trailing slash: the validator ignores "group" but not "group/".
 *_statmap.nii.gz
 *_statmap.json
 *_design.tsv
@@ -35,10 +36,14 @@ BIDSIGNORE = """\
 *_mask.nii.gz
 *_mask.json
 *.html
-group/
-reports/
-logs/
-node-*/
+group
+reports
+logs
+node-*
+# a copy of the raw dataset's table for the group level's covariates; it lists every
+# participant, also those not (yet) analysed here
+participants.tsv
+participants.json
 """
 
 
@@ -185,6 +190,7 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
         "SourceDatasets": [{"URL": root.as_uri()} for root in links.values()],
         "DatasetLinks": {name: root.as_uri() for name, root in links.items()},
     }
+    existing = None
     if desc_path.exists():
         try:
             existing = json.loads(desc_path.read_text(encoding="utf-8"))
@@ -197,10 +203,9 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
                 "was not written by bidsglm); choose an empty or bidsglm folder",
                 desc_path,
             )
-        if existing == _jsonable(description):
-            return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(desc_path, description)
+    if existing != _jsonable(description):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(desc_path, description)
     readme = output_dir / "README.md"
     if not readme.exists():
         atomic_write_text(readme, OUTPUT_README)

@@ -321,3 +321,25 @@ def test_too_few_rearrangements_are_reported(outputs, capsys):
     assert "only 16 rearrangements exist (all used)" in capsys.readouterr().err
     logp = _data(out / "group" / f"{PREFIX}_contrast-faces_stat-logp_desc-voxelFWE_statmap.nii.gz")
     assert logp.max() == pytest.approx(-np.log10(1 / 16), rel=1e-6)
+
+
+def test_outputs_with_group_level_pass_bids_validator(demo_results, tmp_path):
+    """The whole OUTPUT_DIR, group/ included, is a valid derivative dataset (.bidsignore
+    names folders without a trailing slash, which the validator would not honour)."""
+    import os
+    import shutil
+    import subprocess
+
+    from bidsglm.validation import validator_command
+
+    if validator_command() is None:
+        pytest.skip("bids-validator-deno not installed")
+    root, out, _ = demo_results
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    assert main([str(root), str(work), "group", "-q", "--allow-incomplete"]) == 0
+    assert any((work / "group").glob("*_statmap.nii.gz"))
+    proc = subprocess.run([validator_command(), "--format", "json", str(work)], capture_output=True, text=True,
+                          env={**os.environ, "DENO_DIR": str(tmp_path / "deno")})
+    errors = [i for i in json.loads(proc.stdout)["issues"]["issues"] if i["severity"] == "error"]
+    assert not errors, errors[:3]

@@ -206,6 +206,21 @@ def test_published_model_runs_at_both_levels(tmp_path_factory, ds):
     np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-4)
     side = json.loads(t_img.with_name(t_img.name.replace(".nii.gz", ".json")).read_text())
     assert side["Node"] == dataset_node.name and side["StatsModel"] == model.name
+    _assert_valid_bids(out, root.parent)
+
+
+def _assert_valid_bids(out, work):
+    import os
+    import subprocess
+
+    from bidsglm.validation import validator_command
+
+    if validator_command() is None:
+        return
+    proc = subprocess.run([validator_command(), "--format", "json", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "DENO_DIR": str(work / "deno")})
+    errors = [i for i in json.loads(proc.stdout)["issues"]["issues"] if i["severity"] == "error"]
+    assert not errors, errors[:3]
 
 
 def test_model_hrf_equals_the_convolve_transformation(flanker, tmp_path):
