@@ -165,7 +165,11 @@ def _run_records(output_dir: Path, subject: str) -> list[RunRecord]:
             side = output_dir / f"{rec.map_prefix}_contrast-{clabel}_stat-z_statmap.json"
             if side.is_file():
                 meta = _read_json(side)
-                rec.weights[name] = meta.get("Contrast", {}).get("Weights", {})
+                weights = meta.get("Contrast", {}).get("Weights", {})
+                if isinstance(weights, list):  # an F contrast: one row of weights per row of the matrix
+                    rec.weights.update({f"{name} [{i}]": row for i, row in enumerate(weights, 1)})
+                else:
+                    rec.weights[name] = weights
                 rec.model_from_maps = {k: meta[k] for k in _MODEL_KEYS if k in meta}
         records.append(rec)
     return records

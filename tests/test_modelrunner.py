@@ -273,15 +273,22 @@ CUSTOM = {
 }
 
 
-def test_custom_model_f_pass_meta_covariate_and_filter(tmp_path_factory):
+def test_custom_model_f_pass_meta_covariate_and_filter(tmp_path_factory, with_reports):
     """F and pass contrasts at the run level, fixed effects (meta) per subject, a Dataset node
     with an age covariate behind an edge that lets one contrast through."""
     root = _dataset(tmp_path_factory, "ds000102", ["01", "02", "03", "04"], 146)
     path = root.parent / "custom.json"
     path.write_text(json.dumps(CUSTOM))
     out = root.parent / "out"
-    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q"]) == 0
-    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q",
+                 "--no-reports"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0  # with its report
+    # the participant report of a model with F contrasts (one row of weights per row)
+    assert main([str(root), str(out), "participant", "--model", str(path), "--reports-only",
+                 "--participant-label", "01", "-q"]) == 0
+    page = (out / "node-runs" / "sub-01.html").read_text()
+    assert "Contrast anyEffect" in page and page.count("<img ") >= 2 * 3 + 3
+    assert (out / "node-groupAge" / "report.html").is_file()
     runs = out / "node-runs"
     assert len(list(runs.rglob("*_run-*_contrast-anyEffect_stat-F_statmap.nii.gz"))) == 8
     assert not list(runs.rglob("*contrast-congruentEffect_stat-t_statmap.nii.gz"))  # pass: no test
