@@ -101,7 +101,7 @@ BIDSGLM = textwrap.dedent("""
     t0, c0 = time.perf_counter(), time.process_time()
     from bidsglm.cli import main
     root, out, profile = sys.argv[1], sys.argv[2], len(sys.argv) > 3
-    args = [root, out, "participant", "--skip-bids-validation", "-q"]
+    args = [root, out, "participant", "--skip-bids-validation", "-q", "--no-reports"]  # nilearn draws none
     for name, expr in %(contrasts)r.items():
         args += ["--contrast", f"{name}={expr}"]
     if profile:  # where the time goes: bidsglm's own functions by cumulative time
