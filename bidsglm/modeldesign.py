@@ -44,8 +44,6 @@ class RunDesigner:
     def __init__(self, bids_dir: Path, derivatives: list[Path], model: StatsModel, node: Node):
         from bids import BIDSLayout
 
-        if node.level != "Run":
-            raise ModelError("the first node must be a Run node", model.path, where=f"node '{node.name}'")
         missing = {"run", "subject"} - set(node.group_by)
         if missing:
             raise ModelError(f"a Run node must be grouped by run and subject (missing: {', '.join(sorted(missing))})",

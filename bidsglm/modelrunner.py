@@ -110,6 +110,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     """Fit the model's Run node and the Session/Subject nodes it feeds; returns the subjects."""
     t_start = time.perf_counter()
     model = load_model(args.model)
+    _check_supported_graph(model)
     run_node = model.nodes[0]
     derivatives = find_derivatives(bids_dir, args.derivatives)
     space = SpaceSpec.parse(args.space or "MNI152NLin2009cAsym")
@@ -120,7 +121,6 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     log.info("model '%s' (%s): %d run(s) of %d participant(s); nodes: %s", model.name, model.path.name,
              len(runs), len({r.subject for r in runs}),
              ", ".join(f"{n.name} ({n.level}, {n.model_type})" for n in model.nodes))
-    _check_supported_graph(model)
     designer = RunDesigner(bids_dir, derivatives, model, run_node)
     prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
     _check_contrasts_estimable(model, run_node, prepared)
@@ -135,8 +135,17 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     root = node_root(output_dir, run_node)
     ensure_dataset(root, links)
     fingerprint = _fingerprint(model, run_node, settings)
-    results = [fit_run(p, settings, root, labels, links, fingerprint, _run_node_sidecar(model, run_node))
-               for p in prepared]
+    extra = _run_node_sidecar(model, run_node)
+    if args.n_cpus > 1 and len(prepared) > 1:  # runs in parallel processes, as without a model
+        from joblib import Parallel, delayed
+
+        from .runner import _fit_in_worker
+
+        results = Parallel(n_jobs=min(args.n_cpus, len(prepared)))(
+            delayed(_fit_in_worker)(log.level, p, settings, root, labels, links, fingerprint, extra)
+            for p in prepared)
+    else:
+        results = [fit_run(p, settings, root, labels, links, fingerprint, extra) for p in prepared]
     for edge in model.children(run_node.name):
         dst = model.node(edge.destination)
         if dst.level == "Dataset":
@@ -148,14 +157,20 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
 
 
 def _check_supported_graph(model: StatsModel) -> None:
-    """Session and Subject nodes must be fed by the Run node; Dataset nodes by one of those."""
+    """What both levels need of the model's graph, checked before either computes anything:
+    Session and Subject nodes fed by the Run node; Dataset nodes glm over an intercept
+    (plus covariates), grouped by contrast (and session)."""
     run_node = model.nodes[0]
+    if run_node.level != "Run":
+        raise ModelError("the first node must be a Run node", model.path, where=f"node '{run_node.name}'")
     for node in model.nodes[1:]:
         edge = model.parent_edge(node.name)
         where = f"node '{node.name}'"
         if edge is None:
             raise ModelError("no edge leads to this node", model.path, where=where)
         source = model.node(edge.source)
+        if node.level == "Dataset":
+            _check_dataset_node(model, node)
         if node.level in ("Session", "Subject") and source is not run_node:
             raise ModelError(f"a {node.level} node fed by the {source.level} node '{source.name}' is not "
                              "supported (Session and Subject nodes combine the Run node's contrasts)",
@@ -280,6 +295,7 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
     from .groupmodels import INTERCEPT
 
     model = load_model(args.model)
+    _check_supported_graph(model)
     datasets = [n for n in model.nodes if n.level == "Dataset"]
     if not datasets:
         raise ModelError("the model has no Dataset node for the group level", model.path)
@@ -287,18 +303,7 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
     for node in datasets:
         where = f"node '{node.name}'"
         edge = model.parent_edge(node.name)
-        if edge is None:
-            raise ModelError("no edge leads to this Dataset node", model.path, where=where)
-        extra = set(node.group_by) - {"contrast", "session"}
-        if extra:
-            raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported (contrast, session)",
-                             model.path, where=f"{where}, field 'GroupBy'")
-        if node.model_type != "glm":
-            raise ModelError("a Dataset node must be a glm (meta-analysis across subjects is not supported)",
-                             model.path, where=f"{where}, field 'Model.Type'")
         covariates = [v for v in node.x if v not in (1, "1", "intercept")]
-        if len(covariates) == len(node.x):
-            raise ModelError("Model.X needs the intercept (1)", model.path, where=f"{where}, field 'Model.X'")
         source = node_root(output_dir, model.node(edge.source))
         if not source.is_dir():
             raise ModelError(f"no outputs of node '{edge.source}' in {output_dir} (run the participant level "
@@ -306,7 +311,7 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
         base = settings_from_args(args)
         settings: GroupSettings = dataclasses.replace(
             base, model="onesample", covariates=covariates, group_by=None,
-            contrasts=_group_contrasts(node, INTERCEPT, model.path),
+            contrasts=_group_contrasts(node, INTERCEPT),
             default_contrasts=node.dummy_contrasts is not None)
         root = node_root(output_dir, node)
         ensure_dataset(root, {})
@@ -324,6 +329,23 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
             _tag_group_sidecars(target, model, node)
             written.append(target)
     return written
+
+
+def _check_dataset_node(model: StatsModel, node: Node) -> None:
+    where = f"node '{node.name}'"
+    extra = set(node.group_by) - {"contrast", "session"}
+    if extra:
+        raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported (contrast, session)",
+                         model.path, where=f"{where}, field 'GroupBy'")
+    if node.model_type != "glm":
+        raise ModelError("a Dataset node must be a glm (meta-analysis across subjects is not supported)",
+                         model.path, where=f"{where}, field 'Model.Type'")
+    if not any(v in (1, "1", "intercept") for v in node.x):
+        raise ModelError("Model.X needs the intercept (1)", model.path, where=f"{where}, field 'Model.X'")
+    for con in node.contrasts:
+        if con.test == "pass":
+            raise ModelError("Test 'pass' has no meaning at the Dataset node", model.path,
+                             where=f"{where}, field 'Contrasts' ('{con.name}')")
 
 
 def _sessions(source: Path, selected) -> list[str]:
@@ -348,7 +370,7 @@ def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
     return folders
 
 
-def _group_contrasts(node: Node, intercept: str, model_path: Path):
+def _group_contrasts(node: Node, intercept: str):
     """The node's explicit Contrasts as group contrasts over its design (1 -> the mean column)."""
     from .design import parse_contrast
     from .group import GroupContrast
@@ -361,9 +383,6 @@ def _group_contrasts(node: Node, intercept: str, model_path: Path):
         for row in rows:
             expr = " + ".join(f"{w!r}*`{rename.get(c, c)}`" for c, w in zip(con.conditions, row) if w)
             specs.append(parse_contrast(con.name, expr))
-        if con.test == "pass":
-            raise ModelError("Test 'pass' has no meaning at the Dataset node", model_path,
-                             where=f"node '{node.name}', field 'Contrasts' ('{con.name}')")
         out.append(GroupContrast(con.name, specs, f_test=con.test == "F"))
     return out
 

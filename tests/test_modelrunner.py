@@ -401,3 +401,27 @@ def test_options_the_model_defines_are_refused(tmp_path, capsys, level, option):
     code = main([str(tmp_path), str(tmp_path / "out"), level, "--model", str(tmp_path / "m.json"), *option])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 64 and len(err) == 1 and option[0] in err[0] and "cannot be used with --model" in err[0]
+
+
+def test_dataset_node_problems_stop_the_participant_level(flanker, tmp_path, capsys):
+    """A Dataset node bidsglm cannot fit is reported before any run is fitted."""
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model["Nodes"][2]["GroupBy"] = ["contrast", "group"]
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code = main([str(flanker), str(tmp_path / "out"), "participant", "--model", str(path),
+                 "--skip-bids-validation", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 65 and len(err) == 1 and "node 'data_level', field 'GroupBy'" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_parallel_runs_give_the_same_maps(flanker_results, tmp_path):
+    """--n-cpus 2 fits the Run node's runs in parallel processes: identical maps."""
+    root, out, model_path = flanker_results
+    par = tmp_path / "par"
+    assert main([str(root), str(par), "participant", "--model", str(model_path), "--skip-bids-validation",
+                 "-q", "--smoothing-fwhm", "8", "--n-cpus", "2"]) == 0
+    for ref in sorted((out / "node-run_level").rglob("*_stat-z_statmap.nii.gz")):
+        ours = par / ref.relative_to(out)
+        np.testing.assert_array_equal(nib.load(ours).get_fdata(), nib.load(ref).get_fdata())
