@@ -213,7 +213,7 @@ _MODEL_DEFINED = {
     "contrast": "--contrast", "hrf_model": "--hrf-model", "drift_model": "--drift-model",
     "high_pass": "--high-pass", "slice_time_ref": "--slice-time-ref", "group_model": "--group-model",
     "conditions": "--conditions", "group_contrast": "--group-contrast", "group_f_contrast": "--group-f-contrast",
-    "covariates": "--covariates", "group_by": "--group-by",
+    "covariates": "--covariates", "group_by": "--group-by", "confounds": "--confounds",
 }
 
 
@@ -221,8 +221,6 @@ def _check_model_options(args) -> None:
     defaults = build_parser()
     given = [flag for dest, flag in _MODEL_DEFINED.items()
              if getattr(args, dest, None) != defaults.get_default(dest)]
-    if args.confounds != list(DEFAULT_CONFOUNDS) and args.confounds != defaults.get_default("confounds"):
-        given.append("--confounds")
     if given:
         raise UsageError(f"{', '.join(given)} cannot be used with --model: the model defines the design, "
                          "contrasts and group model (Model.X, Contrasts, Transformations)")
@@ -238,29 +236,32 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
-    from .discovery import check_dataset, check_output_dir
+    from .discovery import check_output_dir
 
     _check_args(args)
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
     check_output_dir(bids_dir, output_dir)
-    if args.reports_only:
-        write_reports(args, output_dir)
-        return 0
-    if args.model is not None and args.analysis_level == "group":
-        from .modelrunner import run_model_group_level
+    subjects = None if args.reports_only else _run_level(args, bids_dir, output_dir)
+    if args.reports_only or not args.no_reports:
+        write_reports(args, output_dir, subjects)
+    return 0
 
-        run_model_group_level(args, output_dir)
-        if not args.no_reports:
-            write_reports(args, output_dir)
-        return 0
+
+def _run_level(args, bids_dir: Path, output_dir: Path) -> list[str] | None:
+    """Fit the requested level; the participant level returns the subjects it ran."""
+    from .discovery import check_dataset
+
     if args.analysis_level == "group":  # reads only what the participant level wrote
-        from .group import run_group_level
+        if args.model is not None:
+            from .modelrunner import run_model_group_level
 
-        run_group_level(args, output_dir)
-        if not args.no_reports:
-            write_reports(args, output_dir)
-        return 0
+            run_model_group_level(args, output_dir)
+        else:
+            from .group import run_group_level
+
+            run_group_level(args, output_dir)
+        return None
     check_dataset(bids_dir)
     from .runner import run_participant_level
 
@@ -274,12 +275,8 @@ def run(args) -> int:
         from .modelrunner import run_model_participant_level
         from .runner import settings_from_args
 
-        subjects = run_model_participant_level(args, bids_dir, output_dir, settings_from_args(args))
-    else:
-        subjects = run_participant_level(args, bids_dir, output_dir)
-    if not args.no_reports:
-        write_reports(args, output_dir, subjects)
-    return 0
+        return run_model_participant_level(args, bids_dir, output_dir, settings_from_args(args))
+    return run_participant_level(args, bids_dir, output_dir)
 
 
 def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> None:
