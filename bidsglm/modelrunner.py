@@ -253,6 +253,7 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, ex
     written = []
     first = results[0].inputs
     entities = {k: v for k, v in first.entities.items() if k not in ("run", "echo")}
+    run_masks = {id(r): np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in results}  # read once
     for con in contrasts:
         if con.test == "F":
             continue
@@ -262,8 +263,7 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, ex
                         "(Model.Type 'meta' combines any number)", first.subject, con.name, len(runs))
             continue
         imgs = [nib.load(str(r.maps[con.name]["effect"])) for r in runs]
-        masks = [np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in runs]
-        mask = np.logical_and.reduce(masks)
+        mask = np.logical_and.reduce([run_masks[id(r)] for r in runs])
         Y = np.stack([np.asanyarray(img.dataobj, dtype=np.float64)[mask] for img in imgs])
         n = len(runs)
         effect = Y.mean(axis=0)
@@ -280,7 +280,7 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, ex
                 "Runs": [r.inputs.entities.get("run") for r in runs], **extra_sidecar})
             written.append(path)
     mask_path = func_dir(root, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
-    all_masks = np.logical_and.reduce([np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in results])
+    all_masks = np.logical_and.reduce(list(run_masks.values()))
     atomic_write_bytes(mask_path, nifti_bytes(all_masks.astype(np.float32), nib.load(str(results[0].mask_path)).affine))
     return written
 

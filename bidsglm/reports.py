@@ -29,7 +29,7 @@ import pandas as pd
 
 from . import __version__
 from .errors import DataError
-from .outputs import atomic_write_bytes
+from .outputs import atomic_write_bytes, sidecar_path
 
 log = logging.getLogger("bidsglm")
 
@@ -244,7 +244,7 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
     folders = [output_dir] + (sorted(output_dir.parent.glob("node-*")) if output_dir.name.startswith("node-") else [])
     z_subject = next((f / name_z for f in folders if (f / name_z).is_file()), output_dir / name_z)
     parts = []
-    side_path = z_subject.with_name(z_subject.name.replace(".nii.gz", ".json"))
+    side_path = sidecar_path(z_subject)
     if z_subject.is_file() and side_path.is_file():
         side = _read_json(side_path)
         used = ", ".join(f"run-{r}" if r is not None else "the run" for r in side.get("Runs", []))
@@ -331,7 +331,7 @@ def _group_contrasts(group_dir: Path) -> dict[str, list[Path]]:
     """Unthresholded group z maps, grouped by the design they came from."""
     models: dict[str, list[Path]] = {}
     for z in sorted(group_dir.glob("*_stat-z_statmap.nii.gz")):
-        side = _read_json(z.with_name(z.name.replace(".nii.gz", ".json")))
+        side = _read_json(sidecar_path(z))
         models.setdefault(side.get("DesignMatrix", "unknown design"), []).append(z)
     return models
 
@@ -342,7 +342,7 @@ def _participants_section(group_dir: Path, models: dict[str, list[Path]]) -> str
         table = pd.read_csv(excl, sep="\t", dtype=str, keep_default_na=False)
         parts.append(f"<h4>Excluded: <code>{_esc(excl.name)}</code></h4>{_df_table(table)}")
     for design, maps in models.items():
-        side = _read_json(maps[0].with_name(maps[0].name.replace(".nii.gz", ".json")))
+        side = _read_json(sidecar_path(maps[0]))
         people = side.get("Participants", [])
         parts.append(f"<h4>Included in <code>{_esc(design)}</code> ({len(people)})</h4>"
                      f"<p>{_esc(', '.join(people))}</p>")
@@ -366,7 +366,7 @@ def _permutation_section(group_dir: Path, base: str, stat: str, mni: bool) -> st
         logp = group_dir / f"{base}_stat-logp_desc-{kind}FWE_statmap.nii.gz"
         if not logp.is_file():
             continue
-        side = _read_json(logp.with_name(logp.name.replace(".nii.gz", ".json")))
+        side = _read_json(sidecar_path(logp))
         masked = group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz"
         clusters = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
         info = {k: _esc(side[k]) for k in ("Rearrangement", "NumberOfRearrangements", "Exhaustive", "RandomSeed",
@@ -390,12 +390,12 @@ def _permutation_section(group_dir: Path, base: str, stat: str, mni: bool) -> st
 def _group_contrast_section(group_dir: Path, z: Path) -> str:
     from .figures import brain_figure
 
-    side = _read_json(z.with_name(z.name.replace(".nii.gz", ".json")))
+    side = _read_json(sidecar_path(z))
     base = z.name.removesuffix("_stat-z_statmap.nii.gz")
     stat = side.get("Test", "t")
     mni = _is_mni(z.name)
     thr_path = group_dir / f"{base}_stat-z_desc-thresholded_statmap.nii.gz"
-    thr_side_path = thr_path.with_name(thr_path.name.replace(".nii.gz", ".json"))
+    thr_side_path = sidecar_path(thr_path)
     thr_side = _read_json(thr_side_path) if thr_side_path.is_file() else {}
     con = side.get("Contrast", {})
     parts = [_kv_table({
@@ -440,7 +440,7 @@ def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
             body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index())}</details>")
         weights = {}
         for z in maps:
-            con = _read_json(z.with_name(z.name.replace(".nii.gz", ".json"))).get("Contrast", {})
+            con = _read_json(sidecar_path(z)).get("Contrast", {})
             w = con.get("Weights", {})
             weights[con.get("Label", z.name)] = "; ".join(
                 ", ".join(f"{k} {v:g}" for k, v in row.items() if v) for row in (w if isinstance(w, list) else [w]))
