@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .design import DEFAULT_CONFOUNDS
 from .errors import EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
+from .logs import configure_logging
 
 log = logging.getLogger("bidsglm")
 
@@ -197,15 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="more detail; -v also prints tracebacks on errors")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
-
-
-def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s bidsglm %(levelname)s: %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
 
 
 # options a BIDS Stats Model defines itself: given with --model they would be silently ignored

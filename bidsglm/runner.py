@@ -37,7 +37,7 @@ def settings_from_args(args) -> ModelSettings:
 
 def _fit_in_worker(level, *fit_args):
     """joblib entry point: worker processes need their own logging set-up."""
-    from .cli import configure_logging
+    from .logs import configure_logging
 
     if not log.handlers:
         configure_logging(verbose=1 if level <= logging.DEBUG else 0, quiet=level >= logging.WARNING)
