@@ -1,7 +1,8 @@
 """Command line: ``bidsglm BIDS_DIR OUTPUT_DIR {participant,group} [options]``.
 
 Only this module turns typed failures into one-line messages and exit codes:
-0 success, 64 usage error, 65 bad data or model, 70 internal error.
+0 success, 64 usage error, 65 bad data or model, 70 internal error, 73 cannot
+create output, 130 interrupted (SIGINT; SIGTERM 143).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bidsglm",
         description="Task-fMRI GLM analysis of an fMRIPrep-preprocessed BIDS dataset (a BIDS App).",
-        epilog="Exit codes: 0 success, 64 usage error, 65 bad data or model, 70 internal error.",
+        epilog="Exit codes: 0 success, 64 usage error, 65 bad data or model, 70 internal error, "
+               "73 cannot create output, 130 interrupted (143 on SIGTERM).",
     )
     p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset (read only)")
     p.add_argument("output_dir", type=Path, help="where the derivatives dataset is written (outside BIDS_DIR)")
@@ -228,15 +230,23 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
+    """The level, then the reports, each in its own output session: a failure or an
+    interrupt leaves OUTPUT_DIR as it was before that step (failed reports keep the maps)."""
     from .discovery import check_output_dir
+    from .outputs import output_session
 
     _check_args(args)
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
-    check_output_dir(bids_dir, output_dir)
-    subjects = None if args.reports_only else _run_level(args, bids_dir, output_dir)
+    inputs = [bids_dir, *(d.absolute() for d in args.derivatives or ())]
+    check_output_dir(bids_dir, output_dir, args.analysis_level, inputs[1:])
+    subjects = None
+    if not args.reports_only:
+        with output_session(output_dir, inputs, create=args.analysis_level == "participant"):
+            subjects = _run_level(args, bids_dir, output_dir)
     if args.reports_only or not args.no_reports:
-        write_reports(args, output_dir, subjects)
+        with output_session(output_dir, inputs, create=False):
+            write_reports(args, output_dir, subjects)
     return 0
 
 
@@ -302,28 +312,99 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
              ", ".join(str(p.relative_to(output_dir)) for p in paths))
 
 
+def _install_signal_handlers(received: list):
+    """SIGINT and SIGTERM raise KeyboardInterrupt (so the output session rolls back; inside
+    numba kernels at the next safe point, see interrupts.py) and are remembered: an interrupt that surfaces as another exception (inside a numba kernel it
+    becomes a SystemError) still ends the run as interrupted."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    from .interrupts import deliver
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        deliver(signum)  # raises KeyboardInterrupt, at once or at the next safe point
+
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    import signal
+
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _os_error(exc: OSError, output_dir: Path) -> tuple[str, int]:
+    """An OSError that no typed error caught: writing under OUTPUT_DIR (or a full or
+    read-only disk) cannot create output (73); any other file is an input that cannot be read (65)."""
+    import errno
+
+    from .errors import EX_CANTCREAT, EX_DATAERR
+    from .outputs import DOCKER_HINT, describe_os_error
+
+    filename = Path(exc.filename).absolute() if exc.filename else None
+    inside = filename is not None and (output_dir in (filename, *filename.parents) or
+                                       output_dir.resolve() in (filename, *filename.parents))
+    if inside or exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1)):
+        hint = f"; {DOCKER_HINT}" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        return f"{filename or output_dir}: cannot write ({describe_os_error(exc)}){hint}", EX_CANTCREAT
+    if filename is not None:
+        return f"{filename}: cannot read ({describe_os_error(exc)})", EX_DATAERR
+    return f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback and report it)", \
+        EX_SOFTWARE
+
+
+
 def main(argv=None) -> int:
+    import signal
+
+    from .errors import EX_INTERRUPTED
+
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    received: list = []
+    previous = _install_signal_handlers(received)
     try:
         return run(args)
-    except BidsGlmError as exc:
+    except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
+        if received or _interrupted(exc):
+            signum = received[0] if received else signal.SIGINT
+            log.error("interrupted (%s); nothing of this run was kept: OUTPUT_DIR is as it was before",
+                      signal.Signals(signum).name)
+            return 128 + signum if signum != signal.SIGINT else EX_INTERRUPTED
         if args.verbose:
             traceback.print_exc()
-        log.error("%s", exc.message)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted; finished outputs are kept, rerun to complete the rest")
-        return 130
-    except MemoryError:
-        log.error("out of memory; use fewer --n-cpus or a machine with more memory")
-        return EX_SOFTWARE
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, code 70
-        if args.verbose:
-            traceback.print_exc()
+        if isinstance(exc, BidsGlmError):
+            log.error("%s", exc.message)
+            return exc.exit_code
+        if isinstance(exc, MemoryError):
+            log.error("out of memory; use fewer --n-cpus or a machine with more memory")
+            return EX_SOFTWARE
+        if isinstance(exc, OSError):
+            message, code = _os_error(exc, args.output_dir.absolute())
+            log.error("%s", message)
+            return code
+        if isinstance(exc, SystemExit):
+            raise
         log.error("internal error: %s: %s (rerun with -v for a traceback and report it)",
                   type(exc).__name__, exc)
         return EX_SOFTWARE
+    finally:
+        _restore_signal_handlers(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -148,16 +148,34 @@ def check_dataset(bids_dir: Path) -> dict:
     return read_json(desc)
 
 
-def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
-    """Refuse to write anywhere inside the input dataset."""
-    bids = bids_dir.resolve()
-    out = output_dir.resolve()
-    if out == bids or bids in out.parents:
-        raise UsageError(
-            "OUTPUT_DIR is inside BIDS_DIR; bidsglm never writes into the input dataset, "
-            "choose a folder outside it",
-            output_dir,
-        )
+def check_output_dir(bids_dir: Path, output_dir: Path, level: str = "participant",
+                     derivatives=()) -> None:
+    """Before any work: BIDS_DIR exists (participant level), OUTPUT_DIR is neither inside
+    nor holding an input dataset (symbolic links resolved), is a folder if it exists and
+    holds no other tool's dataset. Writability is checked when the output session opens."""
+    from .errors import OutputError
+    from .outputs import OutputSession, check_owner
+
+    if level == "participant" and not bids_dir.is_dir():
+        raise UsageError("BIDS_DIR does not exist or is not a folder", bids_dir)
+    if level == "participant" and derivatives:
+        check_derivatives_option(derivatives)
+    OutputSession(output_dir, [bids_dir, *derivatives])  # raises if the folders overlap
+    if os.path.lexists(output_dir) and not output_dir.is_dir():
+        raise OutputError("OUTPUT_DIR exists and is not a folder; choose a folder", output_dir)
+    if output_dir.is_dir():
+        check_owner(output_dir)
+
+
+def check_derivatives_option(requested) -> None:
+    """--derivatives folders exist and are datasets: only a dataset is searched, never a
+    whole file system (``--derivatives /``)."""
+    for root in requested:
+        if not root.is_dir():
+            raise DataError("derivatives folder does not exist", root)
+        if not (root / "dataset_description.json").is_file():
+            raise UsageError("--derivatives: not a derivatives dataset (no dataset_description.json); "
+                             "give fMRIPrep's output folder, e.g. BIDS_DIR/derivatives/fmriprep", root)
 
 
 def _walk_files(root: Path):
@@ -178,9 +196,7 @@ def find_derivatives(bids_dir: Path, requested: list[Path] | None) -> list[Path]
     """Folders holding fMRIPrep outputs: the ones given, or those found under
     ``BIDS_DIR/derivatives`` that are derivative datasets with preprocessed BOLD."""
     if requested:
-        for root in requested:
-            if not root.is_dir():
-                raise DataError("derivatives folder does not exist", root)
+        check_derivatives_option(requested)
         return [Path(r) for r in requested]
     found = []
     deriv_root = bids_dir / "derivatives"

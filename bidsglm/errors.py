@@ -9,6 +9,8 @@ EX_OK = 0
 EX_USAGE = 64  # bad command line
 EX_DATAERR = 65  # bad input data or model
 EX_SOFTWARE = 70  # internal error
+EX_CANTCREAT = 73  # cannot create output (OUTPUT_DIR not writable, disk full, name too long, ...)
+EX_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM ends with 128 + 15 = 143
 
 
 class BidsGlmError(Exception):
@@ -50,3 +52,10 @@ class DataError(BidsGlmError):
 
 class ModelError(DataError):
     """The statistical model (contrasts, conditions, confounds) cannot be built."""
+
+
+class OutputError(BidsGlmError):
+    """OUTPUT_DIR cannot take the results: not writable, not a folder, disk full, a name too
+    long, or a path that would resolve outside OUTPUT_DIR or into an input dataset."""
+
+    exit_code = EX_CANTCREAT

@@ -56,7 +56,14 @@ from .permutation import (
     permutation_design,
     run_permutations,
 )
-from .outputs import atomic_write_bytes, atomic_write_json, atomic_write_tsv, entity_prefix, sidecar_path
+from .outputs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_tsv,
+    check_planned_folders,
+    entity_prefix,
+    sidecar_path,
+)
 
 log = logging.getLogger("bidsglm")
 
@@ -622,6 +629,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
         _plan_permutations(plans)
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", inputs_dir)
+    check_planned_folders([group_dir])
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),
              ", ".join(tasks), len({m.subject for m in maps}), len(exclusions))
     n_written = 0

@@ -33,12 +33,15 @@ from .errors import DataError, ModelError
 from .images import check_same_grid, nifti_bytes, read_header, unmask
 from .modeldesign import PYBIDS_ENTITY, RunDesigner
 from .outputs import (
+    active_session,
     atomic_write_bytes,
     atomic_write_json,
+    check_planned_folders,
     copy_participants_table,
     dataset_links,
     ensure_dataset,
     entity_prefix,
+    forbid_inputs,
     func_dir,
     sidecar_path,
     statmap_path,
@@ -113,6 +116,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     _check_supported_graph(model)
     run_node = model.nodes[0]
     derivatives = find_derivatives(bids_dir, args.derivatives)
+    forbid_inputs(derivatives)
     space = SpaceSpec.parse(args.space or "MNI152NLin2009cAsym")
     runs = discover_runs(bids_dir, derivatives, space, args.participant_label, args.session_label, args.task)
     runs = _select_runs(runs, model)
@@ -130,10 +134,10 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     names = list(dict.fromkeys(c.name for p in prepared for c in p.contrasts))
     labels = contrast_labels(names)
     links = dataset_links(bids_dir, derivatives)
-    ensure_dataset(output_dir, links)
-    copy_participants_table(bids_dir, output_dir)
     root = node_root(output_dir, run_node)
-    ensure_dataset(root, links)
+    node_roots = [root] + [node_root(output_dir, model.node(e.destination)) for e in model.children(run_node.name)]
+    check_planned_folders([output_dir, *node_roots, *(func_dir(r, p.inputs.entities) for r in node_roots
+                                                     for p in prepared)])
     fingerprint = _fingerprint(model, run_node, settings)
     extra = _run_node_sidecar(model, run_node)
     if args.n_cpus > 1 and len(prepared) > 1:  # runs in parallel processes, as without a model
@@ -142,7 +146,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
         from .runner import _fit_in_worker
 
         results = Parallel(n_jobs=min(args.n_cpus, len(prepared)))(
-            delayed(_fit_in_worker)(log.level, p, settings, root, labels, links, fingerprint, extra)
+            delayed(_fit_in_worker)(log.level, active_session(), p, settings, root, labels, links, fingerprint, extra)
             for p in prepared)
     else:
         results = [fit_run(p, settings, root, labels, links, fingerprint, extra) for p in prepared]
@@ -151,6 +155,10 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
         if dst.level == "Dataset":
             continue  # the group level's
         _fit_combining_node(model, dst, edge.filter, results, prepared, output_dir, settings, links, labels)
+    # dataset-level files last (shared by array jobs; see runner.run_participant_level)
+    ensure_dataset(output_dir, links)
+    copy_participants_table(bids_dir, output_dir)
+    ensure_dataset(root, links)
     log.info("model '%s': participant level done in %.1f s; results in %s", model.name,
              time.perf_counter() - t_start, output_dir)
     return sorted({r.subject for r in runs})
@@ -233,7 +241,6 @@ def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared,
                         labels) -> None:
     """A Session or Subject node over the Run node's contrasts."""
     root = node_root(output_dir, node)
-    ensure_dataset(root, links)
     wanted = set(edge_filter.get("contrast", [])) or None
     extra = {**_node_sidecar(model, node), "Level": node.level.lower()}
     for (sub, ses, task), members in _combining_groups(model, node, [r.inputs for r in results]).items():
@@ -246,6 +253,7 @@ def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared,
             written = _ols_across_runs(runs, contrasts, labels, root, extra)
         log.info("sub-%s%s task-%s: node %s (%s) wrote %d maps", sub, f" ses-{ses}" if ses else "", task,
                  node.name, node.model_type, len(written))
+    ensure_dataset(root, links)
 
 
 def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, extra_sidecar: dict) -> list[Path]:

@@ -1,23 +1,39 @@
 """The BIDS derivatives dataset bidsglm writes: names, sidecars, atomic writes.
 
-Every file is written to a hidden temporary file in its final folder and then
-renamed, so a reader (or a rerun after a crash) never sees a truncated file
-under a final name, and concurrent jobs writing the same file (cluster array
-jobs sharing OUTPUT_DIR) each replace it whole.
+Every file is written to a hidden temporary file and then renamed into place,
+so a reader (or a rerun after a crash) never sees a truncated file under a
+final name, and concurrent jobs writing the same file (cluster array jobs
+sharing OUTPUT_DIR) each replace it whole. Renaming replaces a symbolic link
+at the final name; it never writes through it.
+
+While an ``OutputSession`` is active (one per level and invocation, opened by
+the CLI), ``atomic_write_bytes`` - the one write primitive - also
+
+- refuses any path that does not resolve (symbolic links of every parent
+  followed) inside OUTPUT_DIR, or that resolves into an input dataset;
+- journals what it does, so that a failed or interrupted invocation is rolled
+  back: files it created are removed, files it replaced get their earlier
+  content back, folders it created are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import __url__, __version__
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 BIDS_VERSION = "1.10.0"
 OUTPUT_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res")
@@ -90,21 +106,82 @@ def sidecar_path(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``data`` to ``path`` whole or not at all (the one write primitive).
+
+    Any OSError (not writable, disk full, name too long, read-only file system)
+    becomes an OutputError naming the path."""
+    path = Path(path)
+    session = _active_session
+    if session is not None:
+        path = session.check(path)
+    try:
+        if session is not None:
+            session.make_folders(path.parent)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _write_temporary(path, data, session.tmp_dir if session is not None else path.parent)
+        try:
+            if session is not None:
+                session.before_replace(path)
+            _replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    except OSError as exc:
+        raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from exc
+
+
+def _write_temporary(path: Path, data: bytes, folder: Path) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=".bidsglm-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
+    return tmp
+
+
+def _replace(tmp: str, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # the final folder is on another file system than the session's: stage beside it
+        data = Path(tmp).read_bytes()
+        _unlink_quietly(tmp)
+        local = _write_temporary(path, data, path.parent)
+        try:
+            os.replace(local, path)
+        except BaseException:
+            _unlink_quietly(local)
+            raise
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short reason for an OSError, in words a user can act on."""
+    reasons = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENAMETOOLONG: "file name too long",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a file is in the way",
+        getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+    }
+    return reasons.get(exc.errno) or exc.strerror or str(exc)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -170,6 +247,26 @@ def copy_participants_table(bids_dir: Path, output_dir: Path) -> None:
                 atomic_write_bytes(target, data)
 
 
+def check_owner(output_dir: Path) -> dict | None:
+    """OUTPUT_DIR's dataset description, if any; UsageError when another tool wrote it."""
+    desc_path = output_dir / "dataset_description.json"
+    if not desc_path.exists():
+        return None
+    try:
+        existing = json.loads(desc_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    names = [g.get("Name") for g in existing.get("GeneratedBy", []) if isinstance(g, dict)] \
+        if isinstance(existing, dict) else []
+    if "bidsglm" not in names:
+        raise UsageError(
+            "OUTPUT_DIR already holds another dataset (its dataset_description.json "
+            "was not written by bidsglm); choose an empty or bidsglm folder",
+            desc_path,
+        )
+    return existing
+
+
 def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
     """Create (or check) OUTPUT_DIR's dataset_description.json and .bidsignore.
 
@@ -190,21 +287,8 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
         "SourceDatasets": [{"URL": root.as_uri()} for root in links.values()],
         "DatasetLinks": {name: root.as_uri() for name, root in links.items()},
     }
-    existing = None
-    if desc_path.exists():
-        try:
-            existing = json.loads(desc_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            existing = None
-        names = [g.get("Name") for g in (existing or {}).get("GeneratedBy", []) if isinstance(g, dict)]
-        if existing is not None and "bidsglm" not in names:
-            raise UsageError(
-                "OUTPUT_DIR already holds another dataset (its dataset_description.json "
-                "was not written by bidsglm); choose an empty or bidsglm folder",
-                desc_path,
-            )
+    existing = check_owner(output_dir)
     if existing != _jsonable(description):
-        output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(desc_path, description)
     readme = output_dir / "README.md"
     if not readme.exists():
@@ -212,3 +296,260 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
     ignore = output_dir / ".bidsignore"
     if not ignore.exists() or ignore.read_text() != BIDSIGNORE:
         atomic_write_text(ignore, BIDSIGNORE)
+
+
+# --- one invocation's writes: where they may go, and undoing them on failure -------------
+
+SESSION_PREFIX = ".bidsglm-session-"
+DOCKER_HINT = "choose a writable folder, or in Docker pass --user $(id -u):$(id -g)"
+_active_session: "OutputSession | None" = None
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class OutputSession:
+    """The writes of one invocation (one level) under OUTPUT_DIR.
+
+    ``check`` refuses a path unless it resolves inside OUTPUT_DIR and outside every input
+    dataset (BIDS_DIR, derivatives). The journal, a hidden folder
+    ``OUTPUT_DIR/.bidsglm-session-<host>-<pid>-<random>/``, holds the temporary files,
+    one log per process of the files and folders this invocation creates (logged before
+    they are created, so files of a killed worker process are found too) and hard links
+    to the earlier versions of the files it replaces. ``rollback`` undoes all of it;
+    ``commit`` only deletes the journal. The object is picklable: worker processes
+    attach to it (``attached``) and journal into the same folder."""
+
+    def __init__(self, output_dir: Path, inputs=()):
+        self.output_dir = Path(output_dir).absolute()
+        self.inputs: list[Path] = []
+        self.real_root: Path | None = None
+        self.folder: Path | None = None
+        self.created_folders: list[Path] = []  # OUTPUT_DIR and parents made by begin()
+        self._seen: set = set()
+        self._log = None
+        self._lock = threading.Lock()
+        self.forbid(inputs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_seen=set(), _log=None, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.folder / "tmp"
+
+    # -- guard --------------------------------------------------------------------
+    def forbid(self, folders) -> None:
+        """Input datasets: never written to, and OUTPUT_DIR may neither be in one nor hold one."""
+        for folder in folders:
+            real = Path(folder).absolute().resolve()
+            if real not in self.inputs:
+                self.inputs.append(real)
+        self._check_separate()
+
+    def _check_separate(self) -> None:
+        root = self.output_dir.resolve()
+        for inp in self.inputs:
+            link = f" (it resolves to {root})" if root != self.output_dir else ""
+            if _within(root, inp):
+                raise UsageError(f"OUTPUT_DIR is inside the input dataset {inp}{link}; bidsglm never writes "
+                                 "into an input dataset, choose a folder outside it", self.output_dir)
+            if _within(inp, root):
+                raise UsageError(f"OUTPUT_DIR contains the input dataset {inp}{link}; choose a folder that "
+                                 "neither is nor holds an input dataset", self.output_dir)
+
+    def check(self, path: Path) -> Path:
+        """The real path (every parent's symbolic links resolved) that writing ``path`` creates,
+        or OutputError if that is outside OUTPUT_DIR or inside an input dataset. The last name is
+        not resolved: a file is replaced by a rename, which replaces a symbolic link there."""
+        path = Path(path).absolute()
+        real = path.parent.resolve() / path.name
+        for inp in self.inputs:
+            if _within(real, inp):
+                raise OutputError(f"refusing to write into the input dataset {inp}: the path resolves to "
+                                  f"{real} (a symbolic link in OUTPUT_DIR?)", path)
+        if not _within(real.parent, self.real_root) or real == self.real_root:
+            raise OutputError(f"refusing to write outside OUTPUT_DIR ({self.real_root}): the path resolves "
+                              f"to {real} (a symbolic link in OUTPUT_DIR?)", path)
+        return real
+
+    def check_folders(self, folders) -> None:
+        for folder in dict.fromkeys(Path(f) for f in folders):
+            self.check(folder / "_")
+
+    # -- journal ------------------------------------------------------------------
+    def begin(self, create: bool) -> None:
+        """Check OUTPUT_DIR (creating it if ``create``) and open the journal there: the first
+        write, so an OUTPUT_DIR that cannot be written to stops the run before any work."""
+        out = self.output_dir
+        if os.path.lexists(out) and not out.is_dir():
+            raise OutputError("OUTPUT_DIR exists and is not a folder; choose a folder", out)
+        if not out.exists() and not create:
+            from .errors import DataError
+
+            raise DataError("OUTPUT_DIR does not exist (run the participant level first)", out)
+        self._check_separate()
+        try:
+            missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]
+            out.mkdir(parents=True, exist_ok=True)
+            self.created_folders = missing
+            self.real_root = out.resolve()
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{SESSION_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                                                dir=self.real_root))
+            self.tmp_dir.mkdir()
+            (self.folder / "backup").mkdir()
+        except OSError as exc:
+            self._remove_created_root()
+            raise OutputError(f"cannot write into OUTPUT_DIR ({describe_os_error(exc)}); {DOCKER_HINT}", out) from exc
+
+    def make_folders(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        missing = []
+        while not os.path.lexists(folder):
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            self._journal("folder", path)
+            path.mkdir(exist_ok=True)
+
+    def before_replace(self, path: Path) -> None:
+        """Before ``path`` is replaced: log it as new, or keep its earlier version."""
+        if path in self._seen:
+            return
+        self._seen.add(path)
+        if not os.path.lexists(path):
+            self._journal("file", path)
+            return
+        backup = self.folder / "backup" / path.relative_to(self.real_root)
+        if os.path.lexists(backup):  # kept already by another process of this invocation
+            return
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, backup, follow_symlinks=False)
+        except OSError:  # no hard links on this file system
+            shutil.copy2(path, backup, follow_symlinks=False)
+
+    def _journal(self, kind: str, path: Path) -> None:
+        with self._lock:
+            if self._log is None:
+                name = f"journal-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.log"
+                self._log = open(self.folder / name, "a", encoding="utf-8")
+            self._log.write(json.dumps([kind, path.relative_to(self.real_root).as_posix()]) + "\n")
+            self._log.flush()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def commit(self) -> None:
+        with _signals_ignored():
+            self._close_log()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """Put OUTPUT_DIR back as it was before this invocation (call once workers have stopped)."""
+        if self.folder is None:
+            return
+        with _signals_ignored():
+            self._close_log()
+            backup_root = self.folder / "backup"
+            for dirpath, dirnames, filenames in os.walk(backup_root):
+                for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                    kept = Path(dirpath) / name
+                    try:
+                        os.replace(kept, self.real_root / kept.relative_to(backup_root))
+                    except OSError:
+                        pass
+            files, folders = [], []
+            for log in self.folder.glob("journal-*.log"):
+                for line in log.read_text(encoding="utf-8").splitlines():
+                    try:
+                        kind, rel = json.loads(line)
+                    except ValueError:  # a line cut short by a killed process
+                        continue
+                    (files if kind == "file" else folders).append(self.real_root / rel)
+            for path in files:
+                _unlink_quietly(path)
+            for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._remove_created_root()
+
+    def _remove_created_root(self) -> None:
+        for folder in self.created_folders:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+@contextmanager
+def _signals_ignored():
+    """Rollback and commit are short and must not be cut halfway by a second Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def output_session(output_dir: Path, inputs=(), create: bool = True):
+    """Every write inside the block is checked and journalled; on any exception (also
+    KeyboardInterrupt) OUTPUT_DIR is put back as it was, on success the journal is dropped."""
+    global _active_session
+    session = OutputSession(output_dir, inputs)
+    session.begin(create)
+    previous, _active_session = _active_session, session
+    try:
+        yield session
+    except BaseException:
+        _active_session = previous
+        session.rollback()
+        raise
+    _active_session = previous
+    session.commit()
+
+
+@contextmanager
+def attached(session: "OutputSession | None"):
+    """Make a session passed to a worker process the active one there."""
+    global _active_session
+    previous, _active_session = _active_session, session
+    try:
+        yield
+    finally:
+        _active_session = previous
+
+
+def active_session() -> "OutputSession | None":
+    return _active_session
+
+
+def forbid_inputs(folders) -> None:
+    """Add input datasets found during the run (fMRIPrep folders) to the active session's guard."""
+    if _active_session is not None:
+        _active_session.forbid(folders)
+
+
+def check_planned_folders(folders) -> None:
+    """Before anything is written: each folder a level will write to must resolve inside
+    OUTPUT_DIR and outside the input datasets (no-op without an active session)."""
+    if _active_session is not None:
+        _active_session.check_folders(folders)

@@ -35,6 +35,7 @@ from scipy import stats
 from threadpoolctl import threadpool_limits
 
 from . import clusterkernels as ck
+from . import interrupts
 from .errors import ModelError
 
 log = logging.getLogger("bidsglm")
@@ -288,7 +289,15 @@ def _signed_for_max(stat: np.ndarray, design: PermutationDesign, two_sided: bool
 
 def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
                      options: PermutationOptions, label: str = "") -> PermutationResult:
-    """Y : (N, V) inputs in the mask (bool 3D array with V voxels)."""
+    """Y : (N, V) inputs in the mask (bool 3D array with V voxels).
+
+    An interrupt (Ctrl-C) is taken between batches of permutations, never inside a
+    (parallel) numba kernel, which it would crash."""
+    with interrupts.deferred():
+        return _run_permutations(Y, design, mask, options, label)
+
+
+def _run_permutations(Y, design, mask, options, label) -> PermutationResult:
     two_sided = options.two_sided and not design.f_test
     neighbours = ck.neighbour_table(mask)
     E, ss64, stat = residuals_and_observed(Y, design)
@@ -330,6 +339,7 @@ def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
                 null_mass.extend(masses.tolist())
                 null_tfce.extend(tfces.tolist())
             done += count
+            interrupts.check()
             progress.update(done)
     progress.finish()
 

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from .design import contrast_labels, parse_contrast_option, read_events
 from .discovery import SpaceSpec, discover_runs, find_derivatives
-from .outputs import copy_participants_table, dataset_links, ensure_dataset
+from .outputs import (
+    active_session,
+    attached,
+    check_planned_folders,
+    copy_participants_table,
+    dataset_links,
+    ensure_dataset,
+    forbid_inputs,
+    func_dir,
+)
 from .participant import (
     ModelSettings,
     fit_run,
@@ -35,13 +44,15 @@ def settings_from_args(args) -> ModelSettings:
     )
 
 
-def _fit_in_worker(level, *fit_args):
-    """joblib entry point: worker processes need their own logging set-up."""
+def _fit_in_worker(level, session, *fit_args):
+    """joblib entry point: worker processes need their own logging set-up, and write
+    under the parent's output session (its guard and journal)."""
     from .logs import configure_logging
 
     if not log.handlers:
         configure_logging(verbose=1 if level <= logging.DEBUG else 0, quiet=level >= logging.WARNING)
-    return fit_run(*fit_args)
+    with attached(session):
+        return fit_run(*fit_args)
 
 
 def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
@@ -51,6 +62,7 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
     t_start = time.perf_counter()
     space = SpaceSpec.parse(args.space or DEFAULT_SPACE)
     derivatives = find_derivatives(bids_dir, args.derivatives)
+    forbid_inputs(derivatives)
     runs = discover_runs(bids_dir, derivatives, space, args.participant_label,
                          args.session_label, args.task)
     settings = settings_from_args(args)
@@ -71,14 +83,14 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
         plans.append((task, contrasts, labels, prepared))
 
     links = dataset_links(bids_dir, derivatives)
-    ensure_dataset(output_dir, links)
-    copy_participants_table(bids_dir, output_dir)
+    check_planned_folders([output_dir, *(func_dir(output_dir, p.inputs.entities)
+                                         for _, _, _, prepared in plans for p in prepared)])
     n_written = 0
     for task, contrasts, labels, prepared in plans:
         fingerprint = settings.fingerprint(contrasts)
         log.info("task-%s: %d run(s), contrasts: %s", task, len(prepared),
                  ", ".join(f"{c.name} [{labels[c.name]}]" for c in contrasts))
-        jobs = (delayed(_fit_in_worker)(log.level, p, settings, output_dir, labels, links, fingerprint)
+        jobs = (delayed(_fit_in_worker)(log.level, active_session(), p, settings, output_dir, labels, links, fingerprint)
                 for p in prepared)
         if args.n_cpus > 1 and len(prepared) > 1:
             results = Parallel(n_jobs=min(args.n_cpus, len(prepared)))(jobs)
@@ -93,6 +105,10 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
             n_written += len(written)
             log.info("sub-%s%s task-%s: fixed effects over %d run(s) written (%d maps)", sub,
                      f" ses-{ses}" if ses else "", task, len(sub_results), len(written))
+    # dataset-level files last: array jobs share them, and a job that fails must not
+    # remove (roll back) a file that another, successful job relies on
+    ensure_dataset(output_dir, links)
+    copy_participants_table(bids_dir, output_dir)
     n_runs = sum(len(prepared) for _, _, _, prepared in plans)
     log.info("participant level done in %.1f s: %d run(s) of %d participant(s), %d subject-level maps; "
              "results in %s", time.perf_counter() - t_start, n_runs, len({r.subject for r in runs}),
