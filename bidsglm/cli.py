@@ -242,10 +242,10 @@ def run(args) -> int:
     check_output_dir(bids_dir, output_dir, args.analysis_level, inputs[1:])
     subjects = None
     if not args.reports_only:
-        with output_session(output_dir, inputs, create=args.analysis_level == "participant"):
+        with output_session(output_dir, inputs):
             subjects = _run_level(args, bids_dir, output_dir)
     if args.reports_only or not args.no_reports:
-        with output_session(output_dir, inputs, create=False):
+        with output_session(output_dir, inputs):
             write_reports(args, output_dir, subjects)
     return 0
 
@@ -292,15 +292,21 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
     model = load_model(args.model) if getattr(args, "model", None) is not None else None
     if model is not None and args.analysis_level == "participant":
         output_dir = node_root(output_dir, model.nodes[0])  # the Run node's maps
+    from .outputs import check_planned_folders
+
     if model is not None and args.analysis_level == "group":
         from .modelrunner import dataset_node_folders
 
-        paths = [reports.group_report(output_dir, folder) for folder in dataset_node_folders(output_dir, model)]
+        folders = dataset_node_folders(output_dir, model)
+        check_planned_folders(folders)  # report workers write unjournalled: check their folders here
+        paths = [reports.group_report(output_dir, folder) for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
     elif args.analysis_level == "group":
+        check_planned_folders([output_dir / "group"])
         paths = [reports.group_report(output_dir)]
     else:
+        check_planned_folders([output_dir])
         if subjects is None:
             subjects = reports.subjects_with_results(output_dir, args.participant_label)
             if not subjects:
@@ -354,14 +360,13 @@ def _os_error(exc: OSError, output_dir: Path) -> tuple[str, int]:
     import errno
 
     from .errors import EX_CANTCREAT, EX_DATAERR
-    from .outputs import DOCKER_HINT, describe_os_error
+    from .outputs import describe_os_error
 
     filename = Path(exc.filename).absolute() if exc.filename else None
     inside = filename is not None and (output_dir in (filename, *filename.parents) or
                                        output_dir.resolve() in (filename, *filename.parents))
     if inside or exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1)):
-        hint = f"; {DOCKER_HINT}" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
-        return f"{filename or output_dir}: cannot write ({describe_os_error(exc)}){hint}", EX_CANTCREAT
+        return f"{filename or output_dir}: cannot write ({describe_os_error(exc, hint=True)})", EX_CANTCREAT
     if filename is not None:
         return f"{filename}: cannot read ({describe_os_error(exc)})", EX_DATAERR
     return f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback and report it)", \

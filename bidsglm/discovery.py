@@ -163,7 +163,7 @@ def check_output_dir(bids_dir: Path, output_dir: Path, level: str = "participant
     OutputSession(output_dir, [bids_dir, *derivatives])  # raises if the folders overlap
     if os.path.lexists(output_dir) and not output_dir.is_dir():
         raise OutputError("OUTPUT_DIR exists and is not a folder; choose a folder", output_dir)
-    if output_dir.is_dir():
+    if level == "participant" and output_dir.is_dir():  # the group level reads (and checks) it
         check_owner(output_dir)
 
 

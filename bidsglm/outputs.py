@@ -110,10 +110,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     Any OSError (not writable, disk full, name too long, read-only file system)
     becomes an OutputError naming the path."""
-    path = Path(path)
+    shown = path = Path(path)
     session = _active_session
     if session is not None:
-        path = session.check(path)
+        path = session.check(path)  # the real path: every parent's symbolic links resolved
     try:
         if session is not None:
             session.make_folders(path.parent)
@@ -128,7 +128,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             _unlink_quietly(tmp)
             raise
     except OSError as exc:
-        raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from exc
+        raise OutputError(f"cannot write ({describe_os_error(exc, hint=True)})", shown) from exc
 
 
 def _write_temporary(path: Path, data: bytes, folder: Path) -> str:
@@ -169,8 +169,16 @@ def _unlink_quietly(path) -> None:
         pass
 
 
-def describe_os_error(exc: OSError) -> str:
-    """A short reason for an OSError, in words a user can act on."""
+def describe_os_error(exc: OSError, hint: bool = False) -> str:
+    """A short reason for an OSError, in words a user can act on (``hint``: how to get
+    a writable folder, where permissions are the problem)."""
+    reason = _reason(exc)
+    if hint and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason += f"; {DOCKER_HINT}"
+    return reason
+
+
+def _reason(exc: OSError) -> str:
     reasons = {
         errno.ENOSPC: "no space left on the device",
         errno.EROFS: "read-only file system",
@@ -313,7 +321,7 @@ class OutputSession:
     """The writes of one invocation (one level) under OUTPUT_DIR.
 
     ``check`` refuses a path unless it resolves inside OUTPUT_DIR and outside every input
-    dataset (BIDS_DIR, derivatives). The journal, a hidden folder
+    dataset (``inputs``: BIDS_DIR first, then derivatives datasets). The journal, a hidden folder
     ``OUTPUT_DIR/.bidsglm-session-<host>-<pid>-<random>/``, holds the temporary files,
     one log per process of the files and folders this invocation creates (logged before
     they are created, so files of a killed worker process are found too) and hard links
@@ -356,14 +364,15 @@ class OutputSession:
 
     def _check_separate(self) -> None:
         root = self.output_dir.resolve()
-        for inp in self.inputs:
+        for i, inp in enumerate(self.inputs):
+            what = f"BIDS_DIR ({inp}), an input dataset" if i == 0 else f"the input dataset {inp}"
             link = f" (it resolves to {root})" if root != self.output_dir else ""
             if _within(root, inp):
-                raise UsageError(f"OUTPUT_DIR is inside the input dataset {inp}{link}; bidsglm never writes "
-                                 "into an input dataset, choose a folder outside it", self.output_dir)
+                raise UsageError(f"OUTPUT_DIR{link} is inside {what}; bidsglm never writes into an input "
+                                 "dataset, choose a folder outside it", self.output_dir)
             if _within(inp, root):
-                raise UsageError(f"OUTPUT_DIR contains the input dataset {inp}{link}; choose a folder that "
-                                 "neither is nor holds an input dataset", self.output_dir)
+                raise UsageError(f"OUTPUT_DIR{link} contains {what}; choose a folder that neither is nor "
+                                 "holds an input dataset", self.output_dir)
 
     def check(self, path: Path) -> Path:
         """The real path (every parent's symbolic links resolved) that writing ``path`` creates,
@@ -385,16 +394,13 @@ class OutputSession:
             self.check(folder / "_")
 
     # -- journal ------------------------------------------------------------------
-    def begin(self, create: bool) -> None:
-        """Check OUTPUT_DIR (creating it if ``create``) and open the journal there: the first
-        write, so an OUTPUT_DIR that cannot be written to stops the run before any work."""
+    def begin(self) -> None:
+        """Check OUTPUT_DIR (creating it, and removing it again on rollback, if it is missing)
+        and open the journal there: the first write, so an OUTPUT_DIR that cannot be written
+        to stops the run before any work."""
         out = self.output_dir
         if os.path.lexists(out) and not out.is_dir():
             raise OutputError("OUTPUT_DIR exists and is not a folder; choose a folder", out)
-        if not out.exists() and not create:
-            from .errors import DataError
-
-            raise DataError("OUTPUT_DIR does not exist (run the participant level first)", out)
         self._check_separate()
         try:
             missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]
@@ -407,7 +413,7 @@ class OutputSession:
             (self.folder / "backup").mkdir()
         except OSError as exc:
             self._remove_created_root()
-            raise OutputError(f"cannot write into OUTPUT_DIR ({describe_os_error(exc)}); {DOCKER_HINT}", out) from exc
+            raise OutputError(f"cannot write into OUTPUT_DIR ({describe_os_error(exc, hint=True)})", out) from exc
 
     def make_folders(self, folder: Path) -> None:
         if folder.is_dir():
@@ -510,12 +516,12 @@ def _signals_ignored():
 
 
 @contextmanager
-def output_session(output_dir: Path, inputs=(), create: bool = True):
+def output_session(output_dir: Path, inputs=()):
     """Every write inside the block is checked and journalled; on any exception (also
     KeyboardInterrupt) OUTPUT_DIR is put back as it was, on success the journal is dropped."""
     global _active_session
     session = OutputSession(output_dir, inputs)
-    session.begin(create)
+    session.begin()
     previous, _active_session = _active_session, session
     try:
         yield session
