@@ -61,6 +61,7 @@ from .outputs import (
     atomic_write_json,
     atomic_write_tsv,
     check_planned_folders,
+    check_planned_names,
     entity_prefix,
     sidecar_path,
 )
@@ -630,6 +631,8 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", inputs_dir)
     check_planned_folders([group_dir])
+    check_planned_names(group_dir / f"{_prefix(p)}_contrast-{con.label}_stat-logp_desc-clustermassFWE_statmap.nii.gz"
+                        for p in plans for con, _ in p.contrasts)
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),
              ", ".join(tasks), len({m.subject for m in maps}), len(exclusions))
     n_written = 0

@@ -123,7 +123,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         try:
             if session is not None:
                 session.before_replace(path)
-            _replace(tmp, path)
+            try:
+                _replace(tmp, path)
+            except FileNotFoundError:  # an empty folder just removed by another job's rollback
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
             raise
@@ -552,6 +556,27 @@ def forbid_inputs(folders) -> None:
     """Add input datasets found during the run (fMRIPrep folders) to the active session's guard."""
     if _active_session is not None:
         _active_session.forbid(folders)
+
+
+def check_planned_names(paths) -> None:
+    """Before any work: no planned file name is longer than the file system allows (a long
+    contrast name would otherwise fail only when its first map is written)."""
+    for path in paths:
+        path = Path(path)
+        limit = _name_max(path)
+        if len(path.name.encode()) > limit:
+            raise OutputError(f"file name too long ({len(path.name.encode())} bytes, the file system allows "
+                              f"{limit}); use shorter contrast names", path)
+
+
+def _name_max(path: Path) -> int:
+    for folder in (path.parent, *path.parents):
+        if folder.exists():
+            try:
+                return os.pathconf(folder, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):
+                break
+    return 255
 
 
 def check_planned_folders(folders) -> None:

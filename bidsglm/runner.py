@@ -12,11 +12,13 @@ from .outputs import (
     active_session,
     attached,
     check_planned_folders,
+    check_planned_names,
     copy_participants_table,
     dataset_links,
     ensure_dataset,
     forbid_inputs,
     func_dir,
+    statmap_path,
 )
 from .participant import (
     ModelSettings,
@@ -85,6 +87,8 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
     links = dataset_links(bids_dir, derivatives)
     check_planned_folders([output_dir, *(func_dir(output_dir, p.inputs.entities)
                                          for _, _, _, prepared in plans for p in prepared)])
+    check_planned_names(statmap_path(output_dir, p.inputs.entities, labels[c.name], "variance")
+                        for _, _, labels, prepared in plans for p in prepared for c in p.contrasts)
     n_written = 0
     for task, contrasts, labels, prepared in plans:
         fingerprint = settings.fingerprint(contrasts)

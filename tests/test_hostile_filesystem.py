@@ -236,6 +236,18 @@ def test_output_dir_name_too_long(capsys, bids, tmp_path):
     assert tree(root) == before
 
 
+def test_file_name_too_long_is_refused_before_fitting(capsys, bids, tmp_path, monkeypatch):
+    import bidsglm.runner
+
+    root, before = bids
+    monkeypatch.setattr(bidsglm.runner, "fit_run", lambda *a: pytest.fail("fitted"))
+    out = tmp_path / "glm"
+    code, err = run_cli(capsys, root, out, *PARTICIPANT[:-1], "a" * 240 + "=congruent_correct")
+    assert code == 73
+    assert_one_line(err, "file name too long", "use shorter contrast names")
+    assert not os.path.lexists(out) and tree(root) == before
+
+
 def test_disk_full_midway_rolls_back_and_exits_73(capsys, bids, earlier_results, tmp_path, monkeypatch):
     """ENOSPC on the tenth file: exit 73 naming the file; the earlier results are as they were."""
     root, before = bids
