@@ -319,16 +319,17 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
 
 
 def _install_signal_handlers(received: list):
-    """SIGINT and SIGTERM raise KeyboardInterrupt (so the output session rolls back; inside
-    numba kernels at the next safe point, see interrupts.py) and are remembered: an interrupt that surfaces as another exception (inside a numba kernel it
-    becomes a SystemError) still ends the run as interrupted."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so the output session rolls back (around
+    numba kernels at the next safe point, see interrupts.py). They are remembered: an
+    interrupt that surfaces as another exception still ends the run as interrupted."""
     import signal
     import threading
 
+    from .interrupts import deliver, reset
+
     if threading.current_thread() is not threading.main_thread():
         return {}
-
-    from .interrupts import deliver
+    reset()
 
     def on_signal(signum, frame):
         received.append(signum)

@@ -25,6 +25,11 @@ def deliver(signum: int) -> None:
     raise KeyboardInterrupt
 
 
+def reset() -> None:
+    """Forget a signal left pending by an earlier command in this process."""
+    _pending.clear()
+
+
 def check() -> None:
     """A safe point between kernel calls: raise a signal that arrived meanwhile."""
     if _pending:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import signal
