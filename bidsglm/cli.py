@@ -232,14 +232,15 @@ def _check_args(args) -> None:
 def run(args) -> int:
     """The level, then the reports, each in its own output session: a failure or an
     interrupt leaves OUTPUT_DIR as it was before that step (failed reports keep the maps)."""
-    from .discovery import check_output_dir
+    from .discovery import check_output_dir, input_datasets
     from .outputs import output_session
 
     _check_args(args)
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
-    inputs = [bids_dir, *(d.absolute() for d in args.derivatives or ())]
-    check_output_dir(bids_dir, output_dir, args.analysis_level, inputs[1:])
+    derivatives = [d.absolute() for d in args.derivatives or ()]
+    check_output_dir(bids_dir, output_dir, args.analysis_level, derivatives)
+    inputs = input_datasets(bids_dir, derivatives)
     subjects = None
     if not args.reports_only:
         with output_session(output_dir, inputs):

@@ -167,6 +167,18 @@ def check_output_dir(bids_dir: Path, output_dir: Path, level: str = "participant
         check_owner(output_dir)
 
 
+def input_datasets(bids_dir: Path, requested=None) -> list[Path]:
+    """Folders never to be written to, known before any work: BIDS_DIR, the --derivatives
+    folders, and each folder in BIDS_DIR/derivatives (a link there may lead elsewhere)."""
+    folders = [bids_dir, *(Path(d).absolute() for d in requested or ())]
+    deriv_root = bids_dir / "derivatives"
+    try:
+        folders += sorted(p for p in deriv_root.iterdir() if p.is_dir())
+    except OSError:  # no derivatives folder (or not readable: found later, with a message)
+        pass
+    return folders
+
+
 def check_derivatives_option(requested) -> None:
     """--derivatives folders exist and are datasets: only a dataset is searched, never a
     whole file system (``--derivatives /``)."""

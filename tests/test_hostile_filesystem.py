@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -415,3 +416,67 @@ def test_overlap_check_names_resolved_paths(tmp_path):
     (tmp_path / "link").symlink_to(raw)
     with pytest.raises(UsageError, match="resolves to"):
         OutputSession(tmp_path / "link" / "out", [raw])
+
+
+MODEL = {
+    "Name": "hostile", "BIDSModelVersion": "1.0.0",
+    "Nodes": [
+        {"Level": "Run", "Name": "runs", "GroupBy": ["run", "subject"],
+         "Transformations": {"Transformer": "pybids-transforms-v1",
+                             "Instructions": [{"Name": "Factor", "Input": ["trial_type"]}]},
+         "Model": {"Type": "glm", "X": [1, "trial_type.congruent_correct", "trans_*"],
+                   "HRF": {"Variables": ["trial_type.congruent_correct"], "Model": "glover"},
+                   "Options": {"HighPassFilterCutoffHz": 0.01}},
+         "Contrasts": [{"Name": "congruent", "ConditionList": ["trial_type.congruent_correct"],
+                        "Weights": [1], "Test": "t"}]},
+        {"Level": "Subject", "Name": "subjects", "GroupBy": ["subject", "contrast"],
+         "Model": {"Type": "meta", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+    ],
+    "Edges": [{"Source": "runs", "Destination": "subjects"}],
+}
+
+
+def test_stats_model_node_folder_linked_into_the_inputs(capsys, bids, tmp_path, monkeypatch):
+    """A BIDS Stats Model writes under OUTPUT_DIR/node-<Name>/: a Subject node's folder linked to
+    fMRIPrep's dataset is refused before any run is fitted."""
+    import bidsglm.modelrunner
+
+    root, _ = bids
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps(MODEL))
+    before = tree(root)
+    out = tmp_path / "glm"
+    out.mkdir()
+    (out / "node-subjects").symlink_to(root.joinpath(*FMRIPREP))
+    monkeypatch.setattr(bidsglm.modelrunner, "fit_run", lambda *a: pytest.fail("fitted"))
+    code, err = run_cli(capsys, root, out, "participant", "--model", model, "--skip-bids-validation", "-q")
+    assert code == 73
+    assert_one_line(err, "refusing to write into the input dataset")
+    assert tree(root) == before
+    assert [p.name for p in out.iterdir()] == ["node-subjects"]
+
+
+def test_output_dir_inside_a_linked_derivatives_dataset(capsys, demo_copy, tmp_path):
+    """BIDS_DIR/derivatives/fmriprep is a link to /elsewhere/fmriprep, and OUTPUT_DIR lies in
+    there: refused before anything is written (not even OUTPUT_DIR is created)."""
+    elsewhere = tmp_path / "elsewhere" / "fmriprep"
+    shutil.move(demo_copy.joinpath(*FMRIPREP), elsewhere)
+    demo_copy.joinpath(*FMRIPREP).symlink_to(elsewhere)
+    before = {**tree(demo_copy), **tree(elsewhere)}
+    out = elsewhere / "glm"
+    code, err = run_cli(capsys, demo_copy, out, *PARTICIPANT)
+    assert code == 64
+    assert_one_line(err, "is inside the input dataset", str(elsewhere))
+    assert {**tree(demo_copy), **tree(elsewhere)} == before
+    assert not os.path.lexists(out)
+
+
+def test_derivatives_folders_are_inputs_before_any_work(tmp_path):
+    from bidsglm.discovery import input_datasets
+
+    raw = tmp_path / "raw"
+    (raw / "derivatives" / "fmriprep").mkdir(parents=True)
+    (raw / "derivatives" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    folders = {p.resolve() for p in input_datasets(raw, [tmp_path / "given"])}
+    assert folders == {raw, raw / "derivatives" / "fmriprep", tmp_path / "elsewhere", tmp_path / "given"}
