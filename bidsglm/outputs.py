@@ -407,9 +407,8 @@ class OutputSession:
             raise OutputError("OUTPUT_DIR exists and is not a folder; choose a folder", out)
         self._check_separate()
         try:
-            missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]
+            self.created_folders = [p for p in (out, *out.parents) if not os.path.lexists(p)]
             out.mkdir(parents=True, exist_ok=True)
-            self.created_folders = missing
             self.real_root = out.resolve()
             self.folder = Path(tempfile.mkdtemp(prefix=f"{SESSION_PREFIX}{socket.gethostname()}-{os.getpid()}-",
                                                 dir=self.real_root))
@@ -450,7 +449,7 @@ class OutputSession:
     def _journal(self, kind: str, path: Path) -> None:
         with self._lock:
             if self._log is None:
-                name = f"journal-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.log"
+                name = f"journal-{socket.gethostname()}-{os.getpid()}.log"
                 self._log = open(self.folder / name, "a", encoding="utf-8")
             self._log.write(json.dumps([kind, path.relative_to(self.real_root).as_posix()]) + "\n")
             self._log.flush()

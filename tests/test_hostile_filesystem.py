@@ -350,8 +350,10 @@ def test_failed_rerun_restores_earlier_results(capsys, bids, earlier_results, tm
 def test_failed_group_level_leaves_nothing(capsys, tmp_path):
     out = tmp_path / "glm"
     write_participant_outputs(out, n_subjects=4)
-    broken = next(out.glob("sub-03/func/sub-03_task-loc_space-*_contrast-faces_stat-effect_statmap.nii.gz"))
-    broken.write_bytes(broken.read_bytes()[:200])  # found when the maps are read, after planning
+    # found when the second model reads its maps: the exclusions table and the first model's
+    # maps are written by then
+    broken = next(out.glob("sub-03/func/sub-03_task-loc_space-*_contrast-houses_stat-effect_statmap.nii.gz"))
+    broken.write_bytes(broken.read_bytes()[:200])
     listing = tree(out)
     code, err = run_cli(capsys, tmp_path / "raw", out, "group", "-q", "--atlases", "none")
     assert code == 65
