@@ -245,6 +245,7 @@ def run(args) -> int:
     if not args.reports_only:
         with output_session(output_dir, inputs):
             subjects = _run_level(args, bids_dir, output_dir)
+        args.level_done = True  # a failure from here on (the reports) keeps the maps
     if args.reports_only or not args.no_reports:
         with output_session(output_dir, inputs):
             write_reports(args, output_dir, subjects)
@@ -390,8 +391,12 @@ def main(argv=None) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
         if received or _interrupted(exc):
             signum = received[0] if received else signal.SIGINT
-            log.error("interrupted (%s); nothing of this run was kept: OUTPUT_DIR is as it was before",
-                      signal.Signals(signum).name)
+            if getattr(args, "level_done", False):
+                log.error("interrupted (%s) while writing the reports; the maps are complete (rerun with "
+                          "--reports-only for the reports)", signal.Signals(signum).name)
+            else:
+                log.error("interrupted (%s); nothing of this run was kept: OUTPUT_DIR is as it was before",
+                          signal.Signals(signum).name)
             return 128 + signum if signum != signal.SIGINT else EX_INTERRUPTED
         if args.verbose:
             traceback.print_exc()

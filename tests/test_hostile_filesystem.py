@@ -482,3 +482,21 @@ def test_derivatives_folders_are_inputs_before_any_work(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     folders = {p.resolve() for p in input_datasets(raw, [tmp_path / "given"])}
     assert folders == {raw, raw / "derivatives" / "fmriprep", tmp_path / "elsewhere", tmp_path / "given"}
+
+
+def test_interrupt_in_the_reports_keeps_the_maps(capsys, bids, tmp_path, monkeypatch):
+    """The level and the reports are separate steps: maps that were completed are kept."""
+    import bidsglm.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    root, before = bids
+    monkeypatch.setattr(bidsglm.cli, "write_reports", interrupted)
+    out = tmp_path / "glm"
+    code, err = run_cli(capsys, root, out, *PARTICIPANT)
+    assert code == 130
+    assert_one_line(err, "while writing the reports", "--reports-only")
+    assert list(out.rglob("*_stat-z_statmap.nii.gz")) and (out / "dataset_description.json").is_file()
+    assert not list(out.glob(outputs.SESSION_PREFIX + "*"))
+    assert tree(root) == before
