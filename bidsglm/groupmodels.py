@@ -19,7 +19,7 @@ from scipy.linalg import sqrtm
 
 from .design import ContrastSpec
 from .errors import ModelError
-from .firstlevel import design_rank
+from .firstlevel import design_rank, is_estimable  # noqa: F401 - is_estimable: used by group planning
 from .statistics import ContrastResult, f_contrast, t_contrast
 
 INTERCEPT = "mean"
@@ -168,14 +168,6 @@ class GroupFit:
             c = vt[: int(np.sum(s > s.max() * 1e-10))]
         root = np.real(sqrtm(np.linalg.inv(c @ self.cov @ c.T)))
         return f_contrast(root @ (c @ self.beta), self.dispersion, self.dof)
-
-
-def is_estimable(c: np.ndarray, X: np.ndarray) -> bool:
-    """Every row of c is a combination of the rows of X, so c @ beta does not depend
-    on which solution the pseudo-inverse picked."""
-    c = np.atleast_2d(c)
-    projected = c @ scipy.linalg.pinv(X) @ X
-    return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
 
 
 def fit_ols(Y: np.ndarray, X: np.ndarray) -> GroupFit:
