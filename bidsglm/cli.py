@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 import traceback
@@ -28,11 +29,46 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EX_USAGE)
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+MAX_FWHM_MM = 50.0  # wider smoothing blurs the whole brain into a few voxels (and takes hours)
+
+
+def _smoothing_fwhm(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_FWHM_MM:
+        raise argparse.ArgumentTypeError(f"{text!r} mm is wider than {MAX_FWHM_MM:g} mm")
+    return value
+
+
+def _probability(text: str) -> float:
+    """A level or p-value: strictly between 0 and 1."""
+    value = _finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1 (exclusive)")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
@@ -45,8 +81,8 @@ def _high_pass(text: str) -> float:
         value = float(num) / float(den) if sep else float(num)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a frequency in Hz (e.g. 0.008 or 1/128)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("--high-pass must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite frequency in Hz")
     return value
 
 
@@ -92,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="confound columns from fMRIPrep's confounds table; shell wildcards allowed "
                           "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
                           "(default: the six motion parameters)")
-    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=6.0, metavar="MM",
-                     help="Gaussian smoothing FWHM in mm, 0 for none (default: %(default)s)")
+    mod.add_argument("--smoothing-fwhm", type=_smoothing_fwhm, default=6.0, metavar="MM",
+                     help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} "
+                          "(default: %(default)s)")
     mod.add_argument("--hrf-model", default="glover",
                      choices=["glover", "spm", "glover + derivative", "spm + derivative",
                               "glover + derivative + dispersion", "spm + derivative + dispersion"],
@@ -101,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--drift-model", default="cosine", choices=["cosine", "none"],
                      help="low-frequency drift model (default: %(default)s)")
     mod.add_argument("--high-pass", type=_high_pass, default=1.0 / 128, metavar="HZ",
-                     help="high-pass cut-off of the cosine drift basis in Hz (default: 1/128)")
+                     help="high-pass cut-off of the cosine drift basis in Hz, below the Nyquist frequency "
+                          "1/(2 TR) (default: 1/128)")
     mod.add_argument("--noise-model", default="ar1", choices=["ar1", "ols"],
                      help="temporal noise model: AR(1) prewhitening or OLS (default: %(default)s)")
-    mod.add_argument("--slice-time-ref", type=float, default=None, metavar="FRACTION",
+    mod.add_argument("--slice-time-ref", type=_finite_float, default=None, metavar="FRACTION",
                      help="time of the modelled sample within each TR, 0-1; default: StartTime/TR "
                           "from the preprocessed BOLD sidecar if present, else 0")
     mod.add_argument("--allow-tr-mismatch", action="store_true",
@@ -149,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--height-control", "--height_control", default="fpr", choices=["fpr", "fdr", "bonferroni"],
                      help="voxel-level threshold: uncorrected (fpr), false discovery rate (fdr) or "
                           "family-wise by Bonferroni (default: %(default)s)")
-    grp.add_argument("--alpha", type=float, metavar="P",
+    grp.add_argument("--alpha", type=_probability, metavar="P",
                      help="level of the height threshold (default: 0.001 for fpr, 0.05 otherwise)")
-    grp.add_argument("--cluster-extent", "--cluster_extent", type=int, default=0, metavar="K",
+    grp.add_argument("--cluster-extent", "--cluster_extent", type=_non_negative_int, default=0, metavar="K",
                      help="keep only clusters of at least K voxels (face connectivity) (default: 0)")
     grp.add_argument("--one-sided", action="store_true",
                      help="threshold positive effects only (default: two-sided t tests, alpha split "
@@ -166,17 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
         "family-wise error control by the maximum statistic: voxel-level, cluster size and mass, TFCE. "
         "One-sample designs flip signs; designs with nuisance columns use Freedman-Lane (the "
         "repeated-measures model permutes conditions within subjects). t and F contrasts.")
-    perm.add_argument("--permutations", "--n-perm", type=int, default=0, metavar="N",
+    perm.add_argument("--permutations", "--n-perm", type=_non_negative_int, default=0, metavar="N",
                       help="number of random permutations or sign flips (all of them when there are "
                            "no more than N+1); 0 turns permutation inference off (default: 0)")
     perm.add_argument("--random-seed", "--random_seed", type=int, metavar="SEED",
                       help="seed of the permutations (default: drawn, and recorded in the sidecars)")
-    perm.add_argument("--cluster-forming-p", "--cluster_forming_p", type=float, default=0.001, metavar="P",
+    perm.add_argument("--cluster-forming-p", "--cluster_forming_p", type=_probability, default=0.001, metavar="P",
                       help="uncorrected p that forms clusters for cluster size/mass inference "
                            "(two-sided t: split between tails) (default: %(default)s)")
     perm.add_argument("--tfce", action="store_true",
                       help="also threshold-free cluster enhancement (E=0.5, H=2, dh=0.1, face connectivity)")
-    perm.add_argument("--fwe-alpha", "--fwe_alpha", type=float, default=0.05, metavar="P",
+    perm.add_argument("--fwe-alpha", "--fwe_alpha", type=_probability, default=0.05, metavar="P",
                       help="FWE level of the masked maps and cluster tables (default: %(default)s)")
 
     rep = p.add_argument_group(
@@ -225,6 +263,17 @@ def _check_args(args) -> None:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
         raise UsageError(f"--slice-time-ref must be between 0 and 1, got {args.slice_time_ref}")
+    _check_contrast_names(args)
+
+
+def _check_contrast_names(args) -> None:
+    """One name (and file label) per contrast: a repeated name would overwrite maps."""
+    from .design import check_unique_names, parse_contrast_option
+
+    check_unique_names([parse_contrast_option(t).name for t in args.contrast or ()], "--contrast")
+    group = [parse_contrast_option(t).name for t in args.group_contrast or ()]
+    group += [t.partition("=")[0].strip() for t in args.group_f_contrast or ()]
+    check_unique_names(group, "--group-contrast/--group-f-contrast")
 
 
 def run(args) -> int:
