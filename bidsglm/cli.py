@@ -49,31 +49,6 @@ def _positive_float(text: str) -> float:
 MAX_FWHM_MM = 50.0  # wider smoothing blurs the whole brain into a few voxels (and takes hours)
 
 
-def _smoothing_fwhm(text: str) -> float:
-    value = _positive_float(text)
-    if value > MAX_FWHM_MM:
-        raise argparse.ArgumentTypeError(f"{text!r} mm is wider than {MAX_FWHM_MM:g} mm")
-    return value
-
-
-def _probability(text: str) -> float:
-    """A level or p-value: strictly between 0 and 1."""
-    value = _finite_float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1 (exclusive)")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
 def _high_pass(text: str) -> float:
     """Hz, as a number or a fraction like 1/128."""
     num, sep, den = text.partition("/")
@@ -128,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="confound columns from fMRIPrep's confounds table; shell wildcards allowed "
                           "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
                           "(default: the six motion parameters)")
-    mod.add_argument("--smoothing-fwhm", type=_smoothing_fwhm, default=6.0, metavar="MM",
+    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=6.0, metavar="MM",
                      help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} "
                           "(default: %(default)s)")
     mod.add_argument("--hrf-model", default="glover",
@@ -187,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--height-control", "--height_control", default="fpr", choices=["fpr", "fdr", "bonferroni"],
                      help="voxel-level threshold: uncorrected (fpr), false discovery rate (fdr) or "
                           "family-wise by Bonferroni (default: %(default)s)")
-    grp.add_argument("--alpha", type=_probability, metavar="P",
+    grp.add_argument("--alpha", type=float, metavar="P",
                      help="level of the height threshold (default: 0.001 for fpr, 0.05 otherwise)")
-    grp.add_argument("--cluster-extent", "--cluster_extent", type=_non_negative_int, default=0, metavar="K",
+    grp.add_argument("--cluster-extent", "--cluster_extent", type=int, default=0, metavar="K",
                      help="keep only clusters of at least K voxels (face connectivity) (default: 0)")
     grp.add_argument("--one-sided", action="store_true",
                      help="threshold positive effects only (default: two-sided t tests, alpha split "
@@ -204,17 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         "family-wise error control by the maximum statistic: voxel-level, cluster size and mass, TFCE. "
         "One-sample designs flip signs; designs with nuisance columns use Freedman-Lane (the "
         "repeated-measures model permutes conditions within subjects). t and F contrasts.")
-    perm.add_argument("--permutations", "--n-perm", type=_non_negative_int, default=0, metavar="N",
+    perm.add_argument("--permutations", "--n-perm", type=int, default=0, metavar="N",
                       help="number of random permutations or sign flips (all of them when there are "
                            "no more than N+1); 0 turns permutation inference off (default: 0)")
     perm.add_argument("--random-seed", "--random_seed", type=int, metavar="SEED",
                       help="seed of the permutations (default: drawn, and recorded in the sidecars)")
-    perm.add_argument("--cluster-forming-p", "--cluster_forming_p", type=_probability, default=0.001, metavar="P",
+    perm.add_argument("--cluster-forming-p", "--cluster_forming_p", type=float, default=0.001, metavar="P",
                       help="uncorrected p that forms clusters for cluster size/mass inference "
                            "(two-sided t: split between tails) (default: %(default)s)")
     perm.add_argument("--tfce", action="store_true",
                       help="also threshold-free cluster enhancement (E=0.5, H=2, dh=0.1, face connectivity)")
-    perm.add_argument("--fwe-alpha", "--fwe_alpha", type=_probability, default=0.05, metavar="P",
+    perm.add_argument("--fwe-alpha", "--fwe_alpha", type=float, default=0.05, metavar="P",
                       help="FWE level of the masked maps and cluster tables (default: %(default)s)")
 
     rep = p.add_argument_group(
@@ -263,7 +238,22 @@ def _check_args(args) -> None:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
         raise UsageError(f"--slice-time-ref must be between 0 and 1, got {args.slice_time_ref}")
+    _check_option_values(args)
     _check_contrast_names(args)
+
+
+def _check_option_values(args) -> None:
+    """Numbers in range, finite (NaN passes every comparison); one line naming the option."""
+    if args.smoothing_fwhm > MAX_FWHM_MM:
+        raise UsageError(f"--smoothing-fwhm must be at most {MAX_FWHM_MM:g} mm, got {args.smoothing_fwhm:g}")
+    levels = [("--alpha", args.alpha), ("--fwe-alpha", args.fwe_alpha),
+              ("--cluster-forming-p", args.cluster_forming_p)]
+    for flag, value in levels:
+        if value is not None and not 0 < value < 1:  # False for NaN
+            raise UsageError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
+    for flag, value in (("--permutations", args.permutations), ("--cluster-extent", args.cluster_extent)):
+        if value < 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
 
 
 def _check_contrast_names(args) -> None:

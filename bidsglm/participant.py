@@ -204,7 +204,8 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
                            slice_time_ref=str_ref),
         )
     except ModelError as exc:
-        raise ModelError(exc.problem, exc.path or run.events, exc.where) from exc
+        raise ModelError(exc.problem, exc.path or (run.bold if "Nyquist" in exc.problem else run.events),
+                         exc.where) from exc
     notes = design.attrs.get("notes", [])
     for note in notes:
         log.warning("%s: %s", run.events, note)
