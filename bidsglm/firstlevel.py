@@ -31,6 +31,7 @@ from .statistics import ContrastResult, f_contrast, t_contrast
 
 CHUNK = 16384  # voxels per matrix product: large enough for BLAS, small for memory
 CONSTANT = 1e-10  # variance over time below this fraction of the mean square: a constant voxel
+ZERO_REGRESSOR = 1e-10  # a column whose largest value is below this fraction of the design's: zero
 ZERO_VARIANCE = 1e-12  # residual variance below this fraction of the mean square: fitted exactly
 
 
@@ -74,7 +75,8 @@ def check_design(X: np.ndarray, columns: list[str]) -> None:
     bad = ~np.isfinite(X).all(axis=0)
     if bad.any():
         raise ModelError(f"column '{columns[int(np.argmax(bad))]}' of the design has non-finite values")
-    zero = ~X.any(axis=0)
+    # a regressor at rounding level (events beyond the scan leave ~1e-300 from the convolution) is zero
+    zero = np.abs(X).max(axis=0) <= ZERO_REGRESSOR * max(np.abs(X).max(), 1.0)
     if zero.any():
         raise ModelError(f"column '{columns[int(np.argmax(zero))]}' is zero in every volume")
     if n - p < 1:

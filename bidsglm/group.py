@@ -26,6 +26,7 @@ from .groupinputs import (
     SubjectMap,
     apply_exclusions,
     attach_run_records,
+    check_grids,
     expected_subjects,
     find_subject_maps,
     map_mask,
@@ -651,6 +652,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
         plans.extend(plan_task(task, task_maps, settings, participants, expected))
     if settings.permutations is not None:
         _plan_permutations(plans)
+    check_grids(inputs_dir, [m for plan in plans for m in plan.inputs])
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", inputs_dir)
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),

@@ -270,6 +270,40 @@ def read_effect(output_dir: Path, m: SubjectMap, mask: np.ndarray, affine: np.nd
         raise DataError(exc.problem, paths[exc.row]["variance" if "variance" in exc.problem else "effect"]) from exc
 
 
+def _grid(path: Path) -> tuple[tuple, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable image is bad data
+        raise DataError(f"cannot read image ({exc})", path) from exc
+    return tuple(img.shape), img.affine
+
+
+def check_grids(output_dir: Path, maps: list[SubjectMap]) -> None:
+    """Before anything is written: every map an input reads is on one grid, its brain
+    mask's, the same for every input (headers only)."""
+    reference = None
+    for m in maps:
+        if m.runs_kept is None:
+            pairs = [(subject_mask_path(output_dir, m.entities), [m.effect])]
+        else:
+            space = m.space_entities()
+            pairs = [(subject_mask_path(output_dir, {**r.entities, **space}),
+                      [statmap_path(output_dir, {**r.entities, **space}, r.contrasts[m.name], s)
+                       for s in ("effect", "variance")]) for r in m.runs_kept]
+        for mask_path, paths in pairs:
+            if not mask_path.is_file():
+                raise DataError("brain mask written by the participant level is missing; rerun it", mask_path)
+            grid = _grid(mask_path)
+            reference = reference or (grid, mask_path)
+            for path in [mask_path, *paths]:
+                shape, affine = _grid(path) if path != mask_path else grid
+                ref_shape, ref_affine = reference[0]
+                if shape[:3] != ref_shape[:3] or any(n != 1 for n in shape[3:]) or \
+                        not np.allclose(affine, ref_affine, atol=1e-4):
+                    raise DataError(f"map is on another grid (shape {shape}) than {reference[1].name} "
+                                    f"(shape {ref_shape}): group models need every map on one grid", path)
+
+
 def expected_subjects(output_dir: Path, task: str, label: str, participants=None, sessions=None) -> set[str]:
     """Subjects whose run records (``*_design.json``) say a run of ``task`` estimated the
     contrast labelled ``label``: each should have a subject-level map for it."""
