@@ -433,3 +433,39 @@ def test_group_outputs_are_strict_json(group_copy):
     assert _group(group_copy) == 0
     for path in (group_copy / "group").glob("*.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+
+
+# --- both front doors: a PreparedRun (command line or Stats Model) checks its design -------------
+
+def _prepared(design: pd.DataFrame, contrasts=(), confounds=()):
+    from pathlib import Path
+
+    from bidsglm.discovery import RunInputs
+    from bidsglm.participant import PreparedRun
+
+    run = RunInputs({"sub": "01", "task": "t", "run": "1"}, Path("/d/bold.nii.gz"), Path("/d/mask.nii.gz"),
+                    Path("/d/confounds.tsv"), Path("/d/events.tsv"))
+    return PreparedRun(run, 2.0, len(design), 0.0, design, list(contrasts), {}, list(confounds))
+
+
+def test_prepared_run_refuses_what_a_stats_model_design_can_hold():
+    """A Stats Model's Model.X may hold an events column that is n/a in every row (an all-zero
+    regressor, as in pybids' copy of ds000005), a duplicated column or more columns than volumes:
+    the run is refused when it is prepared, naming its file, as on the command line."""
+    from bidsglm.design import parse_contrast
+    from bidsglm.errors import ModelError
+
+    rng = np.random.default_rng(0)
+    good = pd.DataFrame({"gain": rng.standard_normal(20), "loss": rng.standard_normal(20),
+                         "trans_x": rng.standard_normal(20), "constant": np.ones(20)})
+    _prepared(good, [parse_contrast("g", "gain")], ["trans_x"])
+    with pytest.raises(ModelError, match=r"events.tsv: column 'loss' is zero in every volume"):
+        _prepared(good.assign(loss=0.0))
+    with pytest.raises(ModelError, match=r"confounds.tsv: column 'trans_x' is zero in every volume"):
+        _prepared(good.assign(trans_x=0.0), confounds=["trans_x"])
+    with pytest.raises(ModelError, match=r"bold.nii.gz: design has 4 columns for 4 volumes"):
+        _prepared(good.iloc[:4])
+    dup = good.assign(gain2=good["gain"])
+    _prepared(dup, [parse_contrast("l", "loss")])  # estimable: the duplication does not touch it
+    with pytest.raises(ModelError, match=r"events.tsv: contrast 'g' is not estimable"):
+        _prepared(dup, [parse_contrast("g", "gain")])
