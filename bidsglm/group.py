@@ -46,6 +46,7 @@ from .groupmodels import (
     fit_ols,
     is_estimable,
 )
+from .firstlevel import ZERO_VARIANCE, check_statistic_maps
 from .images import nifti_bytes, unmask
 from .inference import (
     clusters_table,
@@ -323,7 +324,8 @@ def plan_task(task, maps, settings, participants, expected=None) -> list[Planned
             raise DataError(f"task-{task} contrast '{label}': several subject-level maps per subject "
                             "(several sessions?); choose one with --session-label")
     if settings.model == "anova":
-        return [plan_anova(task, space, by_label, all_subjects, settings)]
+        expected_any = set().union(*(expected(label) for label in by_label)) if expected else set()
+        return [plan_anova(task, space, by_label, sorted(set(all_subjects) | expected_any), settings)]
     plans = []
     for label in sorted(by_label):
         subjects = sorted(set(all_subjects) | (expected(label) if expected else set()))
@@ -442,20 +444,37 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     group_dir = group_dir or output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
     fit = fit_ols(Y, model.design.to_numpy())
+    flat = ~(fit.dispersion > ZERO_VARIANCE * np.einsum("nv,nv->v", Y, Y) / Y.shape[0])
+    if flat.any():  # every input equal there (up to the model): a zero variance, never a result
+        if flat.all():
+            raise DataError(f"{_prefix(model)} {model.name}: the model fits the input maps exactly in every "
+                            "voxel (identical or constant maps?): no error variance to test against")
+        log.warning("%s %s: %d voxel(s) left out of the group mask: the model fits the inputs exactly there "
+                    "(zero variance)", _prefix(model), model.name, int(flat.sum()))
+        mask[mask] = ~flat
+        Y = Y[:, ~flat]
+        fit = fit_ols(Y, model.design.to_numpy())
     # permutations before any file: an interrupted run leaves no file of this model
     designs = model.permutation_designs or [None] * len(model.contrasts)
     permuted = [None if design is None else
                 run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ")
                 for (con, _), design in zip(model.contrasts, designs)]
     del Y
+    results = [fit.contrast(weights, f_test=con.is_f) for con, weights in model.contrasts]
+    for (con, _), res in zip(model.contrasts, results):  # every map checked before any is written
+        try:
+            check_statistic_maps({"F": res.stat, "z": res.z, "p": res.p} if con.is_f else
+                                 {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z,
+                                  "p": res.p})
+        except DataError as exc:
+            raise DataError(f"{_prefix(model)} contrast '{con.name}': {exc.problem}") from exc
     written = []
     design_table = model.design.reset_index()
     atomic_write_tsv(group_dir / f"{_design_name(model)}.tsv", design_table)
     mask_path = group_dir / f"{_design_name(model).removesuffix('_design')}_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
     mni = model.space.get("space", "").startswith("MNI")
-    for (con, weights), perm_result in zip(model.contrasts, permuted):
-        res = fit.contrast(weights, f_test=con.is_f)
+    for (con, weights), perm_result, res in zip(model.contrasts, permuted, results):
         stat = "F" if con.is_f else "t"
         values = {"t": res.stat, "F": res.stat, "z": res.z, "p": res.p}
         if not con.is_f:

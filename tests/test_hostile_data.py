@@ -469,3 +469,28 @@ def test_prepared_run_refuses_what_a_stats_model_design_can_hold():
     _prepared(dup, [parse_contrast("l", "loss")])  # estimable: the duplication does not touch it
     with pytest.raises(ModelError, match=r"events.tsv: contrast 'g' is not estimable"):
         _prepared(dup, [parse_contrast("g", "gain")])
+
+
+def test_group_identical_maps_give_no_zero_variance_result(group_copy, capsys):
+    """Inputs identical in part of the mask: those voxels left out with a warning (no zero
+    variance written); identical everywhere: refused."""
+    maps = [_subject_map(group_copy, f"{s:02d}") for s in range(1, 6)]
+    first = nib.load(str(maps[0]))
+    reference = np.asanyarray(first.dataobj).astype(np.float32)
+    for path in maps[1:]:
+        data = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+        data[:, :, :20] = reference[:, :, :20]
+        nib.save(nib.Nifti1Image(data, first.affine), str(path))
+    assert _group(group_copy) == 0
+    assert "left out of the group mask: the model fits the inputs exactly" in capsys.readouterr().err
+    for path in group_copy.glob("group/*contrast-faces_stat-*_statmap.nii.gz"):
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+        assert np.isfinite(data).all()
+        assert not data[:, :, :20].any(), path  # outside the group mask now
+    for path in maps[1:]:
+        nib.save(nib.Nifti1Image(reference, first.affine), str(path))
+    shutil.rmtree(group_copy / "group")
+    assert _group(group_copy) == 65
+    line = _one_error_line(capsys)
+    assert "fits the input maps exactly in every voxel" in line
+    assert not list(group_copy.glob("group/*contrast-faces*_statmap.nii.gz"))
