@@ -23,7 +23,12 @@ class DegenerateRunError(DataError):
 
 def check_runs(effects: np.ndarray, variances: np.ndarray) -> None:
     """A run with a non-finite effect, or a variance that is zero, negative or non-finite,
-    would take all the weight (or poison the mean): refuse it. O(R x V)."""
+    would take all the weight (or poison the mean): refuse it. Two reductions on clean data;
+    the offending run is looked for only when there is one."""
+    with np.errstate(invalid="ignore"):
+        clean = variances.min() > 0 and variances.max() < np.inf and np.isfinite(effects.sum())
+    if clean:
+        return
     for r in range(effects.shape[0]):
         bad_var = ~(np.isfinite(variances[r]) & (variances[r] > 0))
         if bad_var.any():
