@@ -56,8 +56,8 @@ def _statmaps(out):
 
 def _edit_table(path, edit):
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    edit(table)
-    table.to_csv(path, sep="\t", index=False)
+    edited = edit(table)  # a new table, or None for an edit in place
+    (table if edited is None else edited).to_csv(path, sep="\t", index=False)
 
 
 def _rewrite_bold(bids, change):
@@ -85,9 +85,9 @@ EVENT_REFUSALS = [
     ("onset n/a", _set("onset", 2, "n/a"), "column 'onset', line 4: n/a is not a number"),
     ("duration -inf", _set("duration", 0, "-inf"), "column 'duration', line 2: '-inf' is not a finite number"),
     ("negative duration", _set("duration", 3, "-1"), "column 'duration', line 5: negative duration"),
-    ("no trial_type", lambda t: t.drop(columns="trial_type", inplace=True), "missing required column(s) trial_type"),
+    ("no trial_type", lambda t: t.drop(columns="trial_type"), "missing required column(s) trial_type"),
     ("trial_type all n/a", lambda t: t.__setitem__("trial_type", "n/a"), "trial_type is n/a or empty in every row"),
-    ("header only", lambda t: t.drop(index=t.index, inplace=True), "no events (the table has a header and no rows)"),
+    ("header only", lambda t: t.iloc[:0], "no events (the table has a header and no rows)"),
 ]
 
 
@@ -115,7 +115,7 @@ def test_duplicate_event_column_refused(demo_copy, tmp_path, capsys):
 CONFOUND_REFUSALS = [
     ("inf", _set("trans_x", 5, "inf"), "column 'trans_x', line 7: 'inf' is not a finite number"),
     ("text", _set("rot_z", 9, "abc"), "column 'rot_z', line 11: 'abc' is not a number"),
-    ("fewer rows", lambda t: t.drop(index=t.index[-3:], inplace=True), "rows but the BOLD run has"),
+    ("fewer rows", lambda t: t.iloc[:-3], "rows but the BOLD run has"),
 ]
 
 
