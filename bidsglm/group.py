@@ -245,6 +245,11 @@ def plan_onesample(task, space, label, maps, all_subjects, settings, participant
     by_subject = {m.subject: m for m in maps}
     inputs = [by_subject[s[4:]] for s in design.index]
     defaults = _default_onesample_contrasts(design, settings.group_by) if settings.default_contrasts else []
+    clash = sorted({c.name for c in defaults} & {c.name for c in settings.contrasts})
+    if clash:
+        raise ModelError(f"group contrast '{clash[0]}' (--group-contrast/--group-f-contrast, or a Dataset node's "
+                         f"Contrasts) has the name of a default contrast of this model "
+                         f"({', '.join(c.name for c in defaults)}) and would overwrite its maps; choose another name")
     contrasts = defaults + list(settings.contrasts)
     contrasts = [GroupContrast(c.name, c.rows, c.f_test) for c in contrasts]  # labels differ per model
     _set_labels(contrasts, label)

@@ -494,3 +494,12 @@ def test_group_identical_maps_give_no_zero_variance_result(group_copy, capsys):
     line = _one_error_line(capsys)
     assert "fits the input maps exactly in every voxel" in line
     assert not list(group_copy.glob("group/*contrast-faces*_statmap.nii.gz"))
+
+
+def test_group_contrast_named_like_a_default_refused(group_copy, capsys):
+    """'mean' is the one-sample model's default contrast: a user contrast of that name would
+    overwrite its maps."""
+    assert _group(group_copy, "--group-contrast", "mean=-mean") == 65
+    line = _one_error_line(capsys)
+    assert "group contrast 'mean' (--group-contrast" in line and "name of a default contrast" in line
+    assert not list(group_copy.glob("group/*_statmap.nii.gz"))
