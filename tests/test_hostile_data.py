@@ -298,7 +298,8 @@ def test_bad_option_values_are_usage_errors(tmp_path, capsys, options, message, 
     ("__import__('os').system('touch x')", "only +, -, * and / by numbers"),
     ("1e-300*incongruent_correct", "outside [1e-12, 1e+12]"),
 ])
-def test_bad_contrast_expressions_refused(demo_copy, tmp_path, capsys, expression, message):
+def test_bad_contrast_expressions_refused(demo_copy, tmp_path, capsys, monkeypatch, expression, message):
+    monkeypatch.chdir(tmp_path)  # where 'touch x' would land if anything evaluated the text
     assert _participant(demo_copy, tmp_path / "out", "--contrast", f"x={expression}") == 65
     line = _one_error_line(capsys)
     assert "contrast 'x'" in line and message in line
@@ -321,6 +322,20 @@ def test_contrast_parser_parses_or_refuses_any_text(text):
 
 _cell = st.sampled_from(["0", "1.5", "-3", "n/a", "", "inf", "nan", "1e400", "go", "a\tb", "\"q", "1,5"]) | \
     st.text(max_size=6)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cells=st.lists(st.tuples(_cell, _cell), min_size=0, max_size=5),
+       header=st.sampled_from(["trans_x\trot_z", "trans_x\ttrans_x", "rot_z", "trans_x\trot_z\textra"]))
+def test_confounds_reader_parses_or_refuses_any_table(tmp_path, cells, header):
+    path = tmp_path / "confounds.tsv"
+    path.write_text(header + "\n" + "".join("\t".join(r) + "\n" for r in cells), encoding="utf-8")
+    try:
+        table = read_confounds(path, ["trans_x", "rot_z"], len(cells))
+    except DataError as exc:
+        assert str(path) in exc.message
+        return
+    assert np.isfinite(table.to_numpy()).all() and list(table.columns) == ["trans_x", "rot_z"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
