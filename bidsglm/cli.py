@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 import traceback
@@ -29,14 +30,24 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EX_USAGE)
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
+
+
+MAX_FWHM_MM = 50.0  # wider smoothing blurs the whole brain into a few voxels (and takes hours)
 
 
 def _high_pass(text: str) -> float:
@@ -46,8 +57,8 @@ def _high_pass(text: str) -> float:
         value = float(num) / float(den) if sep else float(num)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a frequency in Hz (e.g. 0.008 or 1/128)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("--high-pass must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite frequency in Hz")
     return value
 
 
@@ -95,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
                           "(default: the six motion parameters)")
     mod.add_argument("--smoothing-fwhm", type=_positive_float, default=6.0, metavar="MM",
-                     help="Gaussian smoothing FWHM in mm, 0 for none (default: %(default)s)")
+                     help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} "
+                          "(default: %(default)s)")
     mod.add_argument("--hrf-model", default="glover",
                      choices=["glover", "spm", "glover + derivative", "spm + derivative",
                               "glover + derivative + dispersion", "spm + derivative + dispersion"],
@@ -103,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--drift-model", default="cosine", choices=["cosine", "none"],
                      help="low-frequency drift model (default: %(default)s)")
     mod.add_argument("--high-pass", type=_high_pass, default=1.0 / 128, metavar="HZ",
-                     help="high-pass cut-off of the cosine drift basis in Hz (default: 1/128)")
+                     help="high-pass cut-off of the cosine drift basis in Hz, below the Nyquist frequency "
+                          "1/(2 TR) (default: 1/128)")
     mod.add_argument("--noise-model", default="ar1", choices=["ar1", "ols"],
                      help="temporal noise model: AR(1) prewhitening or OLS (default: %(default)s)")
-    mod.add_argument("--slice-time-ref", type=float, default=None, metavar="FRACTION",
+    mod.add_argument("--slice-time-ref", type=_finite_float, default=None, metavar="FRACTION",
                      help="time of the modelled sample within each TR, 0-1; default: StartTime/TR "
                           "from the preprocessed BOLD sidecar if present, else 0")
     mod.add_argument("--allow-tr-mismatch", action="store_true",
@@ -227,6 +240,32 @@ def _check_args(args) -> None:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
         raise UsageError(f"--slice-time-ref must be between 0 and 1, got {args.slice_time_ref}")
+    _check_option_values(args)
+    _check_contrast_names(args)
+
+
+def _check_option_values(args) -> None:
+    """Numbers in range, finite (NaN passes every comparison); one line naming the option."""
+    if args.smoothing_fwhm > MAX_FWHM_MM:
+        raise UsageError(f"--smoothing-fwhm must be at most {MAX_FWHM_MM:g} mm, got {args.smoothing_fwhm:g}")
+    levels = [("--alpha", args.alpha), ("--fwe-alpha", args.fwe_alpha),
+              ("--cluster-forming-p", args.cluster_forming_p)]
+    for flag, value in levels:
+        if value is not None and not 0 < value < 1:  # False for NaN
+            raise UsageError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
+    for flag, value in (("--permutations", args.permutations), ("--cluster-extent", args.cluster_extent)):
+        if value < 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
+
+
+def _check_contrast_names(args) -> None:
+    """One name (and file label) per contrast: a repeated name would overwrite maps."""
+    from .design import check_unique_names, parse_contrast_option
+
+    check_unique_names([parse_contrast_option(t).name for t in args.contrast or ()], "--contrast")
+    group = [parse_contrast_option(t).name for t in args.group_contrast or ()]
+    group += [t.partition("=")[0].strip() for t in args.group_f_contrast or ()]
+    check_unique_names(group, "--group-contrast/--group-f-contrast")
 
 
 def run(args) -> int:

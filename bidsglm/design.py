@@ -26,32 +26,49 @@ _WILDCARD = re.compile(r"[*?\[]")
 
 def _read_tsv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
     except pd.errors.EmptyDataError as exc:
         raise DataError("file is empty", path) from exc
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse as a tab-separated table ({exc})", path) from exc
+    check_unique_header(path)
+    return table
+
+
+def check_unique_header(path: Path) -> None:
+    """pandas renames a repeated column ('onset', 'onset.1') without a word: refuse it."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        header = fh.readline().rstrip("\r\n").split("\t")
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"column '{name}' appears more than once in the header", path, where="line 1")
+        seen.add(name)
 
 
 def _numeric_column(table: pd.DataFrame, column: str, path: Path, allow_na: bool) -> pd.Series:
+    """A column as floats; n/a (where allowed) becomes NaN. Text, 'nan' and +-inf are errors."""
     raw = table[column]
-    values = pd.to_numeric(raw, errors="coerce")
-    bad = values.isna() & (raw.notna() if allow_na else True)
+    values = pd.to_numeric(raw, errors="coerce").astype(float)
+    bad = ~np.isfinite(values.to_numpy()) & (raw.notna().to_numpy() if allow_na else True)
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+        row = int(np.flatnonzero(bad)[0])
         text = raw.iloc[row]
         shown = "n/a" if pd.isna(text) else repr(text)
+        what = "not a finite number" if np.isinf(values.iloc[row]) else "not a number"
         raise DataError(
-            f"{shown} is not a number", path,
+            f"{shown} is {what}", path,
             where=f"column '{column}', line {row + 2}",
         )
-    return values.astype(float)
+    return values
 
 
 def read_events(path: Path) -> pd.DataFrame:
     """Return onset, duration, trial_type (rows with n/a trial_type dropped).
 
-    A duration of n/a is read as 0 (an impulse), as BIDS allows."""
+    A duration of n/a is read as 0 (an impulse), as BIDS allows. What was
+    dropped is noted in ``events.attrs["notes"]`` (one line each, for the
+    log and the run's _design.json)."""
     table = _read_tsv(path)
     missing = [c for c in ("onset", "duration", "trial_type") if c not in table.columns]
     if missing:
@@ -68,8 +85,36 @@ def read_events(path: Path) -> pd.DataFrame:
     events = pd.DataFrame(
         {"onset": onset, "duration": duration, "trial_type": table["trial_type"]}
     )
-    events = events[events["trial_type"].notna() & (events["trial_type"].str.strip() != "")]
-    return events.reset_index(drop=True)
+    if events.empty:
+        raise DataError("no events (the table has a header and no rows)", path)
+    named = events["trial_type"].notna() & (events["trial_type"].str.strip() != "")
+    notes = []
+    if not named.any():
+        raise DataError("trial_type is n/a or empty in every row: no condition to model", path,
+                        where="column 'trial_type'")
+    if not named.all():
+        lines = [str(i + 2) for i in np.flatnonzero(~named.to_numpy())]
+        notes.append(f"{len(lines)} event(s) with trial_type n/a are not modelled (line(s) "
+                     f"{', '.join(lines[:5])}{', ...' if len(lines) > 5 else ''})")
+    events = events[named].reset_index(drop=True)
+    events.attrs["notes"] = notes
+    return events
+
+
+def event_timing_notes(events: pd.DataFrame, n_volumes: int, tr: float, min_onset: float) -> list[str]:
+    """One line per kind of event the scan does not (fully) cover: before ``min_onset``
+    (nilearn drops them), negative onsets, onsets after the last volume (not modelled)."""
+    onset = events["onset"].to_numpy()
+    end = n_volumes * tr
+    notes = []
+    for mask, what in ((onset < min_onset, f"start more than {-min_onset:g} s before the first volume "
+                                           "and are not modelled"),
+                       ((onset < 0) & (onset >= min_onset), "have a negative onset (before the first volume)"),
+                       (onset >= end, f"start after the end of the scan ({end:g} s) and are not modelled")):
+        if mask.any():
+            conditions = sorted(set(events["trial_type"][mask]))
+            notes.append(f"{int(mask.sum())} event(s) {what} (condition(s) {', '.join(conditions)})")
+    return notes
 
 
 def read_confounds(path: Path, requested: list[str], n_volumes: int) -> pd.DataFrame:
@@ -154,23 +199,42 @@ def build_design(
     tr: float,
     settings: DesignSettings,
 ) -> pd.DataFrame:
-    """Design matrix (n_volumes x regressors): conditions, confounds, drifts, constant."""
+    """Design matrix (n_volumes x regressors): conditions, confounds, drifts, constant.
+
+    nilearn's warnings do not reach the terminal raw: they are kept, one line
+    each, in ``design.attrs["notes"]`` for the caller to log and record."""
+    import warnings
+
     from nilearn.glm.first_level import make_first_level_design_matrix
 
     clash = set(events["trial_type"]) & set(confounds.columns)
     if clash:
         raise ModelError(f"condition(s) {', '.join(sorted(clash))} have the same name as confound columns")
-    return make_first_level_design_matrix(
-        frame_times(n_volumes, tr, settings.slice_time_ref),
-        events,
-        hrf_model=settings.hrf_model,
-        drift_model=settings.drift_model,
-        high_pass=settings.high_pass,
-        drift_order=settings.drift_order,
-        add_regs=confounds.to_numpy() if confounds.shape[1] else None,
-        add_reg_names=list(confounds.columns) if confounds.shape[1] else None,
-        min_onset=settings.min_onset,
-    )
+    nyquist = 0.5 / tr
+    if settings.drift_model == "cosine" and settings.high_pass >= nyquist:
+        raise ModelError(f"high-pass cut-off {settings.high_pass:g} Hz is not below the Nyquist frequency "
+                         f"{nyquist:g} Hz of this run (TR {tr:g} s): the drift terms would absorb every "
+                         "degree of freedom (lower --high-pass, e.g. 1/128)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        design = make_first_level_design_matrix(
+            frame_times(n_volumes, tr, settings.slice_time_ref),
+            events,
+            hrf_model=settings.hrf_model,
+            drift_model=settings.drift_model,
+            high_pass=settings.high_pass,
+            drift_order=settings.drift_order,
+            add_regs=confounds.to_numpy() if confounds.shape[1] else None,
+            add_reg_names=list(confounds.columns) if confounds.shape[1] else None,
+            min_onset=settings.min_onset,
+        )
+    notes = list(events.attrs.get("notes", []))
+    notes += event_timing_notes(events, n_volumes, tr, settings.min_onset)
+    # our own lines above cover nilearn's warnings about event timing; keep any other, in one line
+    notes += [f"nilearn: {' '.join(str(w.message).split())}" for w in caught
+              if "onset" not in str(w.message).lower()]
+    design.attrs["notes"] = list(dict.fromkeys(notes))
+    return design
 
 
 # --- contrasts -------------------------------------------------------------
@@ -209,12 +273,19 @@ def _weights_vector(pairs, columns: list[str]) -> np.ndarray:
     return vec
 
 
+MAX_EXPRESSION = 2000  # characters: a contrast is a short sum, not a program
+MAX_WEIGHT = 1e12  # weights beyond this (or non-zero below 1/MAX_WEIGHT) overflow the variance maps
+
+
 def _linear_terms(node, names: dict) -> dict:
-    """Evaluate a linear expression AST into {name: weight} (constant under key None)."""
+    """Walk a linear expression's syntax tree into {name: weight} (constant under key None).
+
+    Only numbers, names, unary +/-, +, -, and * or / by a number are accepted;
+    nothing is evaluated (no ``eval``, no calls, no attributes, no powers)."""
     if isinstance(node, ast.Expression):
         return _linear_terms(node.body, names)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-        return {None: float(node.value)}
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return {None: _finite(float(node.value))}
     if isinstance(node, ast.Name):
         return {names.get(node.id, node.id): 1.0}
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
@@ -231,13 +302,21 @@ def _linear_terms(node, names: dict) -> dict:
             return out
         if isinstance(node.op, ast.Mult):
             if set(left) == {None}:
-                return {k: left[None] * v for k, v in right.items()}
+                return {k: _finite(left[None] * v) for k, v in right.items()}
             if set(right) == {None}:
-                return {k: right[None] * v for k, v in left.items()}
+                return {k: _finite(right[None] * v) for k, v in left.items()}
             raise ValueError("product of two conditions is not linear")
         if isinstance(node.op, ast.Div) and set(right) == {None}:
-            return {k: v / right[None] for k, v in left.items()}
+            if right[None] == 0:
+                raise ValueError("division by zero")
+            return {k: _finite(v / right[None]) for k, v in left.items()}
     raise ValueError("only +, -, * and / by numbers, numbers and condition names are allowed")
+
+
+def _finite(value: float) -> float:
+    if not np.isfinite(value):
+        raise ValueError(f"a weight overflows ({value})")
+    return value
 
 
 def parse_contrast(name: str, expression: str) -> ContrastSpec:
@@ -252,12 +331,15 @@ def parse_contrast(name: str, expression: str) -> ContrastSpec:
         names[key] = match.group(1)
         return key
 
+    if len(expression) > MAX_EXPRESSION:
+        raise ModelError(f"contrast '{name}': expression is {len(expression)} characters long "
+                         f"(at most {MAX_EXPRESSION})")
     text = re.sub(r"`([^`]+)`", _quote, expression)
     try:
         terms = _linear_terms(ast.parse(text.strip(), mode="eval"), names)
-    except SyntaxError as exc:
+    except (SyntaxError, MemoryError, RecursionError) as exc:
         raise ModelError(f"contrast '{name}': cannot parse expression {expression!r}") from exc
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # ast.parse: ValueError for null bytes
         raise ModelError(f"contrast '{name}': {exc} in {expression!r}") from exc
     if terms.get(None, 0.0) != 0.0:
         raise ModelError(f"contrast '{name}': a constant term is not allowed in {expression!r}")
@@ -265,6 +347,10 @@ def parse_contrast(name: str, expression: str) -> ContrastSpec:
     weights = tuple(sorted((k, v) for k, v in terms.items() if v != 0.0))
     if not weights:
         raise ModelError(f"contrast '{name}': expression {expression!r} has no non-zero weight")
+    extreme = [k for k, v in weights if not 1 / MAX_WEIGHT <= abs(v) <= MAX_WEIGHT]
+    if extreme:
+        raise ModelError(f"contrast '{name}': the weight of '{extreme[0]}' in {expression!r} is outside "
+                         f"[{1 / MAX_WEIGHT:g}, {MAX_WEIGHT:g}] in magnitude (its maps would overflow)")
     return ContrastSpec(name, expression, weights)
 
 
@@ -277,6 +363,22 @@ def parse_contrast_option(text: str) -> ContrastSpec:
     if not name or not expr:
         raise ModelError(f"--contrast {text!r}: expected NAME=EXPRESSION")
     return parse_contrast(name, expr)
+
+
+def check_unique_names(names: list[str], option: str) -> None:
+    """Two contrasts with one name, or names that give one file label, would overwrite
+    each other's maps: refuse them, naming the option."""
+    from .errors import UsageError
+
+    seen: dict[str, str] = {}
+    for name in names:
+        label = bids_label(name)
+        if name in seen.values():
+            raise UsageError(f"{option}: contrast name '{name}' is given more than once")
+        if label in seen:
+            raise UsageError(f"{option}: contrasts '{seen[label]}' and '{name}' would both be written as "
+                             f"contrast-{label}; rename one")
+        seen[label] = name
 
 
 def default_contrasts(conditions: list[str]) -> list[ContrastSpec]:

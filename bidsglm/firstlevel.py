@@ -26,9 +26,13 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import sqrtm
 
+from .errors import DataError, ModelError
 from .statistics import ContrastResult, f_contrast, t_contrast
 
 CHUNK = 16384  # voxels per matrix product: large enough for BLAS, small for memory
+CONSTANT = 1e-10  # variance over time below this fraction of the mean square: a constant voxel
+ZERO_REGRESSOR = 1e-10  # a column whose largest value is below this fraction of the design's: zero
+ZERO_VARIANCE = 1e-12  # residual variance below this fraction of the mean square: fitted exactly
 
 
 def mean_scaling(Y: np.ndarray, in_place: bool = False) -> np.ndarray:
@@ -63,6 +67,56 @@ def design_rank(X: np.ndarray) -> int:
     return int(np.linalg.matrix_rank(X, eps))
 
 
+def check_design(X: np.ndarray, columns: list[str]) -> None:
+    """A design the GLM can estimate: finite, no regressor that is zero throughout, at least one
+    residual degree of freedom (the variance is RSS / (T - P), as nilearn's). O(T x P)."""
+    X = np.asarray(X, dtype=np.float64)
+    n, p = X.shape
+    bad = ~np.isfinite(X).all(axis=0)
+    if bad.any():
+        raise ModelError(f"column '{columns[int(np.argmax(bad))]}' of the design has non-finite values")
+    # a regressor at rounding level (events beyond the scan leave ~1e-300 from the convolution) is zero
+    zero = np.abs(X).max(axis=0) <= ZERO_REGRESSOR * max(np.abs(X).max(), 1.0)
+    if zero.any():
+        raise ModelError(f"column '{columns[int(np.argmax(zero))]}' is zero in every volume")
+    if n - p < 1:
+        raise ModelError(f"design has {p} columns for {n} volumes: no residual degrees of freedom")
+
+
+def is_estimable(c: np.ndarray, X: np.ndarray) -> bool:
+    """Every row of c is a combination of the rows of X, so c @ beta does not depend
+    on which solution the pseudo-inverse picked."""
+    c = np.atleast_2d(c)
+    projected = c @ scipy.linalg.pinv(X) @ X
+    return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
+
+
+def check_estimable(c: np.ndarray, X: np.ndarray, columns: list[str], name: str) -> None:
+    """A contrast of a rank-deficient design (duplicate or collinear columns) must not depend
+    on the pseudo-inverse's choice of solution."""
+    X = np.asarray(X, dtype=np.float64)
+    if design_rank(X) == X.shape[1] or is_estimable(c, X):
+        return
+    used = [columns[j] for j in np.flatnonzero(np.atleast_2d(c).any(axis=0))]
+    raise ModelError(f"contrast '{name}' is not estimable: the design is rank deficient (columns "
+                     f"linearly dependent) and its weights on {', '.join(used)} are not identified")
+
+
+def check_statistic_maps(values: dict[str, np.ndarray]) -> None:
+    """Maps as they will be written (float32): finite everywhere in the mask, variances positive.
+    Raises DataError naming the statistic and how many voxels fail."""
+    for stat, v in values.items():
+        with np.errstate(over="ignore"):
+            v32 = np.asarray(v).astype(np.float32, copy=False)
+        bad = ~np.isfinite(v32)
+        if stat == "variance":
+            bad |= ~(v32 > 0)
+        if bad.any():
+            what = "is zero, negative or non-finite" if stat == "variance" else "is non-finite"
+            raise DataError(f"the {stat} map {what} in {int(bad.sum())} of {bad.size} voxels in the mask; "
+                            "no maps written")
+
+
 @dataclass
 class _Moments:
     """Per-voxel sufficient statistics of (T, V) data for a (T, P) design.
@@ -79,6 +133,14 @@ class _Moments:
     total: np.ndarray
     first: np.ndarray
     last: np.ndarray
+
+
+def _varying_voxels(m: "_Moments", n: int) -> np.ndarray:
+    """(V,) True where the data are finite and vary in time, from the moments (no pass over Y)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean_square = m.s0 / n
+        variance = mean_square - (m.total / n) ** 2
+        return np.isfinite(m.s0) & np.isfinite(m.total) & (variance > CONSTANT * mean_square)
 
 
 def _shifted_designs(X: np.ndarray) -> np.ndarray:
@@ -133,7 +195,12 @@ class RunGLM:
         self.bins = bins
 
     def fit(self, Y: np.ndarray, X: np.ndarray) -> "RunGLM":
-        """Y : (T, V) data (float32 or float64); X : (T, P) design."""
+        """Y : (T, V) data (float32 or float64); X : (T, P) design.
+
+        Voxels without signal to model (a non-finite value, constant in time, or
+        reproduced exactly by the design: zero residual variance) are left out
+        and the fit is that of the other voxels alone; ``valid_`` (V,) marks the
+        voxels fitted, and every per-voxel attribute covers those only."""
         X = np.asarray(X, dtype=np.float64)
         n, p = X.shape
         if Y.shape[0] != n:
@@ -143,8 +210,27 @@ class RunGLM:
         self.design_ = X
         self.dof_ = float(n - design_rank(X))
         m = _moments(Y, X)
+        valid = _varying_voxels(m, n)
+        if not valid.all():  # rare: refit without them, so the AR(1) grand mean never sees them
+            m = self._moments_of(Y, X, valid)
+        self._fit_moments(m, X)
+        exact = ~(self.dispersion_ > ZERO_VARIANCE * m.s0 / n)
+        if exact.any():
+            valid[np.flatnonzero(valid)[exact]] = False
+            self._fit_moments(self._moments_of(Y, X, valid), X)
+        self.valid_ = valid
+        return self
+
+    @staticmethod
+    def _moments_of(Y: np.ndarray, X: np.ndarray, valid: np.ndarray) -> "_Moments":
+        if not valid.any():
+            raise DataError("the data are non-finite or constant in time in every voxel: nothing to model")
+        return _moments(Y[:, valid], X)
+
+    def _fit_moments(self, m: "_Moments", X: np.ndarray) -> None:
+        n, p = X.shape
         if self.noise_model == "ols":
-            self.ar1_ = np.zeros(Y.shape[1])
+            self.ar1_ = np.zeros(m.s0.shape[0])
         else:
             self.ar1_ = self._ar1_coefficients(m, X)
         self.rhos_, self.group_ = np.unique(self.ar1_, return_inverse=True)
@@ -154,7 +240,6 @@ class RunGLM:
             self.covs_.append(pinv @ pinv.T)
         self.beta_, rss = self._whitened_fits(m, p)
         self.dispersion_ = rss / (n - p)
-        return self
 
     def _whitened_fits(self, m: _Moments, p: int) -> tuple[np.ndarray, np.ndarray]:
         """beta = (wX'wX)^+ wX'wy per AR group and the residual sum of squares |wy|^2 - beta'wX'wy."""

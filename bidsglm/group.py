@@ -20,11 +20,14 @@ import pandas as pd
 from . import atlases as atlas_mod
 from .design import contrast_labels, parse_contrast, parse_contrast_option
 from .errors import DataError, ModelError, UsageError
+from .discovery import strip_prefix
 from .groupinputs import (
     Exclusion,
     SubjectMap,
     apply_exclusions,
     attach_run_records,
+    check_grids,
+    expected_subjects,
     find_subject_maps,
     map_mask,
     parse_run_rule,
@@ -43,6 +46,7 @@ from .groupmodels import (
     fit_ols,
     is_estimable,
 )
+from .firstlevel import ZERO_VARIANCE, check_statistic_maps
 from .images import nifti_bytes, unmask
 from .inference import (
     clusters_table,
@@ -233,6 +237,9 @@ def plan_onesample(task, space, label, maps, all_subjects, settings, participant
     what = f"task-{task} contrast '{maps[0].name}'"
     if missing and not settings.allow_incomplete:
         raise DataError(_missing_message(what, missing, len(present)))
+    if missing:
+        log.warning("%s: no subject-level map for %s; left out (--allow-incomplete) and listed in the "
+                    "exclusions table", what, ", ".join(f"sub-{s}" for s in missing))
     excluded = [Exclusion(f"sub-{s}", task, "", label, "no subject-level map for this contrast") for s in missing]
     if settings.covariates or settings.group_by:
         table, source = participants()
@@ -246,6 +253,11 @@ def plan_onesample(task, space, label, maps, all_subjects, settings, participant
     by_subject = {m.subject: m for m in maps}
     inputs = [by_subject[s[4:]] for s in design.index]
     defaults = _default_onesample_contrasts(design, settings.group_by) if settings.default_contrasts else []
+    clash = sorted({c.name for c in defaults} & {c.name for c in settings.contrasts})
+    if clash:
+        raise ModelError(f"group contrast '{clash[0]}' (--group-contrast/--group-f-contrast, or a Dataset node's "
+                         f"Contrasts) has the name of a default contrast of this model "
+                         f"({', '.join(c.name for c in defaults)}) and would overwrite its maps; choose another name")
     contrasts = defaults + list(settings.contrasts)
     contrasts = [GroupContrast(c.name, c.rows, c.f_test) for c in contrasts]  # labels differ per model
     _set_labels(contrasts, label)
@@ -311,7 +323,9 @@ def _omnibus(conditions: list[str]) -> GroupContrast:
     return GroupContrast("effectOfCondition", rows, f_test=True)
 
 
-def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
+def plan_task(task, maps, settings, participants, expected=None) -> list[PlannedModel]:
+    """``expected(label)``: subjects whose run records list that contrast (so a subject without any
+    map for it is not silently left out); by default only the subjects with some map count."""
     space = maps[0].space_entities()
     all_subjects = sorted({m.subject for m in maps})
     by_label: dict[str, list[SubjectMap]] = {}
@@ -323,17 +337,25 @@ def plan_task(task, maps, settings, participants) -> list[PlannedModel]:
             raise DataError(f"task-{task} contrast '{label}': several subject-level maps per subject "
                             "(several sessions?); choose one with --session-label")
     if settings.model == "anova":
-        return [plan_anova(task, space, by_label, all_subjects, settings)]
+        expected_any = set().union(*(expected(label) for label in by_label)) if expected else set()
+        return [plan_anova(task, space, by_label, sorted(set(all_subjects) | expected_any), settings)]
     plans = []
     for label in sorted(by_label):
+        subjects = sorted(set(all_subjects) | (expected(label) if expected else set()))
         try:
-            plans.append(plan_onesample(task, space, label, by_label[label], all_subjects, settings,
+            plans.append(plan_onesample(task, space, label, by_label[label], subjects, settings,
                                         participants))
         except TooFewInputsError as exc:
             if not (settings.allow_incomplete and len(by_label[label]) < len(all_subjects)):
                 raise
             log.warning("%s; contrast skipped", exc.message)
     return plans
+
+
+def _expected_subjects(inputs_dir, task, args, left_out, by_contrast, label) -> set[str]:
+    """Subjects the participant level fitted this contrast for, less those excluded on purpose."""
+    found = expected_subjects(inputs_dir, task, label, args.participant_label, args.session_label)
+    return {s for s in found if s not in left_out and (s, label) not in by_contrast}
 
 
 def _blocks(model: PlannedModel) -> np.ndarray | None:
@@ -367,14 +389,28 @@ def _read_inputs(output_dir: Path, model: PlannedModel) -> tuple[np.ndarray, np.
         masks.append(mask)
         affine = aff if affine is None else affine
     mask = np.logical_and.reduce(masks)
-    Y = np.stack([read_effect(output_dir, m, mask) for m in model.inputs])
-    finite = np.isfinite(Y).all(axis=0)
-    if not finite.all():
+    if not mask.any():
+        raise DataError(f"{_prefix(model)}: the subjects' brain masks do not overlap")
+    Y = np.stack([read_effect(output_dir, m, mask, affine) for m in model.inputs])
+    finite = np.isfinite(Y)
+    share_bad = 1.0 - finite.mean(axis=1)
+    worst = int(np.argmax(share_bad))
+    if share_bad[worst] > MAX_NONFINITE_SHARE:
+        raise DataError(f"effect map is non-finite (NaN or infinite) in {share_bad[worst]:.0%} of the "
+                        f"{Y.shape[1]} voxels of the group mask", model.inputs[worst].effect)
+    finite = finite.all(axis=0)
+    if not finite.all():  # a few voxels: left out of the group mask, with a warning
+        bad = [model.inputs[i].effect.name for i in np.flatnonzero(share_bad > 0)]
+        log.warning("%s %s: %d voxel(s) left out of the group mask: non-finite in %s", _prefix(model),
+                    model.name, int((~finite).sum()), ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
         mask[mask] = finite
         Y = Y[:, finite]
     if not mask.any():
-        raise DataError(f"{_prefix(model)}: the subjects' brain masks do not overlap")
+        raise DataError(f"{_prefix(model)}: no voxel has a finite effect in every input map")
     return Y, mask, affine
+
+
+MAX_NONFINITE_SHARE = 0.5  # an input map non-finite in more of the group mask is broken, not edgy
 
 
 def _sidecar(model, con, weights, stat, dof, output_dir) -> dict:
@@ -421,20 +457,37 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     group_dir = group_dir or output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
     fit = fit_ols(Y, model.design.to_numpy())
+    flat = ~(fit.dispersion > ZERO_VARIANCE * np.einsum("nv,nv->v", Y, Y) / Y.shape[0])
+    if flat.any():  # every input equal there (up to the model): a zero variance, never a result
+        if flat.all():
+            raise DataError(f"{_prefix(model)} {model.name}: the model fits the input maps exactly in every "
+                            "voxel (identical or constant maps?): no error variance to test against")
+        log.warning("%s %s: %d voxel(s) left out of the group mask: the model fits the inputs exactly there "
+                    "(zero variance)", _prefix(model), model.name, int(flat.sum()))
+        mask[mask] = ~flat
+        Y = Y[:, ~flat]
+        fit = fit_ols(Y, model.design.to_numpy())
     # permutations before any file: an interrupted run leaves no file of this model
     designs = model.permutation_designs or [None] * len(model.contrasts)
     permuted = [None if design is None else
                 run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ")
                 for (con, _), design in zip(model.contrasts, designs)]
     del Y
+    results = [fit.contrast(weights, f_test=con.is_f) for con, weights in model.contrasts]
+    for (con, _), res in zip(model.contrasts, results):  # every map checked before any is written
+        try:
+            check_statistic_maps({"F": res.stat, "z": res.z, "p": res.p} if con.is_f else
+                                 {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z,
+                                  "p": res.p})
+        except DataError as exc:
+            raise DataError(f"{_prefix(model)} contrast '{con.name}': {exc.problem}") from exc
     written = []
     design_table = model.design.reset_index()
     atomic_write_tsv(group_dir / f"{_design_name(model)}.tsv", design_table)
     mask_path = group_dir / f"{_design_name(model).removesuffix('_design')}_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
     mni = model.space.get("space", "").startswith("MNI")
-    for (con, weights), perm_result in zip(model.contrasts, permuted):
-        res = fit.contrast(weights, f_test=con.is_f)
+    for (con, weights), perm_result, res in zip(model.contrasts, permuted, results):
         stat = "F" if con.is_f else "t"
         values = {"t": res.stat, "F": res.stat, "z": res.z, "p": res.p}
         if not con.is_f:
@@ -612,6 +665,8 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
         maps = [m for m in maps if m.name in contrast_names or m.label in contrast_names]
     attach_run_records(inputs_dir, maps)
     maps, exclusions = apply_exclusions(maps, args.exclude_participant_label, run_rules, args.exclude_fd_mean)
+    left_out = {strip_prefix(s, "sub") for s in args.exclude_participant_label or ()}  # on purpose, listed
+    by_contrast = {(e.participant[4:], e.contrast) for e in exclusions if e.contrast}
     if not maps:
         raise DataError("every subject was excluded; nothing left to model", inputs_dir)
 
@@ -625,9 +680,11 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     plans = []
     for task in tasks:
         task_maps = [m for m in maps if m.task == task]
-        plans.extend(plan_task(task, task_maps, settings, participants))
+        expected = functools.partial(_expected_subjects, inputs_dir, task, args, left_out, by_contrast)
+        plans.extend(plan_task(task, task_maps, settings, participants, expected))
     if settings.permutations is not None:
         _plan_permutations(plans)
+    check_grids(inputs_dir, [m for plan in plans for m in plan.inputs])
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", inputs_dir)
     check_planned_folders([group_dir])

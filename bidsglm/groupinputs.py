@@ -19,7 +19,7 @@ import pandas as pd
 
 from .discovery import SpaceSpec, parse_bids_name, read_json, strip_prefix
 from .errors import DataError, UsageError
-from .fixedeffects import fixed_effects
+from .fixedeffects import DegenerateRunError, fixed_effects
 from .outputs import entity_prefix, func_dir, statmap_path
 
 SPACE_KEYS = ("space", "res")
@@ -241,18 +241,111 @@ def map_mask(output_dir: Path, m: SubjectMap) -> tuple[np.ndarray, np.ndarray]:
     return np.logical_and.reduce(masks), affine
 
 
-def read_effect(output_dir: Path, m: SubjectMap, mask: np.ndarray) -> np.ndarray:
+def _read_on_grid(path: Path, mask: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
+    """(V,) values of a 3D map in ``mask``; a map on another grid is bad data, named."""
+    data, aff = read_volume(path)
+    if data.shape[:3] != mask.shape or (data.ndim > 3 and data.shape[3:] != (1,) * (data.ndim - 3)):
+        raise DataError(f"map has shape {data.shape}, its brain mask {mask.shape}: not on the grid of the "
+                        "other maps (rerun the participant level, or leave this subject out)", path)
+    if affine is not None and not np.allclose(aff, affine, atol=1e-4):
+        raise DataError("map's affine differs from its brain mask's: not on the grid of the other maps", path)
+    return data.reshape(mask.shape)[mask].astype(np.float64)
+
+
+def read_effect(output_dir: Path, m: SubjectMap, mask: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
     """(V,) effect values in ``mask``: the subject map, or fixed effects over the runs kept."""
     if m.runs_kept is None:
-        return read_volume(m.effect)[0][mask].astype(np.float64)
+        return _read_on_grid(m.effect, mask, affine)
     space = m.space_entities()
-    effects, variances = [], []
+    effects, variances, paths = [], [], []
     for r in m.runs_kept:
         entities = {**r.entities, **space}
         label = r.contrasts[m.name]
-        effects.append(read_volume(statmap_path(output_dir, entities, label, "effect"))[0][mask])
-        variances.append(read_volume(statmap_path(output_dir, entities, label, "variance"))[0][mask])
-    return fixed_effects(np.array(effects), np.array(variances), [r.dof for r in m.runs_kept]).effect
+        paths.append({s: statmap_path(output_dir, entities, label, s) for s in ("effect", "variance")})
+        effects.append(_read_on_grid(paths[-1]["effect"], mask, affine))
+        variances.append(_read_on_grid(paths[-1]["variance"], mask, affine))
+    try:
+        return fixed_effects(np.array(effects), np.array(variances), [r.dof for r in m.runs_kept]).effect
+    except DegenerateRunError as exc:
+        raise DataError(exc.problem, paths[exc.row]["variance" if "variance" in exc.problem else "effect"]) from exc
+
+
+def _grid(path: Path) -> tuple[tuple, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable image is bad data
+        raise DataError(f"cannot read image ({exc})", path) from exc
+    return tuple(img.shape), img.affine
+
+
+def check_grids(output_dir: Path, maps: list[SubjectMap]) -> None:
+    """Before anything is written: every map an input reads is on one grid, its brain
+    mask's, the same for every input (headers only)."""
+    reference = None
+    for m in maps:
+        if m.runs_kept is None:
+            pairs = [(subject_mask_path(output_dir, m.entities), [m.effect])]
+        else:
+            space = m.space_entities()
+            pairs = [(subject_mask_path(output_dir, {**r.entities, **space}),
+                      [statmap_path(output_dir, {**r.entities, **space}, r.contrasts[m.name], s)
+                       for s in ("effect", "variance")]) for r in m.runs_kept]
+        for mask_path, paths in pairs:
+            if not mask_path.is_file():
+                raise DataError("brain mask written by the participant level is missing; rerun it", mask_path)
+            grid = _grid(mask_path)
+            reference = reference or (grid, mask_path)
+            for path in [mask_path, *paths]:
+                shape, affine = _grid(path) if path != mask_path else grid
+                ref_shape, ref_affine = reference[0]
+                if shape[:3] != ref_shape[:3] or any(n != 1 for n in shape[3:]) or \
+                        not np.allclose(affine, ref_affine, atol=1e-4):
+                    raise DataError(f"map is on another grid (shape {shape}) than {reference[1].name} "
+                                    f"(shape {ref_shape}): group models need every map on one grid", path)
+
+
+def expected_subjects(output_dir: Path, task: str, label: str, participants=None, sessions=None) -> set[str]:
+    """Subjects whose run records (``*_design.json``) say a run of ``task`` estimated the
+    contrast labelled ``label``: each should have a subject-level map for it."""
+    wanted_subs = {strip_prefix(p, "sub") for p in participants} if participants else None
+    wanted_ses = {strip_prefix(s, "ses") for s in sessions} if sessions else None
+    found = set()
+    for path in output_dir.glob(f"sub-*/**/func/*_task-{task}_*run-*_design.json"):
+        parsed = parse_bids_name(path)
+        if parsed is None or parsed.entities.get("task") != task:
+            continue
+        sub, ses = parsed.entities.get("sub"), parsed.entities.get("ses")
+        if (wanted_subs is not None and sub not in wanted_subs) or (wanted_ses is not None and ses not in wanted_ses):
+            continue
+        try:
+            contrasts = read_json(path).get("Contrasts", {})
+        except DataError:
+            continue  # an unreadable record: its subject's maps speak for themselves
+        if label in contrasts.values():
+            found.add(sub)
+    return found
+
+
+def check_rectangular(path: Path) -> None:
+    """Every line has as many tab-separated fields as the header (pandas pads short
+    lines with n/a without a word), and no column name is repeated."""
+    from .design import check_unique_header
+
+    check_unique_header(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read as a UTF-8 text table ({exc})", path) from exc
+    if not lines:
+        raise DataError("file is empty", path)
+    width = len(lines[0].split("\t"))
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = len(line.split("\t"))
+        if fields != width:
+            raise DataError(f"{fields} tab-separated field(s), the header has {width}", path,
+                            where=f"line {number}")
 
 
 def read_participants(output_dir: Path) -> tuple[pd.DataFrame, Path]:
@@ -261,11 +354,17 @@ def read_participants(output_dir: Path) -> tuple[pd.DataFrame, Path]:
     if not path.is_file():
         raise DataError("participants.tsv is missing from OUTPUT_DIR (the participant level copies it "
                         "from BIDS_DIR); rerun the participant level", output_dir)
+    check_rectangular(path)
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse as a tab-separated table ({exc})", path) from exc
     if "participant_id" not in table.columns:
         raise DataError("no participant_id column", path)
+    ids = table["participant_id"]
+    if ids.isna().any() or ids.duplicated().any():
+        row = int(np.flatnonzero((ids.isna() | ids.duplicated()).to_numpy())[0])
+        what = "n/a" if pd.isna(ids.iloc[row]) else f"{ids.iloc[row]} repeated"
+        raise DataError(f"participant_id is {what}", path, where=f"line {row + 2}")
     table.index = [strip_prefix(str(p), "sub") for p in table["participant_id"]]
     return table, path

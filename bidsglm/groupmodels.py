@@ -19,7 +19,7 @@ from scipy.linalg import sqrtm
 
 from .design import ContrastSpec
 from .errors import ModelError
-from .firstlevel import design_rank
+from .firstlevel import design_rank, is_estimable  # noqa: F401 - is_estimable: used by group planning
 from .statistics import ContrastResult, f_contrast, t_contrast
 
 INTERCEPT = "mean"
@@ -40,6 +40,24 @@ def column_name(prefix: str, level) -> str:
 
 def _is_numeric(values: pd.Series) -> bool:
     return bool(pd.to_numeric(values, errors="coerce").notna().all())
+
+
+def _check_mostly_numeric(values: pd.Series, table: pd.DataFrame, column: str, source) -> None:
+    """A column whose values are numbers but for a few (``2O`` for 20) is a typo, not a
+    categorical covariate: refuse it, naming the row, rather than code every level as a category."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    text = numbers.isna()
+    if text.any() and text.sum() * 2 < len(values):
+        sub = values.index[int(np.flatnonzero(text.to_numpy())[0])]
+        line = int(table.index.get_loc(sub)) + 2
+        raise ModelError(f"{values[sub]!r} is not a number, while {int((~text).sum())} of {len(values)} values "
+                         "are: a typo? (use n/a for a missing value)", source,
+                         where=f"column '{column}', line {line} (sub-{sub})")
+    finite = np.isfinite(numbers.to_numpy(dtype=float)) | text.to_numpy()
+    if not finite.all():
+        sub = values.index[int(np.flatnonzero(~finite)[0])]
+        raise ModelError(f"{values[sub]!r} is not a finite number", source,
+                         where=f"column '{column}', line {int(table.index.get_loc(sub)) + 2} (sub-{sub})")
 
 
 def code_covariates(table: pd.DataFrame, columns: list[str], subjects: list[str],
@@ -84,8 +102,12 @@ def code_covariates(table: pd.DataFrame, columns: list[str], subjects: list[str]
             out[column_name(group_by, level)] = (rows[group_by].astype(str) == level).astype(float)
     else:
         out[INTERCEPT] = 1.0
+    if not kept:
+        raise ModelError(f"no included subject has a value in column(s) {', '.join(wanted)} "
+                         f"({len(excluded)} subject(s) without one: n/a or not listed)", source)
     for col in columns:
         values = rows[col]
+        _check_mostly_numeric(values, table, col, source)
         if values.astype(str).nunique() < 2:
             raise ModelError(f"covariate column '{col}' is constant "
                              f"({values.iloc[0] if len(values) else 'no values'}) among the "
@@ -168,14 +190,6 @@ class GroupFit:
             c = vt[: int(np.sum(s > s.max() * 1e-10))]
         root = np.real(sqrtm(np.linalg.inv(c @ self.cov @ c.T)))
         return f_contrast(root @ (c @ self.beta), self.dispersion, self.dof)
-
-
-def is_estimable(c: np.ndarray, X: np.ndarray) -> bool:
-    """Every row of c is a combination of the rows of X, so c @ beta does not depend
-    on which solution the pseudo-inverse picked."""
-    c = np.atleast_2d(c)
-    projected = c @ scipy.linalg.pinv(X) @ X
-    return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
 
 
 def fit_ols(Y: np.ndarray, X: np.ndarray) -> GroupFit:

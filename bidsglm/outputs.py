@@ -201,7 +201,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    # strict JSON: a NaN or infinity in a sidecar is a bug upstream, never written (ValueError)
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def atomic_write_tsv(path: Path, table: pd.DataFrame) -> None:

@@ -32,9 +32,9 @@ from .design import (
     read_events,
 )
 from .discovery import RunInputs
-from .errors import DataError
-from .firstlevel import RunGLM, mean_scaling
-from .fixedeffects import fixed_effects
+from .errors import DataError, ModelError
+from .firstlevel import RunGLM, check_design, check_statistic_maps, design_rank, is_estimable, mean_scaling
+from .fixedeffects import DegenerateRunError, fixed_effects
 from .images import (
     check_same_grid,
     load_mask,
@@ -95,6 +95,48 @@ class PreparedRun:
     dropped: dict  # contrast name -> reason
     confound_columns: list
     fd_mean: float | None = None  # mean framewise displacement (mm), for group exclusions
+    notes: list = field(default_factory=list)  # warnings about the inputs, one line each (logged, recorded)
+
+    def __post_init__(self):
+        """Whichever front door built it (command line or Stats Model), a prepared run's design
+        can be estimated: checked here, before anything is fitted or written."""
+        check_run_design(self)
+
+
+# largest share of the mask that may be left out (constant, non-finite) before a run is refused
+MAX_VOXELS_LEFT_OUT = 0.5
+
+
+def _design_source(prep: "PreparedRun", column: str | None) -> Path:
+    """The input a design column comes from, for messages."""
+    if column in prep.confound_columns:
+        return prep.inputs.confounds
+    return prep.inputs.events if column is not None else prep.inputs.bold
+
+
+def check_run_design(prep: "PreparedRun") -> None:
+    """No all-zero or non-finite regressor, a residual degree of freedom, estimable contrasts;
+    each failure is one line naming the run's file."""
+    X = prep.design.to_numpy(dtype=np.float64)
+    columns = [str(c) for c in prep.design.columns]
+    try:
+        check_design(X, columns)
+    except ModelError as exc:
+        column = next((c for c in columns if f"'{c}'" in exc.problem), None)
+        hint = ""
+        if "zero in every volume" in exc.problem and column not in prep.confound_columns:
+            hint = " (no event of this condition falls within the scan)"
+        elif "no residual degrees of freedom" in exc.problem:
+            drifts = sum(c.startswith("drift") or c.startswith("cosine") for c in columns)
+            hint = (f" ({len(prep.confound_columns)} confounds, {drifts} drift terms: use fewer confounds "
+                    "or a lower --high-pass)")
+        raise ModelError(exc.problem + hint, _design_source(prep, column)) from exc
+    if design_rank(X) < X.shape[1]:
+        for con in prep.contrasts:
+            if not is_estimable(con.matrix(columns), X):
+                raise ModelError(f"contrast '{con.name}' is not estimable: the design's columns are linearly "
+                                 f"dependent (duplicate regressors?) and its weights on "
+                                 f"{', '.join(con.conditions)} are not identified", prep.inputs.events)
 
 
 @dataclass
@@ -155,11 +197,18 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
     if events is None:
         events = read_events(run.events)
     confounds = read_confounds(run.confounds, list(settings.confounds), n_volumes)
-    design = build_design(
-        events, confounds, n_volumes, tr,
-        DesignSettings(settings.hrf_model, settings.drift_model, settings.high_pass,
-                       slice_time_ref=str_ref),
-    )
+    try:
+        design = build_design(
+            events, confounds, n_volumes, tr,
+            DesignSettings(settings.hrf_model, settings.drift_model, settings.high_pass,
+                           slice_time_ref=str_ref),
+        )
+    except ModelError as exc:
+        raise ModelError(exc.problem, exc.path or (run.bold if "Nyquist" in exc.problem else run.events),
+                         exc.where) from exc
+    notes = design.attrs.get("notes", [])
+    for note in notes:
+        log.warning("%s: %s", run.events, note)
     present = set(events["trial_type"])
     usable, dropped = [], {}
     for con in contrasts:
@@ -169,7 +218,7 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
         else:
             usable.append(con)
     return PreparedRun(run, tr, n_volumes, str_ref, design, usable, dropped, list(confounds.columns),
-                       mean_framewise_displacement(run.confounds))
+                       mean_framewise_displacement(run.confounds), notes)
 
 
 def model_contrasts(runs_events: dict[str, set], requested: list[ContrastSpec] | None, task: str) -> list[ContrastSpec]:
@@ -289,20 +338,46 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
              run.label, Y.shape[0], Y.shape[1], time.perf_counter() - t0)
     Y = mean_scaling(Y, in_place=True)
     t1 = time.perf_counter()
-    glm = RunGLM(settings.noise_model).fit(Y, prep.design.to_numpy())
+    try:
+        glm = RunGLM(settings.noise_model).fit(Y, prep.design.to_numpy())
+    except DataError as exc:
+        raise DataError(f"BOLD in the brain mask: {exc.problem}", run.bold) from exc
     del Y
+    notes = list(prep.notes)
+    left_out = int((~glm.valid_).sum())
+    if left_out:
+        share = left_out / glm.valid_.size
+        if share > MAX_VOXELS_LEFT_OUT:
+            raise DataError(f"BOLD is constant in time, non-finite or fitted exactly by the design in {left_out} "
+                            f"of {glm.valid_.size} brain-mask voxels ({share:.0%}): an empty or broken run",
+                            run.bold)
+        note = (f"{left_out} of {glm.valid_.size} brain-mask voxels left out of this run's mask (BOLD constant "
+                "in time, non-finite, or fitted exactly by the design: no residual variance)")
+        log.warning("%s: %s", run.bold, note)
+        notes.append(note)
+        mask = mask.copy()
+        mask[mask] = glm.valid_
     log.info("%s: %s GLM fitted (%d regressors, %.1f s)", run.label, settings.noise_model,
              prep.design.shape[1], time.perf_counter() - t1)
 
     result = RunResult(run, dof=glm.dof_, dropped=prep.dropped)
     columns = list(prep.design.columns)
-    for con in prep.contrasts:
+    maps = {}
+    for con in prep.contrasts:  # every map checked before any is written
         if con.test == "F":
             res = glm.contrast(con.matrix(columns))
             values = {"F": res.stat, "z": res.z, "p": res.p}
         else:
             res = glm.contrast(con.vector(columns))
             values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+        values = {stat: values[stat] for stat in contrast_stats(con)}
+        try:
+            check_statistic_maps(values)
+        except DataError as exc:
+            raise DataError(f"contrast '{con.name}': {exc.problem}", run.bold) from exc
+        maps[con.name] = values
+    for con in prep.contrasts:
+        values = maps[con.name]
         paths = {}
         for stat in contrast_stats(con):
             path = statmap_path(output_dir, run.entities, labels[con.name], stat)
@@ -330,6 +405,8 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         "ConfoundsRequested": list(settings.confounds),
         "ConfoundsUnmatched": _unmatched_confounds(settings.confounds, prep.confound_columns),
         "FramewiseDisplacementMean": prep.fd_mean,
+        "Warnings": notes,
+        "VoxelsLeftOut": left_out,
         "Model": {"HRFModel": settings.hrf_model, "DriftModel": settings.drift_model,
                   "HighPassFilterCutoffHz": settings.high_pass, "NoiseModel": settings.noise_model,
                   "SmoothingFWHM": settings.smoothing_fwhm},
@@ -425,8 +502,14 @@ def _fixed_effects_images(contributing: list[RunResult], name: str, masks: list[
     mask = np.logical_and.reduce(masks)
     effects = np.stack([_read_masked(r.maps[name]["effect"], mask) for r in contributing])
     variances = np.stack([_read_masked(r.maps[name]["variance"], mask) for r in contributing])
-    res = fixed_effects(effects, variances, [r.dof for r in contributing])
+    try:
+        res = fixed_effects(effects, variances, [r.dof for r in contributing])
+    except DegenerateRunError as exc:
+        bad = contributing[exc.row].maps[name]
+        raise DataError(exc.problem, bad["variance" if "variance" in exc.problem else "effect"]) from exc
     values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
+    values = {stat: values[stat] for stat in stats}
+    check_statistic_maps(values)
     return {stat: nifti_bytes(unmask(values[stat], mask), affine) for stat in stats}
 
 

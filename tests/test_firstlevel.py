@@ -6,7 +6,15 @@ import pytest
 from nilearn.glm.contrasts import compute_contrast
 from nilearn.glm.first_level import run_glm
 
-from bidsglm.firstlevel import RunGLM, mean_scaling, whiten_ar1
+from bidsglm.errors import DataError, ModelError
+from bidsglm.firstlevel import (
+    RunGLM,
+    check_design,
+    check_estimable,
+    check_statistic_maps,
+    mean_scaling,
+    whiten_ar1,
+)
 
 
 def _simulated(seed=0, T=160, V=3000, P=6, rho=0.4):
@@ -119,13 +127,64 @@ def test_large_offset_data_match_nilearn():
     np.testing.assert_allclose(glm.contrast(np.eye(6)[1]).stat, ref.stat(), rtol=1e-6)
 
 
-def test_degenerate_voxels_give_finite_statistics():
-    """An empty voxel and one the design fits exactly: no NaN, no negative variance."""
-    X, Y, _ = _simulated(seed=4, V=4)
+@pytest.mark.parametrize("noise_model", ["ar1", "ols"])
+def test_degenerate_voxels_are_left_out_and_the_rest_match_nilearn(noise_model):
+    """An empty voxel, a constant one, one with a NaN, one with an inf and one the design
+    fits exactly are left out (valid_ False); the other voxels get exactly the fit
+    nilearn gives without them (the AR(1) grand mean never sees the broken voxels)."""
+    X, Y, _ = _simulated(seed=4, V=400)
     Y[:, 0] = 0
-    Y[:, 1] = X @ np.arange(1.0, 7.0)
-    glm = RunGLM("ar1").fit(Y, X)
-    res = glm.contrast(np.eye(6)[0])
-    assert np.all(np.isfinite(res.stat)) and np.all(glm.dispersion_ >= 0)
-    assert res.stat[0] == 0
-    assert np.all(np.abs(glm.ar1_) <= 1)
+    Y[:, 1] = 7.5
+    Y[5, 2] = np.nan
+    Y[9, 3] = np.inf
+    Y[:, 4] = X @ np.arange(1.0, 7.0)
+    glm = RunGLM(noise_model).fit(Y, X)
+    assert glm.valid_.tolist()[:6] == [False] * 5 + [True] and glm.valid_[5:].all()
+    labels, results = run_glm(Y[:, 5:], X, noise_model=noise_model)
+    for con in (np.eye(6)[0], np.eye(6)[:3]):
+        mine, ref = glm.contrast(con), compute_contrast(labels, results, con)
+        np.testing.assert_allclose(mine.stat, ref.stat(), rtol=1e-10, atol=1e-12)
+    assert np.all(glm.dispersion_ > 0) and np.all(np.abs(glm.ar1_) <= 1)
+
+
+def test_all_voxels_degenerate_is_a_data_error():
+    X, Y, _ = _simulated(seed=4, V=10)
+    Y[:] = 3.0
+    with pytest.raises(DataError, match="every voxel"):
+        RunGLM("ar1").fit(Y, X)
+
+
+def test_check_design_refuses_zero_column_and_no_dof():
+    X, _, _ = _simulated(T=20, V=1)
+    cols = [f"c{i}" for i in range(6)]
+    check_design(X, cols)
+    Z = X.copy()
+    Z[:, 2] = 0
+    with pytest.raises(ModelError, match="column 'c2' is zero in every volume"):
+        check_design(Z, cols)
+    with pytest.raises(ModelError, match="design has 6 columns for 6 volumes: no residual degrees of freedom"):
+        check_design(X[:6], cols)
+    N = X.copy()
+    N[3, 1] = np.nan
+    with pytest.raises(ModelError, match="column 'c1'"):
+        check_design(N, cols)
+
+
+def test_check_estimable_duplicate_columns():
+    X, _, _ = _simulated(T=30, V=1)
+    D = np.column_stack([X, X[:, 0]])  # column 6 duplicates column 0
+    cols = [f"c{i}" for i in range(7)]
+    check_estimable(np.eye(7)[1], D, cols, "ok")  # untouched by the duplication
+    check_estimable(np.eye(7)[0] + np.eye(7)[6], D, cols, "sum")  # estimable: the sum is identified
+    with pytest.raises(ModelError, match="contrast 'x' is not estimable"):
+        check_estimable(np.eye(7)[0], D, cols, "x")
+
+
+def test_check_statistic_maps():
+    check_statistic_maps({"effect": np.ones(3), "variance": np.ones(3)})
+    with pytest.raises(DataError, match="variance map is zero"):
+        check_statistic_maps({"variance": np.array([1.0, 0.0])})
+    with pytest.raises(DataError, match="t map is non-finite in 1 of 2"):
+        check_statistic_maps({"t": np.array([1.0, np.nan])})
+    with pytest.raises(DataError, match="effect map is non-finite"):  # overflows float32, as written
+        check_statistic_maps({"effect": np.array([1e39])})
