@@ -72,6 +72,8 @@ class RunDesigner:
         raw["Transformations"] = {"Transformer": "pybids-transforms-v1", "Instructions": instructions}
         model.pop("HRF", None)
         model.pop("Options", None)
+        if self.node.formula is not None:  # the checked formula only, never the model's own text
+            model["Formula"] = self.node.formula_text
         return {"Name": self.model.name, "BIDSModelVersion": "1.0.0", "Nodes": [raw]}
 
     def design(self, run: RunInputs, n_volumes: int, tr: float) -> pd.DataFrame:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
+from .modelformula import FormulaError, check_query, check_variable_name, formulaic_text, parse_formula
 
 LEVELS = ("Run", "Session", "Subject", "Dataset")
 MODEL_TYPES = ("glm", "meta")
@@ -69,6 +71,12 @@ class Node:
     contrasts: list = field(default_factory=list)  # ModelContrast
     dummy_contrasts: dict | None = None  # {"Contrasts": [...] or None, "Test": ...}
     raw: dict = field(default_factory=dict)
+    formula: list | None = None  # modelformula.Term list of a checked Model.Formula
+
+    @property
+    def formula_text(self) -> str | None:
+        """Model.Formula as formulaic gets it: the checked terms, every name backquoted."""
+        return formulaic_text(self.formula) if self.formula is not None else None
 
     @property
     def intercept_only(self) -> bool:
@@ -177,10 +185,15 @@ def _node(check: _Checker, raw, index: int) -> Node:
     if model["Type"] not in MODEL_TYPES:
         check.fail(f"{model['Type']!r} is not a model type ({', '.join(MODEL_TYPES)})", label, "Model.Type")
     x = check.string_list(model["X"], label, "Model.X", allow_one=True)
-    if "Formula" in model and not isinstance(model["Formula"], str):
-        check.fail("must be a string", label, "Model.Formula")
-    if "Formula" in model and level != "Run":
-        check.fail("formulas are supported on Run nodes only", label, "Model.Formula")
+    formula = None
+    if "Formula" in model:
+        # formulaic would evaluate it as Python: only the parsed safe subset goes on, all names backquoted
+        try:
+            formula = parse_formula(model["Formula"])
+        except FormulaError as exc:
+            check.fail(f"refused: {exc}", label, "Model.Formula")
+        if level != "Run":
+            check.fail("formulas are supported on Run nodes only", label, "Model.Formula")
     for key, why in _UNSUPPORTED.items():
         parts = key.split(".")[1:]
         obj = model
@@ -194,6 +207,7 @@ def _node(check: _Checker, raw, index: int) -> Node:
             "%s: node '%s', field 'Model.Software': options for %s are not used by bidsglm", check.path.name,
             label, ", ".join(sorted(model["Software"])))
     node = Node(level, raw["Name"], group_by, model["Type"], x, raw=raw)
+    node.formula = formula
     node.transformations = _transformations(check, raw.get("Transformations"), label, level)
     node.hrf = _hrf(check, model.get("HRF"), label, x)
     options = model.get("Options") or {}
@@ -239,7 +253,37 @@ def _transformations(check: _Checker, raw, node: str, level: str) -> list:
             check.fail(f"unknown transformation {ins['Name']!r}", node, f"{where}.Name")
         if "Input" not in ins:
             check.fail(f"transformation {ins['Name']} needs an Input", node, f"{where}.Input")
+        _check_evaluated_text(check, ins, node, where)
     return instructions
+
+
+def _names(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _check_evaluated_text(check: _Checker, ins: dict, node: str, where: str) -> None:
+    """pybids hands Filter's Query to pandas.query and builds a formulaic formula from
+    Split's By: only the safe subset reaches them (see modelformula)."""
+    try:
+        for key in ("Input", "Output", "By"):
+            for name in _names(ins.get(key, [])):
+                check_variable_name(name)
+    except FormulaError as exc:
+        check.fail(f"refused: {exc}", node, f"{where}.{key}")
+    name = ins["Name"]
+    if name == "Split":
+        for by in _names(ins.get("By", [])):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", by):
+                check.fail(f"refused: Split By {by!r} must be a plain name (letters, digits, _), as pybids "
+                           "builds a formula from it", node, f"{where}.By")
+    if name == "Filter":
+        query = next((ins[k] for k in ins if k.lower() == "query"), None)
+        if query is None:
+            check.fail("Filter needs a Query", node, f"{where}.Query")
+        try:
+            check_query(query, set(_names(ins["Input"])) | set(_names(ins.get("By", []))))
+        except FormulaError as exc:
+            check.fail(f"refused: {exc}", node, f"{where}.Query")
 
 
 def _hrf(check: _Checker, raw, node: str, x: list) -> dict | None:

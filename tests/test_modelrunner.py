@@ -425,3 +425,32 @@ def test_parallel_runs_give_the_same_maps(flanker_results, tmp_path):
     for ref in sorted((out / "node-run_level").rglob("*_stat-z_statmap.nii.gz")):
         ours = par / ref.relative_to(out)
         np.testing.assert_array_equal(nib.load(ours).get_fdata(), nib.load(ref).get_fdata())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("Formula", "1 + {__import__('os').system('touch MARKER')}"),
+    ("Formula", "`trial_type.congruent_correct` + __import__('os').system('touch MARKER')"),
+    ("Query", "trial_type == 'x' or __import__('os').system('touch MARKER') == 0"),
+])
+def test_model_text_is_never_run(flanker, tmp_path, capsys, field, value):
+    """Payloads that would create a file, through Model.Formula (formulaic) and a Filter
+    query (pandas): refused with 65 before anything runs; the file never appears."""
+    marker = tmp_path / "pwned"
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    value = value.replace("MARKER", str(marker))
+    if field == "Formula":
+        model["Nodes"][0]["Model"]["Formula"] = value
+        where = "field 'Model.Formula'"
+    else:
+        model["Nodes"][0]["Transformations"]["Instructions"].insert(
+            1, {"Name": "Filter", "Input": ["trial_type"], "Query": value})
+        where = "field 'Transformations.Instructions[1].Query'"
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    for level in ("participant", "group"):
+        code, err = _run_cli(capsys, flanker, tmp_path / "out", level, "--model", path,
+                             "--skip-bids-validation", "-q")
+        assert code == 65 and len(err) == 1, err
+        assert "node 'run_level'" in err[0] and where in err[0] and "refused" in err[0], err[0]
+        assert not marker.exists()
+    assert not (tmp_path / "out").exists()

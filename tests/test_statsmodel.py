@@ -105,3 +105,73 @@ def test_not_json(tmp_path):
     path.write_text('{"Name": "x",\n "Nodes": [}')
     with pytest.raises(ModelError, match="line 2, column 12: not valid JSON"):
         load_model(path)
+
+
+# --- no text of a model is ever run as code ------------------------------------------
+
+_PAYLOAD = "__import__('os').system('touch {marker}')"
+
+
+def _formula(text):
+    return lambda m: m["Nodes"][0]["Model"].update(X=[1, "a", "b"], Formula=text)
+
+
+def _instruction(ins):
+    return lambda m: m["Nodes"][0].update(Transformations={"Transformer": "pybids-transforms-v1",
+                                                           "Instructions": [ins]})
+
+
+HOSTILE = [  # (change, field, words)
+    (_formula("1 + {" + _PAYLOAD + "}"), "Model.Formula", "'{' at character 5 is not allowed"),
+    (_formula("a + " + _PAYLOAD), "Model.Formula", "function calls"),
+    (_formula("a + `{" + _PAYLOAD + "}`"), "Model.Formula", "backquoted name"),
+    (_formula("a + a.__class__"), "Model.Formula", "dotted name"),
+    (_formula("a + 'x'"), "Model.Formula", "not allowed"),
+    (_formula("y ~ a"), "Model.Formula", "right-hand side"),
+    (_instruction({"Name": "Filter", "Input": ["a"], "Query": "a > 0 or " + _PAYLOAD}),
+     "Transformations.Instructions[0].Query", "refused"),
+    (_instruction({"Name": "Filter", "Input": ["a"], "Query": "a > @x"}),
+     "Transformations.Instructions[0].Query", "@"),
+    (_instruction({"Name": "Filter", "Input": ["a"], "Query": "a.__class__ == 1"}),
+     "Transformations.Instructions[0].Query", "Attribute is not allowed"),
+    (_instruction({"Name": "Split", "Input": ["a"], "By": ["{" + _PAYLOAD + "}"]}),
+     "Transformations.Instructions[0].By", "refused"),
+    (_instruction({"Name": "Split", "Input": ["a"], "By": ["b.c"]}),
+     "Transformations.Instructions[0].By", "plain name"),
+    (_instruction({"Name": "Scale", "Input": ["a`+{" + _PAYLOAD + "}`"]}),
+     "Transformations.Instructions[0].Input", "refused"),
+]
+
+
+@pytest.mark.parametrize("change,field,words", HOSTILE, ids=[f"{i}-{h[1]}" for i, h in enumerate(HOSTILE)])
+def test_text_that_an_evaluator_would_run_is_refused(tmp_path, change, field, words):
+    marker = tmp_path / "pwned"
+    model = json.loads(json.dumps(_broken(change)).replace("{marker}", str(marker)))
+    with pytest.raises(ModelError) as err:
+        load_model(_write(tmp_path, model))
+    assert f"node 'run', field '{field}'" in err.value.message and words in err.value.message, err.value.message
+    assert err.value.exit_code == 65
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("formula,terms", [
+    ("a + b", [(), ("a",), ("b",)]),
+    ("0 + a + b", [("a",), ("b",)]),
+    ("a + b - 1", [("a",), ("b",)]),
+    ("-1 + a", [("a",)]),
+    ("a*b", [(), ("a",), ("b",), ("a", "b")]),
+    ("(a + b):c", [(), ("a", "c"), ("b", "c")]),
+    ("`trial_type.face` + a - a", [(), ("trial_type.face",)]),
+])
+def test_safe_formulas_parse(formula, terms):
+    from bidsglm.modelformula import parse_formula
+
+    assert [t.factors for t in parse_formula(formula)] == terms
+
+
+def test_safe_queries_pass():
+    from bidsglm.modelformula import check_query
+
+    check_query("trial_type == 'face' and rt > 0.2", {"trial_type", "rt"})
+    check_query("~(trial_type.face != 1) | (rt <= -1.5)", {"trial_type.face", "rt"})
+    check_query("trial_type in ['a', 'b']", {"trial_type"})
