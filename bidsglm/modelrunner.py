@@ -243,7 +243,13 @@ def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared,
         if node.model_type == "meta":
             written = subject_fixed_effects(runs, contrasts, labels, root, settings, links, extra)
         else:
-            written = _ols_across_runs(runs, contrasts, labels, root, extra)
+            # a contrast in one run only: its estimate is what exists (a glm across runs needs two);
+            # passed on as the fixed effects of that one run, and the sidecar says so
+            single = [c for c in contrasts if c.test != "F" and sum(c.name in r.maps for r in runs) < 2]
+            written = subject_fixed_effects(runs, single, labels, root, settings, links, {
+                **extra, "SingleRun": "one run has this contrast: its estimate is passed on "
+                                      "(a glm across runs needs two or more)"}) if single else []
+            written += _ols_across_runs(runs, [c for c in contrasts if c not in single], labels, root, extra)
         log.info("sub-%s%s task-%s: node %s (%s) wrote %d maps", sub, f" ses-{ses}" if ses else "", task,
                  node.name, node.model_type, len(written))
 
@@ -317,6 +323,7 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
         ensure_dataset(root, {})
         log.info("model '%s': node %s over node %s%s", model.name, node.name, edge.source,
                  f" (contrasts {', '.join(edge.filter['contrast'])})" if edge.filter.get("contrast") else "")
+        run_maps = _dataset_over_runs(model, node, source)
         sessions = _sessions(source, args.session_label) if "session" in node.group_by else [None]
         for ses in sessions:  # grouped by session: one model per session, in ses-<label>/
             target = root / f"ses-{ses}" if ses else root
@@ -325,7 +332,7 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
                 session_args.session_label = [ses]
             run_group_level(session_args, output_dir, inputs_dir=source, group_dir=target,
                             contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
-                            settings=settings)
+                            settings=settings, run_maps=run_maps)
             _tag_group_sidecars(target, model, node)
             written.append(target)
     return written
@@ -348,13 +355,38 @@ def _check_dataset_node(model: StatsModel, node: Node) -> None:
                              where=f"{where}, field 'Contrasts' ('{con.name}')")
 
 
-def _sessions(source: Path, selected) -> list[str]:
+def _dataset_over_runs(model: StatsModel, node: Node, source: Path) -> bool:
+    """A Dataset node fed by the Run node takes the run maps as its inputs (True when they
+    carry a run- entity). Its model has one row per map, so each subject must give one run per
+    contrast (and session, when grouped by session): several runs of one subject are not
+    independent observations, and bidsglm does not treat them as such."""
+    from .discovery import parse_bids_name
+
+    if model.node(model.parent_edge(node.name).source).level != "Run":
+        return False
+    maps = [parse_bids_name(p) for p in source.glob("sub-*/**/func/*_run-*_stat-effect_statmap.nii.gz")]
+    seen: dict[tuple, list] = {}
+    for parsed in filter(None, maps):
+        e = parsed.entities
+        key = (e.get("sub"), e.get("ses") if "session" in node.group_by else None, e.get("task"),
+               e.get("contrast"))
+        seen.setdefault(key, []).append(e.get("run"))
+    for (sub, ses, task, contrast), runs in sorted(seen.items(), key=str):
+        if len(runs) > 1:
+            raise ModelError(f"fed by the Run node, it would take {len(runs)} runs of sub-{sub}"
+                             f"{f' ses-{ses}' if ses else ''} task-{task} (contrast {contrast}) as independent "
+                             "subjects; add a Subject node (Type meta) between them, or select one run in "
+                             "Model.Input", model.path, where=f"node '{node.name}', field 'Edges'")
+    return bool(seen)
+
+
+def _sessions(source: Path, selected) -> list:
+    """Sessions of the source node's maps; none (a dataset without sessions): one model,
+    as pybids treats grouping by an absent entity."""
     found = sorted({p.name[4:] for p in source.glob("sub-*/ses-*") if p.is_dir()})
     if selected:
         found = [s for s in found if s in {x.removeprefix("ses-") for x in selected}]
-    if not found:
-        raise ModelError("the Dataset node groups by session, but the subject maps have no sessions", source)
-    return found
+    return found or [None]
 
 
 def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
@@ -371,18 +403,23 @@ def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
 
 
 def _group_contrasts(node: Node, intercept: str):
-    """The node's explicit Contrasts as group contrasts over its design (1 -> the mean column)."""
-    from .design import parse_contrast
+    """The node's explicit Contrasts as group contrasts over its design (1 -> the mean column).
+    Weights are taken as numbers from the model, never parsed from text."""
+    from .design import ContrastSpec
     from .group import GroupContrast
 
     out = []
     for con in node.contrasts:
-        rename = {"intercept": intercept}
         rows = con.weights if con.test == "F" else (con.weights,)
         specs = []
         for row in rows:
-            expr = " + ".join(f"{w!r}*`{rename.get(c, c)}`" for c, w in zip(con.conditions, row) if w)
-            specs.append(parse_contrast(con.name, expr))
+            weights: dict[str, float] = {}
+            for c, w in zip(con.conditions, row):
+                if w:
+                    key = intercept if c == "intercept" else c
+                    weights[key] = weights.get(key, 0.0) + float(w)
+            expr = " + ".join(f"{w:g}*{c}" for c, w in weights.items())
+            specs.append(ContrastSpec(con.name, expr, tuple(sorted(weights.items()))))
         out.append(GroupContrast(con.name, specs, f_test=con.test == "F"))
     return out
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ModelError
 from .modelformula import FormulaError, check_query, check_variable_name, formulaic_text, parse_formula
 
@@ -321,6 +323,8 @@ def _contrast(check: _Checker, raw, node: str, index: int) -> ModelContrast:
             check.fail(f"needs one weight per condition ({len(conditions)})", node, f"{where}.Weights")
         if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in row):
             check.fail("weights must be numbers", node, f"{where}.Weights")
+        if not all(np.isfinite(w) for w in row) or not any(row):
+            check.fail("weights must be finite and not all zero", node, f"{where}.Weights")
     if raw["Test"] != "F" and len(rows) > 1:
         check.fail("several rows of weights need Test 'F'", node, f"{where}.Test")
     cond = tuple("intercept" if c in (1, "1") else c for c in conditions)
