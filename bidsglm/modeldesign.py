@@ -90,7 +90,7 @@ class RunDesigner:
                 graph = BIDSStatsModelsGraph(self.layout, self._spec())
                 graph.load_collections(scan_length=n_volumes * tr, **entities)
                 _absent_where_na(graph.root_node)
-                outputs = graph.root_node.run(group_by=self.node.group_by, force_dense=False,
+                outputs = graph.root_node.run(group_by=self.node.group_by, force_dense=True,
                                               transformation_history=False)
         except KeyError as exc:
             raise ModelError(f"{run.label}: variable {exc.args[0]!r} is not available (not an events column, "
@@ -163,13 +163,33 @@ def _absent_where_na(node) -> None:
     """n/a in a numeric events column means the event has no value for it (a parametric
     modulator given for some trial types only, a response time of a trial without
     response). pybids keeps such rows, and a NaN amplitude or duration makes the whole
-    convolved regressor n/a; a 0 gives that event no weight, as dropping it would."""
+    convolved regressor n/a; a 0 gives that event no weight, as dropping it would.
+
+    An event whose trial_type is n/a belongs to no condition: it is left out of every
+    variable of its events file (pybids' Factor cannot sort n/a among labels, and the
+    variables of one file must keep the same events for Assign); n/a in another text
+    column leaves those events out of that column only. Each is said once per run."""
     from bids.variables import SparseRunVariable
 
     for collection in getattr(node, "_collections", []):
-        for var in collection.variables.values():
-            if isinstance(var, SparseRunVariable) and var.values.dtype.kind == "f" and var.values.isna().any():
+        sparse = [v for v in collection.variables.values() if isinstance(v, SparseRunVariable)]
+        for var in sparse:
+            if var.values.isna().any() and not pd.api.types.is_numeric_dtype(var.values.dtype):
+                keep = (~var.values.isna()).to_numpy()
+                log.warning("%s: events column '%s' is n/a in %d of %d rows; those events are in no "
+                            "condition", _run_text(var), var.name, int((~keep).sum()), len(keep))
+                same_file = [v for v in sparse if len(v.values) == len(keep)] if var.name == "trial_type" else [var]
+                for other in same_file:
+                    other.select_rows(np.flatnonzero(keep))
+        for var in sparse:
+            if pd.api.types.is_float_dtype(var.values.dtype) and var.values.isna().any():
                 var.values = var.values.fillna(0.0)
+
+
+def _run_text(var) -> str:
+    ent = var.index.iloc[0] if len(var.index) else {}
+    short = {"subject": "sub", "session": "ses", "task": "task", "run": "run"}
+    return " ".join(f"{short[k]}-{ent[k]}" for k in short if k in ent and ent[k] == ent[k])
 
 
 def cosine_drift(high_pass_hz: float, frame_times: np.ndarray) -> pd.DataFrame:

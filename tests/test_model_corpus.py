@@ -76,8 +76,27 @@ def _levels_named(model: dict, column: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def columns_the_model_reads(model: dict, columns: list[str]) -> list[str]:
+    """Events columns the Run node's transformations read that the basic details do not list
+    (the peer project rewrites the events of some datasets before modelling: preproc_events):
+    the simulated events get them as numbers, and the table says so."""
+    produced, factored, needed = set(), set(), []
+    for ins in (model["Nodes"][0].get("Transformations") or {}).get("Instructions", []):
+        for name in ins.get("Input") or []:
+            if (any(ch in name for ch in "*?[") or name in produced or name in columns or
+                    name.startswith(CONFOUND_PREFIXES) or name.split(".")[0] in factored or name in needed):
+                continue
+            needed.append(name)
+        outputs = ins.get("Output") or []
+        produced.update(outputs if isinstance(outputs, list) else [outputs])
+        if ins.get("Name") in ("Factor", "Split"):
+            factored.update(ins.get("Input") or [])
+    return needed
+
+
 def _events(rng, model: dict, task: dict, n_volumes: int) -> pd.DataFrame:
-    columns = task.get("column_names") or ["onset", "duration", "trial_type"]
+    columns = list(task.get("column_names") or ["onset", "duration", "trial_type"])
+    columns += columns_the_model_reads(model, columns)
     types = task.get("column_data_types") or {}
     trial_types = list(dict.fromkeys([str(v) for v in task.get("trial_type_values") or []] +
                                      _levels_named(model, "trial_type"))) or ["task"]
@@ -155,7 +174,8 @@ def simulate_for_model(spec_path: Path, root: Path, n_subjects: int = N_SUBJECTS
                 nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFFINE), out / f"{space}_desc-brain_mask.nii.gz")
                 confounds(rng, N_VOLUMES, TR).to_csv(out / f"{prefix}_desc-confounds_timeseries.tsv", sep="\t",
                                                      index=False, na_rep="n/a")
-    return {"subjects": subjects, "runs": runs, "sessions": sessions, "task": task_name}
+    return {"subjects": subjects, "runs": runs, "sessions": sessions, "task": task_name,
+            "added": columns_the_model_reads(model, list(task.get("column_names") or []))}
 
 
 def _reference_columns(spec_path: Path) -> list[str] | None:
@@ -173,14 +193,15 @@ def run_corpus_model(spec_path: Path, work: Path, capsys) -> dict:
     from bidsglm.statsmodel import load_model
 
     row = {"model": _name(spec_path), "loaded": "yes", "participant": None, "group": None, "outputs": "",
-           "message": "", "design": ""}
+           "message": "", "design": "", "added": ""}
     try:
         model = load_model(spec_path)
     except Exception as exc:  # noqa: BLE001 - the table records why
         row.update(loaded="no", message=str(exc).splitlines()[0])
         return row
     root = work / "bids"
-    simulate_for_model(spec_path, root)
+    made = simulate_for_model(spec_path, root)
+    row["added"] = ",".join(made["added"])
     out = work / "out"
     capsys.readouterr()
     args = [str(root), str(out), "participant", "--model", str(spec_path), "--skip-bids-validation", "-q",
@@ -223,6 +244,7 @@ def _table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         tail = r["outputs"] if (r["participant"], r["group"]) == (0, 0) else r["message"][:400]
+        tail += f" [events columns added: {r['added']}]" if r.get("added") else ""
         lines.append(f"{r['model']:42} {r['loaded']:6} {str(r['participant']):5} {str(r['group']):5} "
                      f"{r['design'][:18]:18} {tail}")
     return "\n".join(lines)
@@ -246,6 +268,8 @@ def test_whole_corpus(tmp_path, capsys):
     rows = []
     for i, spec in enumerate(CORPUS):
         rows.append(run_corpus_model(spec, tmp_path / f"m{i}", capsys))
+        with capsys.disabled():
+            print(_table(rows[-1:]).splitlines()[-1], flush=True)
     with capsys.disabled():
         print("\n" + _table(rows))
     failures = []

@@ -454,3 +454,29 @@ def test_model_text_is_never_run(flanker, tmp_path, capsys, field, value):
         assert "node 'run_level'" in err[0] and where in err[0] and "refused" in err[0], err[0]
         assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_variables_not_convolved_are_sampled_on_the_scan_grid(flanker, tmp_path):
+    """The spec's own example leaves some variables unconvolved: like pybids and fitlins, every
+    variable is resampled to one row per volume. A boxcar of the events sampled at each TR:
+    values in [0, 1], its mean the fraction of the scan the events cover (independent count)."""
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model["Nodes"][0]["Transformations"]["Instructions"] = [{"Name": "Factor", "Input": ["trial_type"]}]
+    model["Nodes"][0]["Model"]["X"] = [1, "trial_type.congruent_correct", "trans_x"]
+    model["Nodes"][0]["Contrasts"] = []
+    model["Nodes"] = model["Nodes"][:1]
+    path = tmp_path / "sparse.json"
+    path.write_text(json.dumps(model))
+    designs, _ = _designs(flanker, path, "16")
+    X = designs["1"]
+    assert len(X) == 146
+    box = X["trial_type.congruent_correct"].to_numpy()
+    assert box.min() >= 0 and box.max() <= 1 and box.max() > 0
+    events = pd.read_csv(next(flanker.rglob("sub-16_task-flanker_run-1_events.tsv")), sep="\t")
+    chosen = events[events["trial_type"] == "congruent_correct"]
+    frames = np.arange(146) * 2.0
+    covered = np.zeros(146)
+    for onset, duration in zip(chosen["onset"], chosen["duration"]):
+        fine = np.arange(onset, onset + duration, 0.01)
+        np.add.at(covered, np.clip((fine // 2.0).astype(int), 0, 145), 0.01 / 2.0)
+    np.testing.assert_allclose(box.sum(), covered.sum(), rtol=0.05)
