@@ -52,14 +52,14 @@ from .participant import (
     subject_fixed_effects,
 )
 from .statistics import t_contrast
-from .statsmodel import Node, StatsModel, load_model
+from .statsmodel import Node, StatsModel, load_model, node_label
 
 log = logging.getLogger("bidsglm")
 _FILENAME_ENTITY = {v: k for k, v in PYBIDS_ENTITY.items()}  # Model.Input's names -> filename entities
 
 
 def node_root(output_dir: Path, node: Node) -> Path:
-    return output_dir / f"node-{node.name}"
+    return output_dir / f"node-{node_label(node.name)}"
 
 
 def _select_runs(runs, model: StatsModel):

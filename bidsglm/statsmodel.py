@@ -37,7 +37,7 @@ _FIELDS = {
     "Model": {"Type", "X", "Formula", "HRF", "Options", "Software", "Description"},
     "HRF": {"Variables", "Model", "Parameters", "Description"},
     "Options": {"HighPassFilterCutoffHz", "LowPassFilterCutoffHz", "ReplaceVariables", "Mask",
-                "AggregateMethod", "Description"},
+                "Aggregate", "Description"},
     "contrast": {"Name", "ConditionList", "Weights", "Test", "Description"},
     "DummyContrasts": {"Contrasts", "Test", "Description"},
     "edge": {"Source", "Destination", "Filter", "Description"},
@@ -46,8 +46,8 @@ _FIELDS = {
 _UNSUPPORTED = {
     "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented",
     "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented",
-    "Model.Options.AggregateMethod": "region-of-interest models are not implemented",
 }
+AGGREGATES = ("none", "mean", "pca")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,17 @@ class StatsModel:
         return next((e for e in self.edges if e.destination == name), None)
 
 
+def node_label(name: str) -> str:
+    """The node's folder label (``node-<label>``): letters, digits and _ only, so a name such as
+    ``run level`` or ``../x`` never makes an odd or escaping path (``runLevel``, ``x``)."""
+    words = [w for w in re.split(r"[^A-Za-z0-9_]+", name) if w]
+    if not words:
+        import hashlib
+
+        return "n" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return words[0] + "".join(w[0].upper() + w[1:] for w in words[1:])
+
+
 class _Checker:
     """Collects the location of each problem: file, node and field."""
 
@@ -168,6 +179,11 @@ def load_model(path: Path) -> StatsModel:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         check.fail(f"node names must be unique; repeated: {', '.join(sorted(dup))}", None, "Nodes")
+    folders = [node_label(n) for n in names]
+    clash = {f for f in folders if folders.count(f) > 1}
+    if clash:
+        check.fail(f"node names {', '.join(repr(n) for n, f in zip(names, folders) if f in clash)} give the same "
+                   f"folder name node-{sorted(clash)[0]}; rename one", None, "Nodes")
     edges = _edges(check, raw.get("Edges"), nodes)
     return StatsModel(raw["Name"], path, nodes, edges,
                       {k: [str(v) for v in vals] for k, vals in model_input.items()}, raw)
@@ -219,6 +235,15 @@ def _node(check: _Checker, raw, index: int) -> Node:
         hp = options["HighPassFilterCutoffHz"]
         if not isinstance(hp, numbers.Real) or isinstance(hp, bool) or hp <= 0:
             check.fail("must be a positive number of Hz", label, "Model.Options.HighPassFilterCutoffHz")
+    if "Aggregate" in options:
+        # "none" (the spec's default) is what bidsglm does: one time course per voxel of the mask
+        if options["Aggregate"] not in AGGREGATES:
+            check.fail(f"{options['Aggregate']!r} is not one of {', '.join(AGGREGATES)}", label,
+                       "Model.Options.Aggregate")
+        if options["Aggregate"] != "none":
+            check.fail("not supported by bidsglm: region-of-interest models (time series averaged or reduced "
+                       "within the mask) are not implemented; \"none\" fits every voxel", label,
+                       "Model.Options.Aggregate")
     if "Mask" in options and not isinstance(options["Mask"], dict):
         check.fail("must map BIDS entities to values, e.g. {\"desc\": \"brain\", \"suffix\": \"mask\"}",
                    label, "Model.Options.Mask")

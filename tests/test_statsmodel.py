@@ -44,13 +44,62 @@ def test_published_models_load(path):
     assert model.nodes[1].dummy_contrasts == {"Contrasts": None, "Test": "t"}
 
 
-def test_published_models_agree_with_bsmschema():
-    """Independent check: the community's schema package accepts what we accept."""
-    bsmschema = pytest.importorskip("bsmschema.models")
-    if not MODELS:
-        pytest.skip("shared models absent")
-    for path in MODELS:
-        bsmschema.BIDSStatsModel.model_validate(json.loads(path.read_text()))
+CORPUS = sorted((SHARED_DATA / "models" / "openneuro_glmfitlins").glob("*/*_specs.json")) \
+    if (SHARED_DATA / "models" / "openneuro_glmfitlins").is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def strict_schema():
+    """bsmschema 0.1.1 sets ``extras`` (not pydantic's ``extra``) to 'forbid', so its models accept
+    any unknown field; here every model of the package forbids them, as the spec's schema does."""
+    models = pytest.importorskip("bsmschema.models")
+    import pydantic
+
+    classes = [c for c in vars(models).values()
+               if isinstance(c, type) and issubclass(c, pydantic.BaseModel) and c.__module__ == models.__name__]
+    saved = {c: dict(c.model_config) for c in classes}
+    for c in classes:
+        c.model_config["extra"] = "forbid"
+    for c in classes:
+        c.model_rebuild(force=True)
+    yield models
+    for c in classes:
+        c.model_config.clear()
+        c.model_config.update(saved[c])
+        c.model_rebuild(force=True)
+
+
+def test_strict_schema_rejects_unknown_fields(strict_schema):
+    """The check below can fail: an unknown field is rejected, with its path, by the strict schema and by ours."""
+    import pydantic
+
+    for where, change in (("Nodes.0.Model.Colour", lambda m: m["Nodes"][0]["Model"].update(Colour="red")),
+                          ("Nodes.0.Model.Options.AggregateMethod",
+                           lambda m: m["Nodes"][0]["Model"].update(Options={"AggregateMethod": "mean"})),
+                          ("Nodes.1.Flavour", lambda m: m["Nodes"][1].update(Flavour=1))):
+        with pytest.raises(pydantic.ValidationError) as err:
+            strict_schema.BIDSStatsModel.model_validate(_broken(change))
+        assert where.split(".")[-1] in str(err.value)
+
+
+# schema-valid models whose content the schema cannot check: refused by bidsglm, naming the field
+INVALID_CONTENT = {"ds003481-verbs": "field 'Contrasts[4] ('lexicalvprelexical').Weights': needs one weight per "
+                                     "condition (3)"}
+
+
+@pytest.mark.parametrize("path", MODELS + CORPUS, ids=[p.name.removesuffix("_specs.json") for p in MODELS + CORPUS])
+def test_models_agree_with_strict_bsmschema(strict_schema, path):
+    """Independent check: the community's schema (made strict) accepts every model bidsglm accepts;
+    bidsglm refuses only what the schema cannot see (weights not matching the conditions)."""
+    raw = json.loads(path.read_text())
+    strict_schema.BIDSStatsModel.model_validate(raw)
+    name = path.name.removesuffix("_specs.json")
+    if name in INVALID_CONTENT:
+        with pytest.raises(ModelError) as err:
+            load_model(path)
+        assert INVALID_CONTENT[name] in err.value.message and "node 'run_level'" in err.value.message
+    else:
+        load_model(path)
 
 
 def test_minimal_model_parses(tmp_path):
@@ -82,6 +131,10 @@ def _broken(path_fn):
     (lambda m: m["Nodes"][0]["Model"].update(HRF={"Variables": ["c"], "Model": "spm"}), "run",
      "Model.HRF.Variables", "not in Model.X"),
     (lambda m: m["Nodes"][1].update(Level="Group"), "subject", "Level", "not a level"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"AggregateMethod": "mean"}), "run",
+     "Model.Options.AggregateMethod", "unknown field"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"Aggregate": "pca"}), "run",
+     "Model.Options.Aggregate", "region-of-interest"),
 ])
 def test_broken_models_name_node_and_field(tmp_path, change, node, field, words):
     with pytest.raises(ModelError) as err:
@@ -175,3 +228,16 @@ def test_safe_queries_pass():
     check_query("trial_type == 'face' and rt > 0.2", {"trial_type", "rt"})
     check_query("~(trial_type.face != 1) | (rt <= -1.5)", {"trial_type.face", "rt"})
     check_query("trial_type in ['a', 'b']", {"trial_type"})
+
+
+def test_aggregate_none_and_node_folder_labels(tmp_path):
+    from bidsglm.statsmodel import node_label
+
+    model = _broken(lambda m: m["Nodes"][0]["Model"].update(Options={"Aggregate": "none"}))
+    model["Nodes"][0]["Name"] = "run level"
+    model["Nodes"][1]["Name"] = "../../etc"
+    loaded = load_model(_write(tmp_path, model))
+    assert [node_label(n.name) for n in loaded.nodes] == ["runLevel", "etc"]
+    model["Nodes"][1]["Name"] = "run-level"
+    with pytest.raises(ModelError, match="same folder name node-runLevel"):
+        load_model(_write(tmp_path, model))
