@@ -44,10 +44,6 @@ class RunDesigner:
     def __init__(self, bids_dir: Path, derivatives: list[Path], model: StatsModel, node: Node):
         from bids import BIDSLayout
 
-        missing = {"run", "subject"} - set(node.group_by)
-        if missing:
-            raise ModelError(f"a Run node must be grouped by run and subject (missing: {', '.join(sorted(missing))})",
-                             model.path, where=f"node '{node.name}', field 'GroupBy'")
         self.model, self.node = model, node
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -157,6 +153,29 @@ class RunDesigner:
     def contrasts(self, columns: list[str]) -> tuple[list[ContrastSpec], dict]:
         """This run's contrasts (explicit and dummy) and those dropped, with why."""
         return node_contrasts(self.node, columns, self.model.path)
+
+
+def check_run_grouping(model: StatsModel, node: Node, runs: list[RunInputs]) -> None:
+    """The Run node's GroupBy may be any set of entities (``[run, subject]``, ``[run]`` for one
+    subject, ``[subject]`` for one run each...) as long as each group is one BOLD run: bidsglm
+    fits one design per run and does not concatenate runs (BIDS Stats Models, Node.GroupBy)."""
+    where = f"node '{node.name}', field 'GroupBy'"
+    filename = {v: k for k, v in PYBIDS_ENTITY.items()}
+    unknown = [g for g in node.group_by if g not in filename]
+    if unknown:
+        raise ModelError(f"grouping a Run node by {', '.join(unknown)} is not supported (entities: "
+                         f"{', '.join(filename)})", model.path, where=where)
+    groups: dict[tuple, list[RunInputs]] = {}
+    for run in runs:
+        # tasks are modelled apart whatever the grouping (select one with Model.Input or --task)
+        key = (run.entities.get("task"), *(run.entities.get(filename[g]) for g in node.group_by))
+        groups.setdefault(key, []).append(run)
+    for members in groups.values():
+        if len(members) > 1:
+            raise ModelError(f"GroupBy {node.group_by} puts {len(members)} runs in one design "
+                             f"({', '.join(r.label for r in members[:3])}); bidsglm fits one design per BOLD "
+                             "run and does not concatenate runs (BIDS Stats Models, Node.GroupBy): group by "
+                             "run and subject (and session)", model.path, where=where)
 
 
 def _absent_where_na(node) -> None:

@@ -31,7 +31,7 @@ from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
 from .errors import DataError, ModelError
 from .images import check_same_grid, nifti_bytes, read_header, unmask
-from .modeldesign import PYBIDS_ENTITY, RunDesigner
+from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping
 from .outputs import (
     atomic_write_bytes,
     atomic_write_json,
@@ -121,6 +121,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     log.info("model '%s' (%s): %d run(s) of %d participant(s); nodes: %s", model.name, model.path.name,
              len(runs), len({r.subject for r in runs}),
              ", ".join(f"{n.name} ({n.level}, {n.model_type})" for n in model.nodes))
+    check_run_grouping(model, run_node, runs)
     designer = RunDesigner(bids_dir, derivatives, model, run_node)
     prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
     _check_contrasts_estimable(model, run_node, prepared)
@@ -309,14 +310,14 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
     for node in datasets:
         where = f"node '{node.name}'"
         edge = model.parent_edge(node.name)
-        covariates = [v for v in node.x if v not in (1, "1", "intercept")]
+        covariates, group_by = _dataset_columns(model, node, output_dir)
         source = node_root(output_dir, model.node(edge.source))
         if not source.is_dir():
             raise ModelError(f"no outputs of node '{edge.source}' in {output_dir} (run the participant level "
                              "with this model first)", model.path, where=where)
         base = settings_from_args(args)
         settings: GroupSettings = dataclasses.replace(
-            base, model="onesample", covariates=covariates, group_by=None,
+            base, model="onesample", covariates=covariates, group_by=group_by,
             contrasts=_group_contrasts(node, INTERCEPT),
             default_contrasts=node.dummy_contrasts is not None)
         root = node_root(output_dir, node)
@@ -347,12 +348,38 @@ def _check_dataset_node(model: StatsModel, node: Node) -> None:
     if node.model_type != "glm":
         raise ModelError("a Dataset node must be a glm (meta-analysis across subjects is not supported)",
                          model.path, where=f"{where}, field 'Model.Type'")
-    if not any(v in (1, "1", "intercept") for v in node.x):
-        raise ModelError("Model.X needs the intercept (1)", model.path, where=f"{where}, field 'Model.X'")
+    if not any(v in (1, "1", "intercept") for v in node.x) and not [v for v in node.x if isinstance(v, str)]:
+        raise ModelError("Model.X is empty", model.path, where=f"{where}, field 'Model.X'")
     for con in node.contrasts:
         if con.test == "pass":
             raise ModelError("Test 'pass' has no meaning at the Dataset node", model.path,
                              where=f"{where}, field 'Contrasts' ('{con.name}')")
+
+
+def _dataset_columns(model: StatsModel, node: Node, output_dir: Path) -> tuple[list[str], str | None]:
+    """Model.X of a Dataset node as the group design's columns, from participants.tsv:
+    with the intercept, the other variables are covariates (numbers mean-centred, labels as
+    centred indicators); without it, one column of labels gives one mean per level (cell
+    means: sex -> sex_F, sex_M), and any other variables are covariates."""
+    from .groupinputs import read_participants
+    from .groupmodels import _is_numeric
+
+    variables = [v for v in node.x if v not in (1, "1", "intercept")]
+    if len(variables) < len(node.x):
+        return variables, None
+    where = f"node '{node.name}', field 'Model.X'"
+    table, source = read_participants(output_dir)
+    missing = [v for v in variables if v not in table.columns]
+    if missing:
+        raise ModelError(f"{', '.join(missing)} not in participants.tsv (columns: "
+                         f"{', '.join(map(str, table.columns))})", model.path, where=where)
+    factors = [v for v in variables if not _is_numeric(table[v].dropna())]
+    if len(factors) != 1:
+        raise ModelError("without the intercept, Model.X needs exactly one participants.tsv column of labels "
+                         f"(one mean per level); found {len(factors)} ({', '.join(factors) or 'only numbers'}). "
+                         "A model through the origin, or crossed factors, is not supported (BIDS Stats Models, "
+                         "Model.X)", model.path, where=where)
+    return [v for v in variables if v != factors[0]], factors[0]
 
 
 def _dataset_over_runs(model: StatsModel, node: Node, source: Path) -> bool:
@@ -407,6 +434,7 @@ def _group_contrasts(node: Node, intercept: str):
     Weights are taken as numbers from the model, never parsed from text."""
     from .design import ContrastSpec
     from .group import GroupContrast
+    from .groupmodels import column_name
 
     out = []
     for con in node.contrasts:
@@ -416,7 +444,8 @@ def _group_contrasts(node: Node, intercept: str):
             weights: dict[str, float] = {}
             for c, w in zip(con.conditions, row):
                 if w:
-                    key = intercept if c == "intercept" else c
+                    # pybids names a level of a factor sex.F; the group design's column is sex_F
+                    key = intercept if c == "intercept" else column_name(*c.split(".", 1)) if "." in c else c
                     weights[key] = weights.get(key, 0.0) + float(w)
             expr = " + ".join(f"{w:g}*{c}" for c, w in weights.items())
             specs.append(ContrastSpec(con.name, expr, tuple(sorted(weights.items()))))

@@ -480,3 +480,46 @@ def test_variables_not_convolved_are_sampled_on_the_scan_grid(flanker, tmp_path)
         fine = np.arange(onset, onset + duration, 0.01)
         np.add.at(covered, np.clip((fine // 2.0).astype(int), 0, 145), 0.01 / 2.0)
     np.testing.assert_allclose(box.sum(), covered.sum(), rtol=0.05)
+
+
+def test_dataset_node_over_run_maps_with_cell_means(tmp_path_factory):
+    """A Run node feeding a Dataset node directly (run- entity in the files: bug A), whose
+    Model.X has no intercept: one mean per participants.tsv gender (cell means), a t contrast
+    between two of them and an F test over all three. Both statistics equal statsmodels' OLS
+    on the run effect maps (rtol 1e-6)."""
+    import statsmodels.api as sm
+
+    subjects = ["01", "02", "03", "07", "08"]  # genders F, M, M, D, D
+    root = _dataset(tmp_path_factory, "ds000102", subjects, 146)
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model = {"Name": "cellMeans", "BIDSModelVersion": "1.0.0", "Input": {"run": [1]}, "Nodes": [
+        published["Nodes"][0],
+        {"Level": "Dataset", "Name": "by gender", "GroupBy": ["contrast"],
+         "Model": {"Type": "glm", "X": ["gender"]},
+         "Contrasts": [{"Name": "anyGender", "ConditionList": ["gender.D", "gender.F", "gender.M"],
+                        "Weights": [[1, -1, 0], [0, 1, -1]], "Test": "F"},
+                       {"Name": "mVsD", "ConditionList": ["gender.M", "gender.D"], "Weights": [1, -1],
+                        "Test": "t"}]}],
+        "Edges": [{"Source": "run_level", "Destination": "by gender", "Filter": {"contrast": ["inVbase"]}}]}
+    path = root.parent / "cells.json"
+    path.write_text(json.dumps(model))
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q",
+                 "--smoothing-fwhm", "0"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    group = out / "node-byGender"  # a node name with a space gives a safe folder label
+    f_img = next(group.glob("*_stat-F_statmap.nii.gz"))
+    t_img = next(group.glob("*MVsD_stat-t_statmap.nii.gz"))
+    effects = [nib.load(next((out / "node-run_level").rglob(
+        f"sub-{s}_task-flanker_run-1_*contrast-inVbase_stat-effect_statmap.nii.gz"))).get_fdata() for s in subjects]
+    gender = ["F", "M", "M", "D", "D"]
+    X = np.array([[g == level for level in ("D", "F", "M")] for g in gender], dtype=float)
+    f_map, t_map = nib.load(f_img).get_fdata(), nib.load(t_img).get_fdata()
+    voxels = np.flatnonzero(f_map.ravel() != 0)[::41]
+    assert len(voxels) > 10
+    for v in voxels:
+        fit = sm.OLS(np.array([e.ravel()[v] for e in effects]), X).fit()
+        np.testing.assert_allclose(t_map.ravel()[v], float(np.squeeze(fit.t_test([-1, 0, 1]).tvalue)), rtol=1e-6)
+        np.testing.assert_allclose(f_map.ravel()[v], float(np.squeeze(fit.f_test([[1, -1, 0], [0, 1, -1]]).fvalue)), rtol=1e-6)
+    table = pd.read_csv(next(group.glob("*_design.tsv")), sep="\t")
+    assert [c for c in table.columns if c.startswith("gender")] == ["gender_D", "gender_F", "gender_M"]
