@@ -523,3 +523,38 @@ def test_dataset_node_over_run_maps_with_cell_means(tmp_path_factory):
         np.testing.assert_allclose(f_map.ravel()[v], float(np.squeeze(fit.f_test([[1, -1, 0], [0, 1, -1]]).fvalue)), rtol=1e-6)
     table = pd.read_csv(next(group.glob("*_design.tsv")), sep="\t")
     assert [c for c in table.columns if c.startswith("gender")] == ["gender_D", "gender_F", "gender_M"]
+
+
+def test_groupings_and_a_subject_glm_over_one_run(flanker, tmp_path, capsys):
+    """GroupBy session on data without sessions is a no-op at every node (bug E); a Run node
+    grouped by [run] alone (one subject) fits each run; a Subject glm node whose subject has
+    one run passes that run's estimate on (identical maps), instead of writing nothing."""
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    run = published["Nodes"][0]
+    run["GroupBy"] = ["run"]
+    model = {"Name": "oneRun", "BIDSModelVersion": "1.0.0", "Input": {"run": [1]}, "Nodes": [
+        run,
+        {"Level": "Subject", "Name": "subject_level", "GroupBy": ["subject", "contrast", "session"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+        {"Level": "Dataset", "Name": "data_level", "GroupBy": ["contrast", "session"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}}]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(model))
+    out = tmp_path / "out"
+    code, err = _run_cli(capsys, flanker, out, "participant", "--model", path, "--skip-bids-validation", "-q",
+                         "--smoothing-fwhm", "0")
+    assert code == 0, err
+    for stat in ("effect", "variance", "t"):
+        ours = next((out / "node-subject_level").rglob(f"*contrast-inVbase_stat-{stat}_statmap.nii.gz"))
+        ref = next((out / "node-run_level").rglob(f"*run-1_*contrast-inVbase_stat-{stat}_statmap.nii.gz"))
+        np.testing.assert_allclose(nib.load(ours).get_fdata(), nib.load(ref).get_fdata(), rtol=1e-6, atol=1e-9)
+    side = json.loads(ours.with_name(ours.name.replace(".nii.gz", ".json")).read_text())
+    assert "one run" in side["SingleRun"]
+    # [subject] with two runs of that subject would concatenate runs: refused, naming GroupBy
+    model["Input"] = {}
+    model["Nodes"][0]["GroupBy"] = ["subject"]
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out2", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and "node 'run_level', field 'GroupBy'" in err[0], err
+    assert "2 runs in one design" in err[0] and not (tmp_path / "out2").exists()
