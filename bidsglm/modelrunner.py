@@ -174,7 +174,7 @@ def _check_supported_graph(model: StatsModel) -> None:
             _check_dataset_node(model, node)
         if node.level in ("Session", "Subject") and source is not run_node:
             raise ModelError(f"a {node.level} node fed by the {source.level} node '{source.name}' is not "
-                             "supported (Session and Subject nodes combine the Run node's contrasts)",
+                             "supported: Session and Subject nodes combine the Run node's contrasts (BIDS Stats Models, Edges)",
                              model.path, where=f"{where}, field 'Edges'")
 
 
@@ -220,7 +220,8 @@ def _check_combining_node(model: StatsModel, node: Node, runs) -> None:
     """Before anything is fitted: what a Session/Subject node asks for can be done."""
     where = f"node '{node.name}'"
     if not node.intercept_only:
-        raise ModelError("Session and Subject nodes support Model.X [1] only", model.path,
+        raise ModelError("not supported by bidsglm: Session and Subject nodes support Model.X [1] only "
+                         "(the mean of the runs; BIDS Stats Models, Model.X)", model.path,
                          where=f"{where}, field 'Model.X'")
     for con in node.contrasts:  # each input contrast is combined on its own, under its name
         bad = [c for c in con.conditions if c != "intercept"]
@@ -343,10 +344,12 @@ def _check_dataset_node(model: StatsModel, node: Node) -> None:
     where = f"node '{node.name}'"
     extra = set(node.group_by) - {"contrast", "session"}
     if extra:
-        raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported (contrast, session)",
+        raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported: contrast and session only; "
+                         "select participants on the command line (BIDS Stats Models, Node.GroupBy)",
                          model.path, where=f"{where}, field 'GroupBy'")
     if node.model_type != "glm":
-        raise ModelError("a Dataset node must be a glm (meta-analysis across subjects is not supported)",
+        raise ModelError("a Dataset node must be a glm: meta-analysis across subjects is not supported "
+                         "(BIDS Stats Models, Model.Type)",
                          model.path, where=f"{where}, field 'Model.Type'")
     if not any(v in (1, "1", "intercept") for v in node.x) and not [v for v in node.x if isinstance(v, str)]:
         raise ModelError("Model.X is empty", model.path, where=f"{where}, field 'Model.X'")

@@ -44,8 +44,8 @@ _FIELDS = {
 }
 # in the specification, but not something bidsglm can honour: an error, never ignored
 _UNSUPPORTED = {
-    "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented",
-    "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented",
+    "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented (BIDS Stats Models, Model.Options)",
+    "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented (BIDS Stats Models, Model.Options)",
 }
 AGGREGATES = ("none", "mean", "pca")
 
@@ -211,7 +211,8 @@ def _node(check: _Checker, raw, index: int) -> Node:
         except FormulaError as exc:
             check.fail(f"refused: {exc}", label, "Model.Formula")
         if level != "Run":
-            check.fail("formulas are supported on Run nodes only", label, "Model.Formula")
+            check.fail("not supported by bidsglm: formulas are supported on Run nodes only; list the "
+                       "variables in Model.X (BIDS Stats Models, Model.Formula)", label, "Model.Formula")
     for key, why in _UNSUPPORTED.items():
         parts = key.split(".")[1:]
         obj = model
@@ -242,7 +243,8 @@ def _node(check: _Checker, raw, index: int) -> Node:
                        "Model.Options.Aggregate")
         if options["Aggregate"] != "none":
             check.fail("not supported by bidsglm: region-of-interest models (time series averaged or reduced "
-                       "within the mask) are not implemented; \"none\" fits every voxel", label,
+                       "within the mask) are not implemented; \"none\" fits every voxel (BIDS Stats Models, "
+                       "Model.Options)", label,
                        "Model.Options.Aggregate")
     if "Mask" in options and not isinstance(options["Mask"], dict):
         check.fail("must map BIDS entities to values, e.g. {\"desc\": \"brain\", \"suffix\": \"mask\"}",
@@ -269,7 +271,8 @@ def _transformations(check: _Checker, raw, node: str, level: str) -> list:
     if not isinstance(instructions, list):
         check.fail("must be a list", node, "Transformations.Instructions")
     if instructions and level != "Run":
-        check.fail("transformations are supported on Run nodes only", node, "Transformations")
+        check.fail("not supported by bidsglm: transformations are supported on Run nodes only (BIDS Stats "
+                   f"Models, Node.Transformations at a {level} node)", node, "Transformations")
     from bids.modeling import transformations as pybids_transformations
 
     for i, ins in enumerate(instructions):
@@ -320,9 +323,11 @@ def _hrf(check: _Checker, raw, node: str, x: list) -> dict | None:
     check.required(raw, ("Variables", "Model"), node, "Model.HRF")
     variables = check.string_list(raw["Variables"], node, "Model.HRF.Variables")
     if str(raw["Model"]).lower() not in HRF_MODELS:
-        check.fail(f"HRF model {raw['Model']!r} is not supported ({', '.join(HRF_MODELS)})", node, "Model.HRF.Model")
+        check.fail(f"HRF model {raw['Model']!r} is not supported ({', '.join(HRF_MODELS)}; BIDS Stats Models, "
+                   "Model.HRF)", node, "Model.HRF.Model")
     if raw.get("Parameters"):
-        check.fail("HRF parameters are not supported (the canonical shapes are used)", node,
+        check.fail("HRF parameters are not supported: the canonical shapes are used (BIDS Stats Models, "
+                   "Model.HRF.Parameters)", node,
                    "Model.HRF.Parameters")
     import fnmatch
 

@@ -93,6 +93,11 @@ def columns_the_model_reads(model: dict, columns: list[str]) -> list[str]:
         produced.update(outputs if isinstance(outputs, list) else [outputs])
         if ins.get("Name") in ("Factor", "Split"):
             factored.update(ins.get("Input") or [])
+    for name in model["Nodes"][0]["Model"]["X"]:  # variables of X that no instruction makes
+        if (isinstance(name, str) and not any(ch in name for ch in "*?[") and name not in produced and
+                name not in columns and not name.startswith(CONFOUND_PREFIXES) and
+                name.split(".")[0] not in factored | produced and name not in needed):
+            needed.append(name)
     return needed
 
 
