@@ -48,6 +48,9 @@ _UNSUPPORTED = {
     "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented (BIDS Stats Models, Model.Options)",
 }
 AGGREGATES = ("none", "mean", "pca")
+# keyword options of pybids' BIDSLayout.get, which Options.Mask's keys must not reach
+_QUERY_OPTIONS = {"return_type", "target", "scope", "regex_search", "absolute_paths", "invalid_filters",
+                  "drop_invalid_filters"}
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,12 @@ def _node(check: _Checker, raw, index: int) -> Node:
     if "Mask" in options and not isinstance(options["Mask"], dict):
         check.fail("must map BIDS entities to values, e.g. {\"desc\": \"brain\", \"suffix\": \"mask\"}",
                    label, "Model.Options.Mask")
+    for key, value in (options.get("Mask") or {}).items():
+        # the keys become keyword arguments of pybids' layout query: entities only, not its options
+        if not re.fullmatch(r"[a-z][a-zA-Z]*", key) or key in _QUERY_OPTIONS:
+            check.fail(f"{key!r} is not a BIDS entity", label, f"Model.Options.Mask.{key}")
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            check.fail("must be a string or a list of strings", label, f"Model.Options.Mask.{key}")
     node.contrasts = [_contrast(check, c, label, i) for i, c in enumerate(raw.get("Contrasts") or [])]
     if raw.get("DummyContrasts") is not None:
         dummy = check.keys(raw["DummyContrasts"], "DummyContrasts", label, "DummyContrasts")

@@ -133,6 +133,8 @@ def _broken(path_fn):
     (lambda m: m["Nodes"][1].update(Level="Group"), "subject", "Level", "not a level"),
     (lambda m: m["Nodes"][0]["Model"].update(Options={"AggregateMethod": "mean"}), "run",
      "Model.Options.AggregateMethod", "unknown field"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"Mask": {"regex_search": "True"}}), "run",
+     "Model.Options.Mask.regex_search", "not a BIDS entity"),
     (lambda m: m["Nodes"][0]["Model"].update(Options={"Aggregate": "pca"}), "run",
      "Model.Options.Aggregate", "region-of-interest"),
 ])
