@@ -26,6 +26,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
@@ -111,6 +112,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     t_start = time.perf_counter()
     model = load_model(args.model)
     _check_supported_graph(model)
+    _check_participant_columns(model, bids_dir / "participants.tsv")
     run_node = model.nodes[0]
     derivatives = find_derivatives(bids_dir, args.derivatives)
     space = SpaceSpec.parse(args.space or "MNI152NLin2009cAsym")
@@ -327,25 +329,28 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
                  f" (contrasts {', '.join(edge.filter['contrast'])})" if edge.filter.get("contrast") else "")
         run_maps = _dataset_over_runs(model, node, source)
         sessions = _sessions(source, args.session_label) if "session" in node.group_by else [None]
+        subsets = _participant_subsets(model, node, output_dir, source, args.participant_label)
         for ses in sessions:  # grouped by session: one model per session, in ses-<label>/
-            target = root / f"ses-{ses}" if ses else root
-            session_args = copy.copy(args)
-            if ses:
-                session_args.session_label = [ses]
-            run_group_level(session_args, output_dir, inputs_dir=source, group_dir=target,
-                            contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
-                            settings=settings, run_maps=run_maps)
-            _tag_group_sidecars(target, model, node)
-            written.append(target)
+            for folder, subjects in subsets:  # grouped by a participants.tsv column: one model per value
+                target = (root / f"ses-{ses}" if ses else root) / folder
+                part_args = copy.copy(args)
+                if ses:
+                    part_args.session_label = [ses]
+                part_args.participant_label = subjects
+                run_group_level(part_args, output_dir, inputs_dir=source, group_dir=target,
+                                contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
+                                settings=settings, run_maps=run_maps)
+                _tag_group_sidecars(target, model, node)
+                written.append(target)
     return written
 
 
 def _check_dataset_node(model: StatsModel, node: Node) -> None:
     where = f"node '{node.name}'"
-    extra = set(node.group_by) - {"contrast", "session"}
-    if extra:
-        raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported: contrast and session only; "
-                         "select participants on the command line (BIDS Stats Models, Node.GroupBy)",
+    extra = _participant_grouping(node)
+    if len(extra) > 1:
+        raise ModelError(f"grouping by {', '.join(extra)} is not supported: contrast, session and one "
+                         "participants.tsv column (BIDS Stats Models, Node.GroupBy)",
                          model.path, where=f"{where}, field 'GroupBy'")
     if node.model_type != "glm":
         raise ModelError("a Dataset node must be a glm: meta-analysis across subjects is not supported "
@@ -357,6 +362,58 @@ def _check_dataset_node(model: StatsModel, node: Node) -> None:
         if con.test == "pass":
             raise ModelError("Test 'pass' has no meaning at the Dataset node", model.path,
                              where=f"{where}, field 'Contrasts' ('{con.name}')")
+
+
+def _participant_grouping(node: Node) -> list[str]:
+    """GroupBy names of a Dataset node other than contrast and session: participants.tsv columns."""
+    return [g for g in node.group_by if g not in ("contrast", "session")]
+
+
+def _check_participant_columns(model: StatsModel, participants: Path) -> None:
+    """Before anything is fitted: a Dataset node's GroupBy column is in BIDS_DIR's participants.tsv."""
+    for node in model.nodes:
+        wanted = _participant_grouping(node) if node.level == "Dataset" else []
+        if not wanted:
+            continue
+        try:
+            columns = list(pd.read_csv(participants, sep="\t", nrows=0).columns)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise ModelError(f"grouping by {wanted[0]} needs participants.tsv ({exc})", model.path,
+                             where=f"node '{node.name}', field 'GroupBy'") from exc
+        if wanted[0] not in columns:
+            raise ModelError(f"grouping by {wanted[0]!r}: not an entity, and not a column of {participants} "
+                             f"(columns: {', '.join(columns)})", model.path,
+                             where=f"node '{node.name}', field 'GroupBy'")
+
+
+def _participant_subsets(model: StatsModel, node: Node, output_dir: Path, source: Path,
+                         selected) -> list[tuple[str, list]]:
+    """GroupBy a participants.tsv column: one model per value, over that value's subjects with
+    maps in ``source`` (folder ``<column>-<value>``); subjects with n/a in it are in none, with a warning."""
+    from .groupinputs import read_participants
+
+    extra = _participant_grouping(node)
+    if not extra:
+        return [("", selected)]
+    column = extra[0]
+    table, table_path = read_participants(output_dir)
+    if column not in table.columns:
+        raise ModelError(f"grouping by {column!r}: not a column of {table_path}", model.path,
+                         where=f"node '{node.name}', field 'GroupBy'")
+    chosen = {p.name[4:] for p in source.glob("sub-*") if p.is_dir()}
+    if selected:
+        chosen &= {s.removeprefix("sub-") for s in selected}
+    values = table[column]
+    absent = [s for s in table.index if pd.isna(values[s]) and s in chosen]
+    if absent:
+        log.warning("node %s: %s is n/a for %s; they are in no group", node.name, column,
+                    ", ".join(f"sub-{s}" for s in absent))
+    subsets = []
+    for value in sorted(values.dropna().astype(str).unique()):
+        subs = [s for s in table.index if str(values[s]) == value and s in chosen]
+        if subs:
+            subsets.append((f"{node_label(column)}-{node_label(value)}", subs))
+    return subsets
 
 
 def _dataset_columns(model: StatsModel, node: Node, output_dir: Path) -> tuple[list[str], str | None]:
@@ -420,13 +477,15 @@ def _sessions(source: Path, selected) -> list:
 
 
 def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
-    """Folders holding a Dataset node's group maps (the node's, or its ses-<label> subfolders)."""
+    """Folders holding a Dataset node's group maps (the node's, its ses-<label> subfolders and
+    their <column>-<value> subfolders)."""
     folders = []
     for node in model.nodes:
         if node.level != "Dataset":
             continue
         root = node_root(output_dir, node)
-        for folder in [root, *sorted(root.glob("ses-*"))]:
+        candidates = [root, *sorted(root.glob("*-*/")), *sorted(root.glob("ses-*/*-*/"))]
+        for folder in dict.fromkeys(p for p in candidates if p.is_dir()):
             if any(folder.glob("*_stat-z_statmap.nii.gz")):
                 folders.append(folder)
     return folders

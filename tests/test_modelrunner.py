@@ -558,3 +558,33 @@ def test_groupings_and_a_subject_glm_over_one_run(flanker, tmp_path, capsys):
                          "--skip-bids-validation", "-q")
     assert code == 65 and len(err) == 1 and "node 'run_level', field 'GroupBy'" in err[0], err
     assert "2 runs in one design" in err[0] and not (tmp_path / "out2").exists()
+
+
+def test_dataset_groupby_a_participants_column(tmp_path_factory):
+    """Dataset GroupBy [contrast, gender]: one one-sample model per gender, over that gender's
+    subjects only; its t equals scipy's one-sample t-test on those subjects' run effects."""
+    subjects = ["02", "03", "07", "08"]  # genders M, M, D, D
+    root = _dataset(tmp_path_factory, "ds000102", subjects, 146)
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model = {"Name": "perGender", "BIDSModelVersion": "1.0.0", "Input": {"run": [1]}, "Nodes": [
+        published["Nodes"][0],
+        {"Level": "Dataset", "Name": "data", "GroupBy": ["contrast", "gender"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}}],
+        "Edges": [{"Source": "run_level", "Destination": "data", "Filter": {"contrast": ["inVbase"]}}]}
+    path = root.parent / "gender.json"
+    path.write_text(json.dumps(model))
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q",
+                 "--smoothing-fwhm", "0"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    for gender, members in (("M", ["02", "03"]), ("D", ["07", "08"])):
+        t_img = next((out / "node-data" / f"gender-{gender}").glob("*_stat-t_statmap.nii.gz"))
+        table = pd.read_csv(next((out / "node-data" / f"gender-{gender}").glob("*_design.tsv")), sep="\t")
+        assert sorted(table["participant_id"]) == [f"sub-{s}" for s in members]
+        effects = [nib.load(next((out / "node-run_level").rglob(
+            f"sub-{s}_task-flanker_run-1_*contrast-inVbase_stat-effect_statmap.nii.gz"))).get_fdata()
+            for s in members]
+        t_map = nib.load(t_img).get_fdata()
+        inside = np.flatnonzero(t_map.ravel() != 0)[::37]
+        expected = stats.ttest_1samp(np.stack([e.ravel()[inside] for e in effects]), 0.0).statistic
+        np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-6)
