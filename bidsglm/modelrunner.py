@@ -372,18 +372,21 @@ def _participant_grouping(node: Node) -> list[str]:
 def _check_participant_columns(model: StatsModel, participants: Path) -> None:
     """Before anything is fitted: a Dataset node's GroupBy column is in BIDS_DIR's participants.tsv."""
     for node in model.nodes:
-        wanted = _participant_grouping(node) if node.level == "Dataset" else []
+        if node.level != "Dataset":
+            continue
+        wanted = [("GroupBy", g) for g in _participant_grouping(node)]
+        wanted += [("Model.X", v) for v in node.x if v not in (1, "1", "intercept")]
         if not wanted:
             continue
         try:
             columns = list(pd.read_csv(participants, sep="\t", nrows=0).columns)
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise ModelError(f"grouping by {wanted[0]} needs participants.tsv ({exc})", model.path,
-                             where=f"node '{node.name}', field 'GroupBy'") from exc
-        if wanted[0] not in columns:
-            raise ModelError(f"grouping by {wanted[0]!r}: not an entity, and not a column of {participants} "
-                             f"(columns: {', '.join(columns)})", model.path,
-                             where=f"node '{node.name}', field 'GroupBy'")
+            raise ModelError(f"{wanted[0][1]} needs participants.tsv ({exc})", model.path,
+                             where=f"node '{node.name}', field '{wanted[0][0]}'") from exc
+        for field_name, name in wanted:
+            if name not in columns:
+                raise ModelError(f"{name!r} is not a column of {participants} (columns: {', '.join(columns)})",
+                                 model.path, where=f"node '{node.name}', field '{field_name}'")
 
 
 def _participant_subsets(model: StatsModel, node: Node, output_dir: Path, source: Path,

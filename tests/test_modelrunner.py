@@ -588,3 +588,23 @@ def test_dataset_groupby_a_participants_column(tmp_path_factory):
         inside = np.flatnonzero(t_map.ravel() != 0)[::37]
         expected = stats.ttest_1samp(np.stack([e.ravel()[inside] for e in effects]), 0.0).statistic
         np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda n: n["Model"].update(X=[1, "weight"]), "Model.X"),
+    (lambda n: n.update(GroupBy=["contrast", "handedness"]), "GroupBy"),
+    (lambda n: n.update(GroupBy=["contrast", "gender", "age"]), "GroupBy"),
+    (lambda n: n.update(Transformations={"Transformer": "pybids-transforms-v1",
+                                         "Instructions": [{"Name": "Demean", "Input": ["age"]}]}), "Transformations"),
+])
+def test_dataset_columns_are_checked_before_fitting(flanker, tmp_path, capsys, change, field):
+    """Dataset Model.X and GroupBy name participants.tsv columns; what is absent (or unsupported)
+    is refused before any run is fitted, naming node and field."""
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    change(model["Nodes"][2])
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and f"node 'data_level', field '{field}'" in err[0], err
+    assert not (tmp_path / "out").exists()
