@@ -590,7 +590,8 @@ def _write_exclusions(group_dir: Path, prefix: str, rows: list[Exclusion]) -> No
 
 
 def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, group_dir: Path | None = None,
-                    contrast_names=None, settings: GroupSettings | None = None, run_maps: bool = False) -> None:
+                    contrast_names=None, settings: GroupSettings | None = None, run_maps: bool = False,
+                    participants_table: tuple | None = None) -> None:
     """Group models over the subject maps in ``inputs_dir`` (default OUTPUT_DIR), written to
     ``group_dir`` (default OUTPUT_DIR/group). A BIDS Stats Model's Dataset node passes its
     source node's folder, its own folder, the contrasts its edge lets through and its settings."""
@@ -612,7 +613,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
         import numba
 
         numba.set_num_threads(max(1, min(args.n_cpus, numba.config.NUMBA_NUM_THREADS)))
-    participants = functools.cache(lambda: read_participants(output_dir))  # read only if a model needs it
+    participants = functools.cache(lambda: participants_table or read_participants(output_dir))  # if needed
 
     tasks = sorted({m.task for m in maps})
     plans = []

@@ -313,11 +313,13 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
     for node in datasets:
         where = f"node '{node.name}'"
         edge = model.parent_edge(node.name)
-        covariates, group_by = _dataset_columns(model, node, output_dir)
         source = node_root(output_dir, model.node(edge.source))
         if not source.is_dir():
             raise ModelError(f"no outputs of node '{edge.source}' in {output_dir} (run the participant level "
                              "with this model first)", model.path, where=where)
+        table = (_transformed_participants(model, node, output_dir, _subjects_with_maps(source, args))
+                 if node.transformations else None)
+        covariates, group_by = _dataset_columns(model, node, output_dir, table)
         base = settings_from_args(args)
         settings: GroupSettings = dataclasses.replace(
             base, model="onesample", covariates=covariates, group_by=group_by,
@@ -339,7 +341,7 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
                 part_args.participant_label = subjects
                 run_group_level(part_args, output_dir, inputs_dir=source, group_dir=target,
                                 contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
-                                settings=settings, run_maps=run_maps)
+                                settings=settings, run_maps=run_maps, participants_table=table)
                 _tag_group_sidecars(target, model, node)
                 written.append(target)
     return written
@@ -375,7 +377,12 @@ def _check_participant_columns(model: StatsModel, participants: Path) -> None:
         if node.level != "Dataset":
             continue
         wanted = [("GroupBy", g) for g in _participant_grouping(node)]
-        wanted += [("Model.X", v) for v in node.x if v not in (1, "1", "intercept")]
+        if node.transformations:  # X may name their outputs: their inputs are checked here
+            made = {o for ins in node.transformations for o in _as_list(ins.get("Output"))}
+            wanted += [("Transformations", v) for ins in node.transformations for v in _as_list(ins.get("Input"))
+                       if not any(ch in v for ch in "*?[") and v not in made]
+        else:
+            wanted += [("Model.X", v) for v in node.x if v not in (1, "1", "intercept")]
         if not wanted:
             continue
         try:
@@ -387,6 +394,10 @@ def _check_participant_columns(model: StatsModel, participants: Path) -> None:
             if name not in columns:
                 raise ModelError(f"{name!r} is not a column of {participants} (columns: {', '.join(columns)})",
                                  model.path, where=f"node '{node.name}', field '{field_name}'")
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _participant_subsets(model: StatsModel, node: Node, output_dir: Path, source: Path,
@@ -419,7 +430,52 @@ def _participant_subsets(model: StatsModel, node: Node, output_dir: Path, source
     return subsets
 
 
-def _dataset_columns(model: StatsModel, node: Node, output_dir: Path) -> tuple[list[str], str | None]:
+def _subjects_with_maps(source: Path, args) -> set[str]:
+    found = {p.name[4:] for p in source.glob("sub-*") if p.is_dir()}
+    if args.participant_label:
+        found &= {s.removeprefix("sub-") for s in args.participant_label}
+    return found
+
+
+def _transformed_participants(model: StatsModel, node: Node, output_dir: Path, subjects: set[str]) -> tuple:
+    """participants.tsv after the Dataset node's Transformations (pybids, as at the Run node),
+    over the subjects with maps of the source node (Demean centres over the subjects modelled):
+    each column a variable indexed by subject; numbers where every value is one."""
+    from bids.modeling.transformations import TransformerManager
+    from bids.variables import BIDSVariableCollection, SimpleVariable
+
+    from .groupinputs import read_participants
+
+    table, path = read_participants(output_dir)
+    table = table.loc[[s for s in table.index if s in subjects]]
+    columns = [c for c in table.columns if c != "participant_id"]
+    variables = []
+    for col in columns:
+        values = table[col]
+        numbers = pd.to_numeric(values, errors="coerce")
+        if numbers.notna().sum() == values.notna().sum():
+            values = numbers
+        variables.append(SimpleVariable(col, pd.DataFrame({"amplitude": values.to_numpy(),
+                                                           "subject": list(table.index)}), "participants"))
+    where = f"node '{node.name}', field 'Transformations'"
+    try:
+        collection = TransformerManager("pybids-transforms-v1").transform(
+            BIDSVariableCollection(variables), copy.deepcopy(node.transformations))
+        wide = collection.to_df()
+    except KeyError as exc:
+        raise ModelError(f"variable {exc.args[0]!r} is not a participants.tsv column or the output of an "
+                         "earlier transformation", model.path, where=where) from exc
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ModelError(f"the transformations failed: {exc}", model.path, where=where) from exc
+    wide = wide.set_index("subject")
+    out = pd.DataFrame({c: wide[c].astype(str).where(wide[c].notna()) for c in wide.columns if c != "suffix"},
+                       index=wide.index)
+    out.insert(0, "participant_id", [f"sub-{s}" for s in out.index])
+    return out, path
+
+
+def _dataset_columns(model: StatsModel, node: Node, output_dir: Path,
+                     table: tuple | None = None) -> tuple[list[str], str | None]:
     """Model.X of a Dataset node as the group design's columns, from participants.tsv:
     with the intercept, the other variables are covariates (numbers mean-centred, labels as
     centred indicators); without it, one column of labels gives one mean per level (cell
@@ -431,7 +487,7 @@ def _dataset_columns(model: StatsModel, node: Node, output_dir: Path) -> tuple[l
     if len(variables) < len(node.x):
         return variables, None
     where = f"node '{node.name}', field 'Model.X'"
-    table, source = read_participants(output_dir)
+    table, source = table or read_participants(output_dir)
     missing = [v for v in variables if v not in table.columns]
     if missing:
         raise ModelError(f"{', '.join(missing)} not in participants.tsv (columns: "
@@ -510,7 +566,8 @@ def _group_contrasts(node: Node, intercept: str):
             for c, w in zip(con.conditions, row):
                 if w:
                     # pybids names a level of a factor sex.F; the group design's column is sex_F
-                    key = intercept if c == "intercept" else column_name(*c.split(".", 1)) if "." in c else c
+                    key = (intercept if c == "intercept" else c if c in node.x or "." not in c
+                           else column_name(*c.split(".", 1)))
                     weights[key] = weights.get(key, 0.0) + float(w)
             expr = " + ".join(f"{w:g}*{c}" for c, w in weights.items())
             specs.append(ContrastSpec(con.name, expr, tuple(sorted(weights.items()))))

@@ -279,7 +279,7 @@ def _transformations(check: _Checker, raw, node: str, level: str) -> list:
     instructions = raw.get("Instructions", [])
     if not isinstance(instructions, list):
         check.fail("must be a list", node, "Transformations.Instructions")
-    if instructions and level != "Run":
+    if instructions and level not in ("Run", "Dataset"):
         check.fail("not supported by bidsglm: transformations are supported on Run nodes only (BIDS Stats "
                    f"Models, Node.Transformations at a {level} node)", node, "Transformations")
     from bids.modeling import transformations as pybids_transformations

@@ -499,8 +499,14 @@ def test_dataset_node_over_run_maps_with_cell_means(tmp_path_factory):
          "Contrasts": [{"Name": "anyGender", "ConditionList": ["gender.D", "gender.F", "gender.M"],
                         "Weights": [[1, -1, 0], [0, 1, -1]], "Test": "F"},
                        {"Name": "mVsD", "ConditionList": ["gender.M", "gender.D"], "Weights": [1, -1],
-                        "Test": "t"}]}],
-        "Edges": [{"Source": "run_level", "Destination": "by gender", "Filter": {"contrast": ["inVbase"]}}]}
+                        "Test": "t"}]},
+        {"Level": "Dataset", "Name": "ageSlope", "GroupBy": ["contrast"],
+         "Transformations": {"Transformer": "pybids-transforms-v1", "Instructions": [
+             {"Name": "Scale", "Input": ["age"], "Output": ["age_z"]}]},
+         "Model": {"Type": "glm", "X": [1, "age_z"]},
+         "Contrasts": [{"Name": "perSd", "ConditionList": ["age_z"], "Weights": [1], "Test": "t"}]}],
+        "Edges": [{"Source": "run_level", "Destination": "by gender", "Filter": {"contrast": ["inVbase"]}},
+                  {"Source": "run_level", "Destination": "ageSlope", "Filter": {"contrast": ["inVbase"]}}]}
     path = root.parent / "cells.json"
     path.write_text(json.dumps(model))
     out = root.parent / "out"
@@ -523,6 +529,13 @@ def test_dataset_node_over_run_maps_with_cell_means(tmp_path_factory):
         np.testing.assert_allclose(f_map.ravel()[v], float(np.squeeze(fit.f_test([[1, -1, 0], [0, 1, -1]]).fvalue)), rtol=1e-6)
     table = pd.read_csv(next(group.glob("*_design.tsv")), sep="\t")
     assert [c for c in table.columns if c.startswith("gender")] == ["gender_D", "gender_F", "gender_M"]
+    # Dataset Transformations (pybids Scale: z-score with the sample SD): the slope per SD of age
+    ages = pd.read_csv(root / "participants.tsv", sep="\t", index_col=0).loc[[f"sub-{s}" for s in subjects], "age"]
+    z = ((ages - ages.mean()) / ages.std(ddof=1)).to_numpy()
+    slope = nib.load(next((out / "node-ageSlope").glob("*PerSd_stat-effect_statmap.nii.gz"))).get_fdata()
+    for v in voxels:
+        fit = sm.OLS(np.array([e.ravel()[v] for e in effects]), sm.add_constant(z)).fit()
+        np.testing.assert_allclose(slope.ravel()[v], fit.params[1], rtol=1e-6)
 
 
 def test_groupings_and_a_subject_glm_over_one_run(flanker, tmp_path, capsys):
@@ -595,7 +608,7 @@ def test_dataset_groupby_a_participants_column(tmp_path_factory):
     (lambda n: n.update(GroupBy=["contrast", "handedness"]), "GroupBy"),
     (lambda n: n.update(GroupBy=["contrast", "gender", "age"]), "GroupBy"),
     (lambda n: n.update(Transformations={"Transformer": "pybids-transforms-v1",
-                                         "Instructions": [{"Name": "Demean", "Input": ["age"]}]}), "Transformations"),
+                                         "Instructions": [{"Name": "Demean", "Input": ["weight"]}]}), "Transformations"),
 ])
 def test_dataset_columns_are_checked_before_fitting(flanker, tmp_path, capsys, change, field):
     """Dataset Model.X and GroupBy name participants.tsv columns; what is absent (or unsupported)
