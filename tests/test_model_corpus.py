@@ -68,13 +68,19 @@ def _levels_named(model: dict, column: str) -> list[str]:
     """Levels of a categorical events column that the Run node names (``column.level``),
     and the values its Replace instructions map from."""
     run = model["Nodes"][0]
+    instructions = (run.get("Transformations") or {}).get("Instructions", [])
+    names = [column]  # the column and what Copy or Rename make of it
+    for ins in instructions:
+        if ins.get("Name") in ("Copy", "Rename") and set(ins.get("Input") or []) & set(names):
+            names += list(ins.get("Output") or [])
     found = []
     for text in _strings(run):
-        m = re.fullmatch(re.escape(column) + r"\.([^*?\[\]]+)", text)
-        if m:
-            found.append(m.group(1))
-    for ins in (run.get("Transformations") or {}).get("Instructions", []):
-        if ins.get("Name") == "Replace" and column in (ins.get("Input") or []):
+        for name in names:
+            m = re.fullmatch(re.escape(name) + r"\.([^*?\[\]]+)", text)
+            if m:
+                found.append(m.group(1))
+    for ins in instructions:
+        if ins.get("Name") == "Replace" and set(ins.get("Input") or []) & set(names):
             found += [str(k) for k in (ins.get("Replace") or {})]
     return list(dict.fromkeys(found))
 
@@ -117,8 +123,8 @@ def _events(rng, model: dict, task: dict, n_volumes: int) -> pd.DataFrame:
     for col in columns:
         if col in table:
             continue
-        kind = types.get(col, "float64")
         named = _levels_named(model, col)
+        kind = types.get(col) or ("object" if any(not _is_number(v) for v in named) else "float64")
         if kind == "object":
             table[col] = rng.choice(named or ["a", "b"], n)
         elif kind.startswith("int"):
