@@ -9,9 +9,15 @@ Subject nodes along the model's Edges (with their Filters):
   (a one-sample t-test across runs, n - 1 degrees of freedom), as the
   model says.
 
-Every node writes under ``OUTPUT_DIR/node-<Name>/`` and its sidecars name the
-node and the model, so nodes never overwrite each other. The Dataset node is
-the group level's.
+- a ``glm`` contrast present in one run of a subject passes that run's
+  estimate on (the fixed effects of one run), as the sidecar says.
+
+Every node writes under ``OUTPUT_DIR/node-<label>/`` (the name in letters,
+digits and _) and its sidecars name the node and the model, so nodes never
+overwrite each other. The Dataset node is the group level's: fed by a
+Subject/Session node or directly by the Run node (one run per subject), with
+covariates, cell means, Transformations over participants.tsv and GroupBy
+on a participants.tsv column, all through the group level's code.
 """
 
 from __future__ import annotations
