@@ -93,6 +93,9 @@ class RunDesigner:
                              "a confound or the output of an earlier transformation)",
                              self.model.path, where=f"{where}, field 'Transformations' or 'Model.X'") from exc
         except ValueError as exc:
+            if "X specification includes variable" in str(exc):  # pybids: a text column, or absent
+                raise ModelError(f"{run.label}: {exc} (a column of text must be turned into numbers first, "
+                                 "e.g. by Factor)", self.model.path, where=f"{where}, field 'Model.X'") from exc
             hint = (" (an n/a onset or duration in a convolved variable, e.g. a duration assigned from a "
                     "column with n/a values)" if "NaN" in str(exc) else "")
             raise ModelError(f"{run.label}: the transformations failed: {exc}{hint}", self.model.path,

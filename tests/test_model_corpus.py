@@ -43,6 +43,7 @@ FAST = {"ds000001-balloonanalogrisktask": 2, "ds000144-emotionalfaces": 1, "ds00
 # models whose own content does not fit the data they were written for: refused with exit 65
 EXPECTED_REFUSALS = {
     "ds003481-verbs": "Contrasts[4] ('lexicalvprelexical').Weights: four weights for three conditions",
+    "ds001597-cuedMFM": "Model.X names 'correct', a text column of the events (basic details: object), not Factor'd",
 }
 CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "a_comp_cor", "t_comp_cor", "framewise", "csf", "white_matter",
                      "global_signal", "motion_outlier", "non_steady_state", "dvars", "std_dvars", "rmsd")
@@ -124,7 +125,8 @@ def _events(rng, model: dict, task: dict, n_volumes: int) -> pd.DataFrame:
         if col in table:
             continue
         named = _levels_named(model, col)
-        kind = types.get(col) or ("object" if any(not _is_number(v) for v in named) else "float64")
+        # a column the basic details omit: labels if the model names text levels of it, else small integers
+        kind = types.get(col) or ("object" if any(not _is_number(v) for v in named) else "int64")
         if kind == "object":
             table[col] = rng.choice(named or ["a", "b"], n)
         elif kind.startswith("int"):
