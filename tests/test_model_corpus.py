@@ -37,7 +37,7 @@ N_VOLUMES = 90
 TR = 2.0
 # diverse and quick: parametric + Replace/Assign (ds000001), Run->Dataset with run- entity (ds000144),
 # sessions (ds000114), Threshold (ds000005), Scale with ReplaceNa (ds002006 Memory)
-# (one run per subject where two add nothing, to stay quick)
+# (one run per subject, to stay quick; test_modelrunner covers nodes over several runs)
 FAST = {"ds000001-balloonanalogrisktask": 1, "ds000144-emotionalfaces": 1, "ds000114-fingerfootlips": 1,
         "ds000005-mixedgamblestask": 1, "ds002006-Memory": 1}
 # models whose own content does not fit the data they were written for: refused with exit 65
