@@ -651,7 +651,8 @@ def _write_exclusions(group_dir: Path, prefix: str, rows: list[Exclusion]) -> No
 
 
 def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, group_dir: Path | None = None,
-                    contrast_names=None, settings: GroupSettings | None = None) -> None:
+                    contrast_names=None, settings: GroupSettings | None = None, run_maps: bool = False,
+                    participants_table: tuple | None = None) -> None:
     """Group models over the subject maps in ``inputs_dir`` (default OUTPUT_DIR), written to
     ``group_dir`` (default OUTPUT_DIR/group). A BIDS Stats Model's Dataset node passes its
     source node's folder, its own folder, the contrasts its edge lets through and its settings."""
@@ -660,7 +661,8 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     group_dir = group_dir or output_dir / "group"
     settings = settings or settings_from_args(args)
     run_rules = [parse_run_rule(r) for r in args.exclude_run or ()]
-    maps = find_subject_maps(inputs_dir, args.space, args.task, args.participant_label, args.session_label)
+    maps = find_subject_maps(inputs_dir, args.space, args.task, args.participant_label, args.session_label,
+                             run_maps=run_maps)
     if contrast_names is not None:
         maps = [m for m in maps if m.name in contrast_names or m.label in contrast_names]
     attach_run_records(inputs_dir, maps)
@@ -674,7 +676,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
         import numba
 
         numba.set_num_threads(max(1, min(args.n_cpus, numba.config.NUMBA_NUM_THREADS)))
-    participants = functools.cache(lambda: read_participants(output_dir))  # read only if a model needs it
+    participants = functools.cache(lambda: participants_table or read_participants(output_dir))  # if needed
 
     tasks = sorted({m.task for m in maps})
     plans = []

@@ -68,8 +68,9 @@ def _space_text(entities: dict) -> str:
 
 
 def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, participants=None,
-                      sessions=None) -> list[SubjectMap]:
-    """Subject-level effect maps (no ``run-``) for the selected space, tasks and subjects."""
+                      sessions=None, run_maps: bool = False) -> list[SubjectMap]:
+    """Subject-level effect maps (no ``run-``) for the selected space, tasks and subjects;
+    with ``run_maps``, run maps instead (a Stats Model's Dataset node fed by its Run node)."""
     if not (output_dir / "dataset_description.json").is_file():
         raise DataError("not a bidsglm output folder (no dataset_description.json); "
                         "run the participant level first", output_dir)
@@ -79,7 +80,7 @@ def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, pa
     found = []
     for path in sorted(output_dir.glob("sub-*/**/func/*_stat-effect_statmap.nii.gz")):
         parsed = parse_bids_name(path)
-        if parsed is None or "run" in parsed.entities or "contrast" not in parsed.entities:
+        if parsed is None or ("run" in parsed.entities) != run_maps or "contrast" not in parsed.entities:
             continue
         ent = {k: v for k, v in parsed.entities.items() if k not in ("contrast", "stat")}
         if wanted_subs is not None and ent.get("sub") not in wanted_subs:

@@ -44,10 +44,6 @@ class RunDesigner:
     def __init__(self, bids_dir: Path, derivatives: list[Path], model: StatsModel, node: Node):
         from bids import BIDSLayout
 
-        missing = {"run", "subject"} - set(node.group_by)
-        if missing:
-            raise ModelError(f"a Run node must be grouped by run and subject (missing: {', '.join(sorted(missing))})",
-                             model.path, where=f"node '{node.name}', field 'GroupBy'")
         self.model, self.node = model, node
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -72,6 +68,8 @@ class RunDesigner:
         raw["Transformations"] = {"Transformer": "pybids-transforms-v1", "Instructions": instructions}
         model.pop("HRF", None)
         model.pop("Options", None)
+        if self.node.formula is not None:  # the checked formula only, never the model's own text
+            model["Formula"] = self.node.formula_text
         return {"Name": self.model.name, "BIDSModelVersion": "1.0.0", "Nodes": [raw]}
 
     def design(self, run: RunInputs, n_volumes: int, tr: float) -> pd.DataFrame:
@@ -88,13 +86,16 @@ class RunDesigner:
                 graph = BIDSStatsModelsGraph(self.layout, self._spec())
                 graph.load_collections(scan_length=n_volumes * tr, **entities)
                 _absent_where_na(graph.root_node)
-                outputs = graph.root_node.run(group_by=self.node.group_by, force_dense=False,
+                outputs = graph.root_node.run(group_by=self.node.group_by, force_dense=True,
                                               transformation_history=False)
         except KeyError as exc:
             raise ModelError(f"{run.label}: variable {exc.args[0]!r} is not available (not an events column, "
                              "a confound or the output of an earlier transformation)",
                              self.model.path, where=f"{where}, field 'Transformations' or 'Model.X'") from exc
         except ValueError as exc:
+            if "X specification includes variable" in str(exc):  # pybids: a text column, or absent
+                raise ModelError(f"{run.label}: {exc} (a column of text must be turned into numbers first, "
+                                 "e.g. by Factor)", self.model.path, where=f"{where}, field 'Model.X'") from exc
             hint = (" (an n/a onset or duration in a convolved variable, e.g. a duration assigned from a "
                     "column with n/a values)" if "NaN" in str(exc) else "")
             raise ModelError(f"{run.label}: the transformations failed: {exc}{hint}", self.model.path,
@@ -157,17 +158,60 @@ class RunDesigner:
         return node_contrasts(self.node, columns, self.model.path)
 
 
+def check_run_grouping(model: StatsModel, node: Node, runs: list[RunInputs]) -> None:
+    """The Run node's GroupBy may be any set of entities (``[run, subject]``, ``[run]`` for one
+    subject, ``[subject]`` for one run each...) as long as each group is one BOLD run: bidsglm
+    fits one design per run and does not concatenate runs (BIDS Stats Models, Node.GroupBy)."""
+    where = f"node '{node.name}', field 'GroupBy'"
+    filename = {v: k for k, v in PYBIDS_ENTITY.items()}
+    unknown = [g for g in node.group_by if g not in filename]
+    if unknown:
+        raise ModelError(f"grouping a Run node by {', '.join(unknown)} is not supported (entities: "
+                         f"{', '.join(filename)})", model.path, where=where)
+    groups: dict[tuple, list[RunInputs]] = {}
+    for run in runs:
+        # tasks are modelled apart whatever the grouping (select one with Model.Input or --task)
+        key = (run.entities.get("task"), *(run.entities.get(filename[g]) for g in node.group_by))
+        groups.setdefault(key, []).append(run)
+    for members in groups.values():
+        if len(members) > 1:
+            raise ModelError(f"GroupBy {node.group_by} puts {len(members)} runs in one design "
+                             f"({', '.join(r.label for r in members[:3])}); bidsglm fits one design per BOLD "
+                             "run and does not concatenate runs (BIDS Stats Models, Node.GroupBy): group by "
+                             "run and subject (and session)", model.path, where=where)
+
+
 def _absent_where_na(node) -> None:
     """n/a in a numeric events column means the event has no value for it (a parametric
     modulator given for some trial types only, a response time of a trial without
     response). pybids keeps such rows, and a NaN amplitude or duration makes the whole
-    convolved regressor n/a; a 0 gives that event no weight, as dropping it would."""
+    convolved regressor n/a; a 0 gives that event no weight, as dropping it would.
+
+    An event whose trial_type is n/a belongs to no condition: it is left out of every
+    variable of its events file (pybids' Factor cannot sort n/a among labels, and the
+    variables of one file must keep the same events for Assign); n/a in another text
+    column leaves those events out of that column only. Each is said once per run."""
     from bids.variables import SparseRunVariable
 
     for collection in getattr(node, "_collections", []):
-        for var in collection.variables.values():
-            if isinstance(var, SparseRunVariable) and var.values.dtype.kind == "f" and var.values.isna().any():
+        sparse = [v for v in collection.variables.values() if isinstance(v, SparseRunVariable)]
+        for var in sparse:
+            if var.values.isna().any() and not pd.api.types.is_numeric_dtype(var.values.dtype):
+                keep = (~var.values.isna()).to_numpy()
+                log.warning("%s: events column '%s' is n/a in %d of %d rows; those events are in no "
+                            "condition", _run_text(var), var.name, int((~keep).sum()), len(keep))
+                same_file = [v for v in sparse if len(v.values) == len(keep)] if var.name == "trial_type" else [var]
+                for other in same_file:
+                    other.select_rows(np.flatnonzero(keep))
+        for var in sparse:
+            if pd.api.types.is_float_dtype(var.values.dtype) and var.values.isna().any():
                 var.values = var.values.fillna(0.0)
+
+
+def _run_text(var) -> str:
+    ent = var.index.iloc[0] if len(var.index) else {}
+    short = {"subject": "sub", "session": "ses", "task": "task", "run": "run"}
+    return " ".join(f"{short[k]}-{ent[k]}" for k in short if k in ent and ent[k] == ent[k])
 
 
 def cosine_drift(high_pass_hz: float, frame_times: np.ndarray) -> pd.DataFrame:

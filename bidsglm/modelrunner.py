@@ -9,9 +9,15 @@ Subject nodes along the model's Edges (with their Filters):
   (a one-sample t-test across runs, n - 1 degrees of freedom), as the
   model says.
 
-Every node writes under ``OUTPUT_DIR/node-<Name>/`` and its sidecars name the
-node and the model, so nodes never overwrite each other. The Dataset node is
-the group level's.
+- a ``glm`` contrast present in one run of a subject passes that run's
+  estimate on (the fixed effects of one run), as the sidecar says.
+
+Every node writes under ``OUTPUT_DIR/node-<label>/`` (the name in letters,
+digits and _) and its sidecars name the node and the model, so nodes never
+overwrite each other. The Dataset node is the group level's: fed by a
+Subject/Session node or directly by the Run node (one run per subject), with
+covariates, cell means, Transformations over participants.tsv and GroupBy
+on a participants.tsv column, all through the group level's code.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
 from .errors import DataError, ModelError
 from .images import check_same_grid, nifti_bytes, read_header, unmask
-from .modeldesign import PYBIDS_ENTITY, RunDesigner
+from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping
 from .outputs import (
     active_session,
     atomic_write_bytes,
@@ -55,14 +62,14 @@ from .participant import (
     subject_fixed_effects,
 )
 from .statistics import t_contrast
-from .statsmodel import Node, StatsModel, load_model
+from .statsmodel import Node, StatsModel, load_model, node_label
 
 log = logging.getLogger("bidsglm")
 _FILENAME_ENTITY = {v: k for k, v in PYBIDS_ENTITY.items()}  # Model.Input's names -> filename entities
 
 
 def node_root(output_dir: Path, node: Node) -> Path:
-    return output_dir / f"node-{node.name}"
+    return output_dir / f"node-{node_label(node.name)}"
 
 
 def _select_runs(runs, model: StatsModel):
@@ -114,6 +121,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     t_start = time.perf_counter()
     model = load_model(args.model)
     _check_supported_graph(model)
+    _check_participant_columns(model, bids_dir / "participants.tsv")
     run_node = model.nodes[0]
     derivatives = find_derivatives(bids_dir, args.derivatives)
     forbid_inputs(derivatives)
@@ -125,6 +133,7 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     log.info("model '%s' (%s): %d run(s) of %d participant(s); nodes: %s", model.name, model.path.name,
              len(runs), len({r.subject for r in runs}),
              ", ".join(f"{n.name} ({n.level}, {n.model_type})" for n in model.nodes))
+    check_run_grouping(model, run_node, runs)
     designer = RunDesigner(bids_dir, derivatives, model, run_node)
     prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
     _check_contrasts_estimable(model, run_node, prepared)
@@ -181,7 +190,7 @@ def _check_supported_graph(model: StatsModel) -> None:
             _check_dataset_node(model, node)
         if node.level in ("Session", "Subject") and source is not run_node:
             raise ModelError(f"a {node.level} node fed by the {source.level} node '{source.name}' is not "
-                             "supported (Session and Subject nodes combine the Run node's contrasts)",
+                             "supported: Session and Subject nodes combine the Run node's contrasts (BIDS Stats Models, Edges)",
                              model.path, where=f"{where}, field 'Edges'")
 
 
@@ -227,7 +236,8 @@ def _check_combining_node(model: StatsModel, node: Node, runs) -> None:
     """Before anything is fitted: what a Session/Subject node asks for can be done."""
     where = f"node '{node.name}'"
     if not node.intercept_only:
-        raise ModelError("Session and Subject nodes support Model.X [1] only", model.path,
+        raise ModelError("not supported by bidsglm: Session and Subject nodes support Model.X [1] only "
+                         "(the mean of the runs; BIDS Stats Models, Model.X)", model.path,
                          where=f"{where}, field 'Model.X'")
     for con in node.contrasts:  # each input contrast is combined on its own, under its name
         bad = [c for c in con.conditions if c != "intercept"]
@@ -250,7 +260,13 @@ def _fit_combining_node(model, node: Node, edge_filter: dict, results, prepared,
         if node.model_type == "meta":
             written = subject_fixed_effects(runs, contrasts, labels, root, settings, links, extra)
         else:
-            written = _ols_across_runs(runs, contrasts, labels, root, extra)
+            # a contrast in one run only: its estimate is what exists (a glm across runs needs two);
+            # passed on as the fixed effects of that one run, and the sidecar says so
+            single = [c for c in contrasts if c.test != "F" and sum(c.name in r.maps for r in runs) < 2]
+            written = subject_fixed_effects(runs, single, labels, root, settings, links, {
+                **extra, "SingleRun": "one run has this contrast: its estimate is passed on "
+                                      "(a glm across runs needs two or more)"}) if single else []
+            written += _ols_across_runs(runs, [c for c in contrasts if c not in single], labels, root, extra)
         log.info("sub-%s%s task-%s: node %s (%s) wrote %d maps", sub, f" ses-{ses}" if ses else "", task,
                  node.name, node.model_type, len(written))
     ensure_dataset(root, links)
@@ -311,86 +327,264 @@ def run_model_group_level(args, output_dir: Path) -> list[Path]:
     for node in datasets:
         where = f"node '{node.name}'"
         edge = model.parent_edge(node.name)
-        covariates = [v for v in node.x if v not in (1, "1", "intercept")]
         source = node_root(output_dir, model.node(edge.source))
         if not source.is_dir():
             raise ModelError(f"no outputs of node '{edge.source}' in {output_dir} (run the participant level "
                              "with this model first)", model.path, where=where)
+        table = (_transformed_participants(model, node, output_dir, _subjects_with_maps(source, args))
+                 if node.transformations else None)
+        covariates, group_by = _dataset_columns(model, node, output_dir, table)
         base = settings_from_args(args)
         settings: GroupSettings = dataclasses.replace(
-            base, model="onesample", covariates=covariates, group_by=None,
+            base, model="onesample", covariates=covariates, group_by=group_by,
             contrasts=_group_contrasts(node, INTERCEPT),
             default_contrasts=node.dummy_contrasts is not None)
         root = node_root(output_dir, node)
         ensure_dataset(root, {})
         log.info("model '%s': node %s over node %s%s", model.name, node.name, edge.source,
                  f" (contrasts {', '.join(edge.filter['contrast'])})" if edge.filter.get("contrast") else "")
+        run_maps = _dataset_over_runs(model, node, source)
         sessions = _sessions(source, args.session_label) if "session" in node.group_by else [None]
+        subsets = _participant_subsets(model, node, output_dir, source, args.participant_label)
         for ses in sessions:  # grouped by session: one model per session, in ses-<label>/
-            target = root / f"ses-{ses}" if ses else root
-            session_args = copy.copy(args)
-            if ses:
-                session_args.session_label = [ses]
-            run_group_level(session_args, output_dir, inputs_dir=source, group_dir=target,
-                            contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
-                            settings=settings)
-            _tag_group_sidecars(target, model, node)
-            written.append(target)
+            for folder, subjects in subsets:  # grouped by a participants.tsv column: one model per value
+                target = (root / f"ses-{ses}" if ses else root) / folder
+                part_args = copy.copy(args)
+                if ses:
+                    part_args.session_label = [ses]
+                part_args.participant_label = subjects
+                run_group_level(part_args, output_dir, inputs_dir=source, group_dir=target,
+                                contrast_names=set(edge.filter["contrast"]) if edge.filter.get("contrast") else None,
+                                settings=settings, run_maps=run_maps, participants_table=table)
+                _tag_group_sidecars(target, model, node)
+                written.append(target)
     return written
 
 
 def _check_dataset_node(model: StatsModel, node: Node) -> None:
     where = f"node '{node.name}'"
-    extra = set(node.group_by) - {"contrast", "session"}
-    if extra:
-        raise ModelError(f"grouping by {', '.join(sorted(extra))} is not supported (contrast, session)",
+    extra = _participant_grouping(node)
+    if len(extra) > 1:
+        raise ModelError(f"grouping by {', '.join(extra)} is not supported: contrast, session and one "
+                         "participants.tsv column (BIDS Stats Models, Node.GroupBy)",
                          model.path, where=f"{where}, field 'GroupBy'")
     if node.model_type != "glm":
-        raise ModelError("a Dataset node must be a glm (meta-analysis across subjects is not supported)",
+        raise ModelError("a Dataset node must be a glm: meta-analysis across subjects is not supported "
+                         "(BIDS Stats Models, Model.Type)",
                          model.path, where=f"{where}, field 'Model.Type'")
-    if not any(v in (1, "1", "intercept") for v in node.x):
-        raise ModelError("Model.X needs the intercept (1)", model.path, where=f"{where}, field 'Model.X'")
+    if not any(v in (1, "1", "intercept") for v in node.x) and not [v for v in node.x if isinstance(v, str)]:
+        raise ModelError("Model.X is empty", model.path, where=f"{where}, field 'Model.X'")
     for con in node.contrasts:
         if con.test == "pass":
             raise ModelError("Test 'pass' has no meaning at the Dataset node", model.path,
                              where=f"{where}, field 'Contrasts' ('{con.name}')")
 
 
-def _sessions(source: Path, selected) -> list[str]:
-    found = sorted({p.name[4:] for p in source.glob("sub-*/ses-*") if p.is_dir()})
+def _participant_grouping(node: Node) -> list[str]:
+    """GroupBy names of a Dataset node other than contrast and session: participants.tsv columns."""
+    return [g for g in node.group_by if g not in ("contrast", "session")]
+
+
+def _check_participant_columns(model: StatsModel, participants: Path) -> None:
+    """Before anything is fitted: a Dataset node's GroupBy column is in BIDS_DIR's participants.tsv."""
+    for node in model.nodes:
+        if node.level != "Dataset":
+            continue
+        wanted = [("GroupBy", g) for g in _participant_grouping(node)]
+        if node.transformations:  # X may name their outputs: their inputs are checked here
+            made = {o for ins in node.transformations for o in _as_list(ins.get("Output"))}
+            wanted += [("Transformations", v) for ins in node.transformations for v in _as_list(ins.get("Input"))
+                       if not any(ch in v for ch in "*?[") and v not in made]
+        else:
+            wanted += [("Model.X", v) for v in node.x if v not in (1, "1", "intercept")]
+        if not wanted:
+            continue
+        try:
+            columns = list(pd.read_csv(participants, sep="\t", nrows=0).columns)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise ModelError(f"{wanted[0][1]} needs participants.tsv ({exc})", model.path,
+                             where=f"node '{node.name}', field '{wanted[0][0]}'") from exc
+        for field_name, name in wanted:
+            if name not in columns:
+                raise ModelError(f"{name!r} is not a column of {participants} (columns: {', '.join(columns)})",
+                                 model.path, where=f"node '{node.name}', field '{field_name}'")
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _participant_subsets(model: StatsModel, node: Node, output_dir: Path, source: Path,
+                         selected) -> list[tuple[str, list]]:
+    """GroupBy a participants.tsv column: one model per value, over that value's subjects with
+    maps in ``source`` (folder ``<column>-<value>``); subjects with n/a in it are in none, with a warning."""
+    from .groupinputs import read_participants
+
+    extra = _participant_grouping(node)
+    if not extra:
+        return [("", selected)]
+    column = extra[0]
+    table, table_path = read_participants(output_dir)
+    if column not in table.columns:
+        raise ModelError(f"grouping by {column!r}: not a column of {table_path}", model.path,
+                         where=f"node '{node.name}', field 'GroupBy'")
+    chosen = {p.name[4:] for p in source.glob("sub-*") if p.is_dir()}
     if selected:
-        found = [s for s in found if s in {x.removeprefix("ses-") for x in selected}]
-    if not found:
-        raise ModelError("the Dataset node groups by session, but the subject maps have no sessions", source)
+        chosen &= {s.removeprefix("sub-") for s in selected}
+    values = table[column]
+    absent = [s for s in table.index if pd.isna(values[s]) and s in chosen]
+    if absent:
+        log.warning("node %s: %s is n/a for %s; they are in no group", node.name, column,
+                    ", ".join(f"sub-{s}" for s in absent))
+    subsets = []
+    for value in sorted(values.dropna().astype(str).unique()):
+        subs = [s for s in table.index if str(values[s]) == value and s in chosen]
+        if subs:
+            subsets.append((f"{node_label(column)}-{node_label(value)}", subs))
+    return subsets
+
+
+def _subjects_with_maps(source: Path, args) -> set[str]:
+    found = {p.name[4:] for p in source.glob("sub-*") if p.is_dir()}
+    if args.participant_label:
+        found &= {s.removeprefix("sub-") for s in args.participant_label}
     return found
 
 
+def _transformed_participants(model: StatsModel, node: Node, output_dir: Path, subjects: set[str]) -> tuple:
+    """participants.tsv after the Dataset node's Transformations (pybids, as at the Run node),
+    over the subjects with maps of the source node (Demean centres over the subjects modelled):
+    each column a variable indexed by subject; numbers where every value is one."""
+    from bids.modeling.transformations import TransformerManager
+    from bids.variables import BIDSVariableCollection, SimpleVariable
+
+    from .groupinputs import read_participants
+
+    table, path = read_participants(output_dir)
+    table = table.loc[[s for s in table.index if s in subjects]]
+    columns = [c for c in table.columns if c != "participant_id"]
+    variables = []
+    for col in columns:
+        values = table[col]
+        numbers = pd.to_numeric(values, errors="coerce")
+        if numbers.notna().sum() == values.notna().sum():
+            values = numbers
+        variables.append(SimpleVariable(col, pd.DataFrame({"amplitude": values.to_numpy(),
+                                                           "subject": list(table.index)}), "participants"))
+    where = f"node '{node.name}', field 'Transformations'"
+    try:
+        collection = TransformerManager("pybids-transforms-v1").transform(
+            BIDSVariableCollection(variables), copy.deepcopy(node.transformations))
+        wide = collection.to_df()
+    except KeyError as exc:
+        raise ModelError(f"variable {exc.args[0]!r} is not a participants.tsv column or the output of an "
+                         "earlier transformation", model.path, where=where) from exc
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ModelError(f"the transformations failed: {exc}", model.path, where=where) from exc
+    wide = wide.set_index("subject")
+    out = pd.DataFrame({c: wide[c].astype(str).where(wide[c].notna()) for c in wide.columns if c != "suffix"},
+                       index=wide.index)
+    out.insert(0, "participant_id", [f"sub-{s}" for s in out.index])
+    return out, path
+
+
+def _dataset_columns(model: StatsModel, node: Node, output_dir: Path,
+                     table: tuple | None = None) -> tuple[list[str], str | None]:
+    """Model.X of a Dataset node as the group design's columns, from participants.tsv:
+    with the intercept, the other variables are covariates (numbers mean-centred, labels as
+    centred indicators); without it, one column of labels gives one mean per level (cell
+    means: sex -> sex_F, sex_M), and any other variables are covariates."""
+    from .groupinputs import read_participants
+    from .groupmodels import _is_numeric
+
+    variables = [v for v in node.x if v not in (1, "1", "intercept")]
+    if len(variables) < len(node.x):
+        return variables, None
+    where = f"node '{node.name}', field 'Model.X'"
+    table, source = table or read_participants(output_dir)
+    missing = [v for v in variables if v not in table.columns]
+    if missing:
+        raise ModelError(f"{', '.join(missing)} not in participants.tsv (columns: "
+                         f"{', '.join(map(str, table.columns))})", model.path, where=where)
+    factors = [v for v in variables if not _is_numeric(table[v].dropna())]
+    if len(factors) != 1:
+        raise ModelError("without the intercept, Model.X needs exactly one participants.tsv column of labels "
+                         f"(one mean per level); found {len(factors)} ({', '.join(factors) or 'only numbers'}). "
+                         "A model through the origin, or crossed factors, is not supported (BIDS Stats Models, "
+                         "Model.X)", model.path, where=where)
+    return [v for v in variables if v != factors[0]], factors[0]
+
+
+def _dataset_over_runs(model: StatsModel, node: Node, source: Path) -> bool:
+    """A Dataset node fed by the Run node takes the run maps as its inputs (True when they
+    carry a run- entity). Its model has one row per map, so each subject must give one run per
+    contrast (and session, when grouped by session): several runs of one subject are not
+    independent observations, and bidsglm does not treat them as such."""
+    from .discovery import parse_bids_name
+
+    if model.node(model.parent_edge(node.name).source).level != "Run":
+        return False
+    maps = [parse_bids_name(p) for p in source.glob("sub-*/**/func/*_run-*_stat-effect_statmap.nii.gz")]
+    seen: dict[tuple, list] = {}
+    for parsed in filter(None, maps):
+        e = parsed.entities
+        key = (e.get("sub"), e.get("ses") if "session" in node.group_by else None, e.get("task"),
+               e.get("contrast"))
+        seen.setdefault(key, []).append(e.get("run"))
+    for (sub, ses, task, contrast), runs in sorted(seen.items(), key=str):
+        if len(runs) > 1:
+            raise ModelError(f"fed by the Run node, it would take {len(runs)} runs of sub-{sub}"
+                             f"{f' ses-{ses}' if ses else ''} task-{task} (contrast {contrast}) as independent "
+                             "subjects; add a Subject node (Type meta) between them, or select one run in "
+                             "Model.Input", model.path, where=f"node '{node.name}', field 'Edges'")
+    return bool(seen)
+
+
+def _sessions(source: Path, selected) -> list:
+    """Sessions of the source node's maps; none (a dataset without sessions): one model,
+    as pybids treats grouping by an absent entity."""
+    found = sorted({p.name[4:] for p in source.glob("sub-*/ses-*") if p.is_dir()})
+    if selected:
+        found = [s for s in found if s in {x.removeprefix("ses-") for x in selected}]
+    return found or [None]
+
+
 def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
-    """Folders holding a Dataset node's group maps (the node's, or its ses-<label> subfolders)."""
+    """Folders holding a Dataset node's group maps (the node's, its ses-<label> subfolders and
+    their <column>-<value> subfolders)."""
     folders = []
     for node in model.nodes:
         if node.level != "Dataset":
             continue
         root = node_root(output_dir, node)
-        for folder in [root, *sorted(root.glob("ses-*"))]:
+        candidates = [root, *sorted(root.glob("*-*/")), *sorted(root.glob("ses-*/*-*/"))]
+        for folder in dict.fromkeys(p for p in candidates if p.is_dir()):
             if any(folder.glob("*_stat-z_statmap.nii.gz")):
                 folders.append(folder)
     return folders
 
 
 def _group_contrasts(node: Node, intercept: str):
-    """The node's explicit Contrasts as group contrasts over its design (1 -> the mean column)."""
-    from .design import parse_contrast
+    """The node's explicit Contrasts as group contrasts over its design (1 -> the mean column).
+    Weights are taken as numbers from the model, never parsed from text."""
+    from .design import ContrastSpec
     from .group import GroupContrast
+    from .groupmodels import column_name
 
     out = []
     for con in node.contrasts:
-        rename = {"intercept": intercept}
         rows = con.weights if con.test == "F" else (con.weights,)
         specs = []
         for row in rows:
-            expr = " + ".join(f"{w!r}*`{rename.get(c, c)}`" for c, w in zip(con.conditions, row) if w)
-            specs.append(parse_contrast(con.name, expr))
+            weights: dict[str, float] = {}
+            for c, w in zip(con.conditions, row):
+                if w:
+                    # pybids names a level of a factor sex.F; the group design's column is sex_F
+                    key = (intercept if c == "intercept" else c if c in node.x or "." not in c
+                           else column_name(*c.split(".", 1)))
+                    weights[key] = weights.get(key, 0.0) + float(w)
+            expr = " + ".join(f"{w:g}*{c}" for c, w in weights.items())
+            specs.append(ContrastSpec(con.name, expr, tuple(sorted(weights.items()))))
         out.append(GroupContrast(con.name, specs, f_test=con.test == "F"))
     return out
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ModelError
+from .modelformula import FormulaError, check_query, check_variable_name, formulaic_text, parse_formula
 
 LEVELS = ("Run", "Session", "Subject", "Dataset")
 MODEL_TYPES = ("glm", "meta")
@@ -33,17 +37,20 @@ _FIELDS = {
     "Model": {"Type", "X", "Formula", "HRF", "Options", "Software", "Description"},
     "HRF": {"Variables", "Model", "Parameters", "Description"},
     "Options": {"HighPassFilterCutoffHz", "LowPassFilterCutoffHz", "ReplaceVariables", "Mask",
-                "AggregateMethod", "Description"},
+                "Aggregate", "Description"},
     "contrast": {"Name", "ConditionList", "Weights", "Test", "Description"},
     "DummyContrasts": {"Contrasts", "Test", "Description"},
     "edge": {"Source", "Destination", "Filter", "Description"},
 }
 # in the specification, but not something bidsglm can honour: an error, never ignored
 _UNSUPPORTED = {
-    "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented",
-    "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented",
-    "Model.Options.AggregateMethod": "region-of-interest models are not implemented",
+    "Model.Options.LowPassFilterCutoffHz": "low-pass filtering is not implemented (BIDS Stats Models, Model.Options)",
+    "Model.Options.ReplaceVariables": "voxel-wise regressors are not implemented (BIDS Stats Models, Model.Options)",
 }
+AGGREGATES = ("none", "mean", "pca")
+# keyword options of pybids' BIDSLayout.get, which Options.Mask's keys must not reach
+_QUERY_OPTIONS = {"return_type", "target", "scope", "regex_search", "absolute_paths", "invalid_filters",
+                  "drop_invalid_filters"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,12 @@ class Node:
     contrasts: list = field(default_factory=list)  # ModelContrast
     dummy_contrasts: dict | None = None  # {"Contrasts": [...] or None, "Test": ...}
     raw: dict = field(default_factory=dict)
+    formula: list | None = None  # modelformula.Term list of a checked Model.Formula
+
+    @property
+    def formula_text(self) -> str | None:
+        """Model.Formula as formulaic gets it: the checked terms, every name backquoted."""
+        return formulaic_text(self.formula) if self.formula is not None else None
 
     @property
     def intercept_only(self) -> bool:
@@ -99,6 +112,17 @@ class StatsModel:
 
     def parent_edge(self, name: str) -> Edge | None:
         return next((e for e in self.edges if e.destination == name), None)
+
+
+def node_label(name: str) -> str:
+    """The node's folder label (``node-<label>``): letters, digits and _ only, so a name such as
+    ``run level`` or ``../x`` never makes an odd or escaping path (``runLevel``, ``x``)."""
+    words = [w for w in re.split(r"[^A-Za-z0-9_]+", name) if w]
+    if not words:
+        import hashlib
+
+        return "n" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return words[0] + "".join(w[0].upper() + w[1:] for w in words[1:])
 
 
 class _Checker:
@@ -158,6 +182,11 @@ def load_model(path: Path) -> StatsModel:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         check.fail(f"node names must be unique; repeated: {', '.join(sorted(dup))}", None, "Nodes")
+    folders = [node_label(n) for n in names]
+    clash = {f for f in folders if folders.count(f) > 1}
+    if clash:
+        check.fail(f"node names {', '.join(repr(n) for n, f in zip(names, folders) if f in clash)} give the same "
+                   f"folder name node-{sorted(clash)[0]}; rename one", None, "Nodes")
     edges = _edges(check, raw.get("Edges"), nodes)
     return StatsModel(raw["Name"], path, nodes, edges,
                       {k: [str(v) for v in vals] for k, vals in model_input.items()}, raw)
@@ -177,10 +206,16 @@ def _node(check: _Checker, raw, index: int) -> Node:
     if model["Type"] not in MODEL_TYPES:
         check.fail(f"{model['Type']!r} is not a model type ({', '.join(MODEL_TYPES)})", label, "Model.Type")
     x = check.string_list(model["X"], label, "Model.X", allow_one=True)
-    if "Formula" in model and not isinstance(model["Formula"], str):
-        check.fail("must be a string", label, "Model.Formula")
-    if "Formula" in model and level != "Run":
-        check.fail("formulas are supported on Run nodes only", label, "Model.Formula")
+    formula = None
+    if "Formula" in model:
+        # formulaic would evaluate it as Python: only the parsed safe subset goes on, all names backquoted
+        try:
+            formula = parse_formula(model["Formula"])
+        except FormulaError as exc:
+            check.fail(f"refused: {exc}", label, "Model.Formula")
+        if level != "Run":
+            check.fail("not supported by bidsglm: formulas are supported on Run nodes only; list the "
+                       "variables in Model.X (BIDS Stats Models, Model.Formula)", label, "Model.Formula")
     for key, why in _UNSUPPORTED.items():
         parts = key.split(".")[1:]
         obj = model
@@ -194,6 +229,7 @@ def _node(check: _Checker, raw, index: int) -> Node:
             "%s: node '%s', field 'Model.Software': options for %s are not used by bidsglm", check.path.name,
             label, ", ".join(sorted(model["Software"])))
     node = Node(level, raw["Name"], group_by, model["Type"], x, raw=raw)
+    node.formula = formula
     node.transformations = _transformations(check, raw.get("Transformations"), label, level)
     node.hrf = _hrf(check, model.get("HRF"), label, x)
     options = model.get("Options") or {}
@@ -203,9 +239,25 @@ def _node(check: _Checker, raw, index: int) -> Node:
         hp = options["HighPassFilterCutoffHz"]
         if not isinstance(hp, numbers.Real) or isinstance(hp, bool) or hp <= 0:
             check.fail("must be a positive number of Hz", label, "Model.Options.HighPassFilterCutoffHz")
+    if "Aggregate" in options:
+        # "none" (the spec's default) is what bidsglm does: one time course per voxel of the mask
+        if options["Aggregate"] not in AGGREGATES:
+            check.fail(f"{options['Aggregate']!r} is not one of {', '.join(AGGREGATES)}", label,
+                       "Model.Options.Aggregate")
+        if options["Aggregate"] != "none":
+            check.fail("not supported by bidsglm: region-of-interest models (time series averaged or reduced "
+                       "within the mask) are not implemented; \"none\" fits every voxel (BIDS Stats Models, "
+                       "Model.Options)", label,
+                       "Model.Options.Aggregate")
     if "Mask" in options and not isinstance(options["Mask"], dict):
         check.fail("must map BIDS entities to values, e.g. {\"desc\": \"brain\", \"suffix\": \"mask\"}",
                    label, "Model.Options.Mask")
+    for key, value in (options.get("Mask") or {}).items():
+        # the keys become keyword arguments of pybids' layout query: entities only, not its options
+        if not re.fullmatch(r"[a-z][a-zA-Z]*", key) or key in _QUERY_OPTIONS:
+            check.fail(f"{key!r} is not a BIDS entity", label, f"Model.Options.Mask.{key}")
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            check.fail("must be a string or a list of strings", label, f"Model.Options.Mask.{key}")
     node.contrasts = [_contrast(check, c, label, i) for i, c in enumerate(raw.get("Contrasts") or [])]
     if raw.get("DummyContrasts") is not None:
         dummy = check.keys(raw["DummyContrasts"], "DummyContrasts", label, "DummyContrasts")
@@ -227,8 +279,9 @@ def _transformations(check: _Checker, raw, node: str, level: str) -> list:
     instructions = raw.get("Instructions", [])
     if not isinstance(instructions, list):
         check.fail("must be a list", node, "Transformations.Instructions")
-    if instructions and level != "Run":
-        check.fail("transformations are supported on Run nodes only", node, "Transformations")
+    if instructions and level not in ("Run", "Dataset"):
+        check.fail("not supported by bidsglm: transformations are supported on Run nodes only (BIDS Stats "
+                   f"Models, Node.Transformations at a {level} node)", node, "Transformations")
     from bids.modeling import transformations as pybids_transformations
 
     for i, ins in enumerate(instructions):
@@ -239,7 +292,37 @@ def _transformations(check: _Checker, raw, node: str, level: str) -> list:
             check.fail(f"unknown transformation {ins['Name']!r}", node, f"{where}.Name")
         if "Input" not in ins:
             check.fail(f"transformation {ins['Name']} needs an Input", node, f"{where}.Input")
+        _check_evaluated_text(check, ins, node, where)
     return instructions
+
+
+def _names(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _check_evaluated_text(check: _Checker, ins: dict, node: str, where: str) -> None:
+    """pybids hands Filter's Query to pandas.query and builds a formulaic formula from
+    Split's By: only the safe subset reaches them (see modelformula)."""
+    try:
+        for key in ("Input", "Output", "By"):
+            for name in _names(ins.get(key, [])):
+                check_variable_name(name)
+    except FormulaError as exc:
+        check.fail(f"refused: {exc}", node, f"{where}.{key}")
+    name = ins["Name"]
+    if name == "Split":
+        for by in _names(ins.get("By", [])):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", by):
+                check.fail(f"refused: Split By {by!r} must be a plain name (letters, digits, _), as pybids "
+                           "builds a formula from it", node, f"{where}.By")
+    if name == "Filter":
+        query = next((ins[k] for k in ins if k.lower() == "query"), None)
+        if query is None:
+            check.fail("Filter needs a Query", node, f"{where}.Query")
+        try:
+            check_query(query, set(_names(ins["Input"])) | set(_names(ins.get("By", []))))
+        except FormulaError as exc:
+            check.fail(f"refused: {exc}", node, f"{where}.Query")
 
 
 def _hrf(check: _Checker, raw, node: str, x: list) -> dict | None:
@@ -249,9 +332,11 @@ def _hrf(check: _Checker, raw, node: str, x: list) -> dict | None:
     check.required(raw, ("Variables", "Model"), node, "Model.HRF")
     variables = check.string_list(raw["Variables"], node, "Model.HRF.Variables")
     if str(raw["Model"]).lower() not in HRF_MODELS:
-        check.fail(f"HRF model {raw['Model']!r} is not supported ({', '.join(HRF_MODELS)})", node, "Model.HRF.Model")
+        check.fail(f"HRF model {raw['Model']!r} is not supported ({', '.join(HRF_MODELS)}; BIDS Stats Models, "
+                   "Model.HRF)", node, "Model.HRF.Model")
     if raw.get("Parameters"):
-        check.fail("HRF parameters are not supported (the canonical shapes are used)", node,
+        check.fail("HRF parameters are not supported: the canonical shapes are used (BIDS Stats Models, "
+                   "Model.HRF.Parameters)", node,
                    "Model.HRF.Parameters")
     import fnmatch
 
@@ -277,6 +362,8 @@ def _contrast(check: _Checker, raw, node: str, index: int) -> ModelContrast:
             check.fail(f"needs one weight per condition ({len(conditions)})", node, f"{where}.Weights")
         if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in row):
             check.fail("weights must be numbers", node, f"{where}.Weights")
+        if not all(np.isfinite(w) for w in row) or not any(row):
+            check.fail("weights must be finite and not all zero", node, f"{where}.Weights")
     if raw["Test"] != "F" and len(rows) > 1:
         check.fail("several rows of weights need Test 'F'", node, f"{where}.Test")
     cond = tuple("intercept" if c in (1, "1") else c for c in conditions)

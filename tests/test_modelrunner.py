@@ -425,3 +425,199 @@ def test_parallel_runs_give_the_same_maps(flanker_results, tmp_path):
     for ref in sorted((out / "node-run_level").rglob("*_stat-z_statmap.nii.gz")):
         ours = par / ref.relative_to(out)
         np.testing.assert_array_equal(nib.load(ours).get_fdata(), nib.load(ref).get_fdata())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("Formula", "1 + {__import__('os').system('touch MARKER')}"),
+    ("Formula", "`trial_type.congruent_correct` + __import__('os').system('touch MARKER')"),
+    ("Query", "trial_type == 'x' or __import__('os').system('touch MARKER') == 0"),
+])
+def test_model_text_is_never_run(flanker, tmp_path, capsys, field, value):
+    """Payloads that would create a file, through Model.Formula (formulaic) and a Filter
+    query (pandas): refused with 65 before anything runs; the file never appears."""
+    marker = tmp_path / "pwned"
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    value = value.replace("MARKER", str(marker))
+    if field == "Formula":
+        model["Nodes"][0]["Model"]["Formula"] = value
+        where = "field 'Model.Formula'"
+    else:
+        model["Nodes"][0]["Transformations"]["Instructions"].insert(
+            1, {"Name": "Filter", "Input": ["trial_type"], "Query": value})
+        where = "field 'Transformations.Instructions[1].Query'"
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    for level in ("participant", "group"):
+        code, err = _run_cli(capsys, flanker, tmp_path / "out", level, "--model", path,
+                             "--skip-bids-validation", "-q")
+        assert code == 65 and len(err) == 1, err
+        assert "node 'run_level'" in err[0] and where in err[0] and "refused" in err[0], err[0]
+        assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_variables_not_convolved_are_sampled_on_the_scan_grid(flanker, tmp_path):
+    """The spec's own example leaves some variables unconvolved: like pybids and fitlins, every
+    variable is resampled to one row per volume. A boxcar of the events sampled at each TR:
+    values in [0, 1], its mean the fraction of the scan the events cover (independent count)."""
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model["Nodes"][0]["Transformations"]["Instructions"] = [{"Name": "Factor", "Input": ["trial_type"]}]
+    model["Nodes"][0]["Model"]["X"] = [1, "trial_type.congruent_correct", "trans_x"]
+    model["Nodes"][0]["Contrasts"] = []
+    model["Nodes"] = model["Nodes"][:1]
+    path = tmp_path / "sparse.json"
+    path.write_text(json.dumps(model))
+    designs, _ = _designs(flanker, path, "16")
+    X = designs["1"]
+    assert len(X) == 146
+    box = X["trial_type.congruent_correct"].to_numpy()
+    assert box.min() >= 0 and box.max() <= 1 and box.max() > 0
+    events = pd.read_csv(next(flanker.rglob("sub-16_task-flanker_run-1_events.tsv")), sep="\t")
+    chosen = events[events["trial_type"] == "congruent_correct"]
+    frames = np.arange(146) * 2.0
+    covered = np.zeros(146)
+    for onset, duration in zip(chosen["onset"], chosen["duration"]):
+        fine = np.arange(onset, onset + duration, 0.01)
+        np.add.at(covered, np.clip((fine // 2.0).astype(int), 0, 145), 0.01 / 2.0)
+    np.testing.assert_allclose(box.sum(), covered.sum(), rtol=0.05)
+
+
+def test_dataset_node_over_run_maps_with_cell_means(tmp_path_factory):
+    """A Run node feeding a Dataset node directly (run- entity in the files: bug A), whose
+    Model.X has no intercept: one mean per participants.tsv gender (cell means), a t contrast
+    between two of them and an F test over all three. Both statistics equal statsmodels' OLS
+    on the run effect maps (rtol 1e-6)."""
+    import statsmodels.api as sm
+
+    subjects = ["01", "02", "03", "07", "08"]  # genders F, M, M, D, D
+    root = _dataset(tmp_path_factory, "ds000102", subjects, 146)
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model = {"Name": "cellMeans", "BIDSModelVersion": "1.0.0", "Input": {"run": [1]}, "Nodes": [
+        published["Nodes"][0],
+        {"Level": "Dataset", "Name": "by gender", "GroupBy": ["contrast"],
+         "Model": {"Type": "glm", "X": ["gender"]},
+         "Contrasts": [{"Name": "anyGender", "ConditionList": ["gender.D", "gender.F", "gender.M"],
+                        "Weights": [[1, -1, 0], [0, 1, -1]], "Test": "F"},
+                       {"Name": "mVsD", "ConditionList": ["gender.M", "gender.D"], "Weights": [1, -1],
+                        "Test": "t"}]},
+        {"Level": "Dataset", "Name": "ageSlope", "GroupBy": ["contrast"],
+         "Transformations": {"Transformer": "pybids-transforms-v1", "Instructions": [
+             {"Name": "Scale", "Input": ["age"], "Output": ["age_z"]}]},
+         "Model": {"Type": "glm", "X": [1, "age_z"]},
+         "Contrasts": [{"Name": "perSd", "ConditionList": ["age_z"], "Weights": [1], "Test": "t"}]}],
+        "Edges": [{"Source": "run_level", "Destination": "by gender", "Filter": {"contrast": ["inVbase"]}},
+                  {"Source": "run_level", "Destination": "ageSlope", "Filter": {"contrast": ["inVbase"]}}]}
+    path = root.parent / "cells.json"
+    path.write_text(json.dumps(model))
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q",
+                 "--smoothing-fwhm", "0"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    group = out / "node-byGender"  # a node name with a space gives a safe folder label
+    f_img = next(group.glob("*_stat-F_statmap.nii.gz"))
+    t_img = next(group.glob("*MVsD_stat-t_statmap.nii.gz"))
+    effects = [nib.load(next((out / "node-run_level").rglob(
+        f"sub-{s}_task-flanker_run-1_*contrast-inVbase_stat-effect_statmap.nii.gz"))).get_fdata() for s in subjects]
+    gender = ["F", "M", "M", "D", "D"]
+    X = np.array([[g == level for level in ("D", "F", "M")] for g in gender], dtype=float)
+    f_map, t_map = nib.load(f_img).get_fdata(), nib.load(t_img).get_fdata()
+    voxels = np.flatnonzero(f_map.ravel() != 0)[::41]
+    assert len(voxels) > 10
+    for v in voxels:
+        fit = sm.OLS(np.array([e.ravel()[v] for e in effects]), X).fit()
+        np.testing.assert_allclose(t_map.ravel()[v], float(np.squeeze(fit.t_test([-1, 0, 1]).tvalue)), rtol=1e-6)
+        np.testing.assert_allclose(f_map.ravel()[v], float(np.squeeze(fit.f_test([[1, -1, 0], [0, 1, -1]]).fvalue)), rtol=1e-6)
+    table = pd.read_csv(next(group.glob("*_design.tsv")), sep="\t")
+    assert [c for c in table.columns if c.startswith("gender")] == ["gender_D", "gender_F", "gender_M"]
+    # Dataset Transformations (pybids Scale: z-score with the sample SD): the slope per SD of age
+    ages = pd.read_csv(root / "participants.tsv", sep="\t", index_col=0).loc[[f"sub-{s}" for s in subjects], "age"]
+    z = ((ages - ages.mean()) / ages.std(ddof=1)).to_numpy()
+    slope = nib.load(next((out / "node-ageSlope").glob("*PerSd_stat-effect_statmap.nii.gz"))).get_fdata()
+    for v in voxels:
+        fit = sm.OLS(np.array([e.ravel()[v] for e in effects]), sm.add_constant(z)).fit()
+        np.testing.assert_allclose(slope.ravel()[v], fit.params[1], rtol=1e-6)
+
+
+def test_groupings_and_a_subject_glm_over_one_run(flanker, tmp_path, capsys):
+    """GroupBy session on data without sessions is a no-op at every node (bug E); a Run node
+    grouped by [run] alone (one subject) fits each run; a Subject glm node whose subject has
+    one run passes that run's estimate on (identical maps), instead of writing nothing."""
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    run = published["Nodes"][0]
+    run["GroupBy"] = ["run"]
+    model = {"Name": "oneRun", "BIDSModelVersion": "1.0.0", "Input": {"run": [1]}, "Nodes": [
+        run,
+        {"Level": "Subject", "Name": "subject_level", "GroupBy": ["subject", "contrast", "session"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+        {"Level": "Dataset", "Name": "data_level", "GroupBy": ["contrast", "session"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}}]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(model))
+    out = tmp_path / "out"
+    code, err = _run_cli(capsys, flanker, out, "participant", "--model", path, "--skip-bids-validation", "-q",
+                         "--smoothing-fwhm", "0")
+    assert code == 0, err
+    for stat in ("effect", "variance", "t"):
+        ours = next((out / "node-subject_level").rglob(f"*contrast-inVbase_stat-{stat}_statmap.nii.gz"))
+        ref = next((out / "node-run_level").rglob(f"*run-1_*contrast-inVbase_stat-{stat}_statmap.nii.gz"))
+        np.testing.assert_allclose(nib.load(ours).get_fdata(), nib.load(ref).get_fdata(), rtol=1e-6, atol=1e-9)
+    side = json.loads(ours.with_name(ours.name.replace(".nii.gz", ".json")).read_text())
+    assert "one run" in side["SingleRun"]
+    # [subject] with two runs of that subject would concatenate runs: refused, naming GroupBy
+    model["Input"] = {}
+    model["Nodes"][0]["GroupBy"] = ["subject"]
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out2", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and "node 'run_level', field 'GroupBy'" in err[0], err
+    assert "2 runs in one design" in err[0] and not (tmp_path / "out2").exists()
+
+
+def test_dataset_groupby_a_participants_column(tmp_path_factory):
+    """Dataset GroupBy [contrast, gender]: one one-sample model per gender, over that gender's
+    subjects only; its t equals scipy's one-sample t-test on those subjects' run effects."""
+    subjects = ["02", "03", "07", "08"]  # genders M, M, D, D
+    root = _dataset(tmp_path_factory, "ds000102", subjects, 146)
+    published = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    model = {"Name": "perGender", "BIDSModelVersion": "1.0.0", "Input": {"run": [1]}, "Nodes": [
+        published["Nodes"][0],
+        {"Level": "Dataset", "Name": "data", "GroupBy": ["contrast", "gender"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}}],
+        "Edges": [{"Source": "run_level", "Destination": "data", "Filter": {"contrast": ["inVbase"]}}]}
+    path = root.parent / "gender.json"
+    path.write_text(json.dumps(model))
+    out = root.parent / "out"
+    assert main([str(root), str(out), "participant", "--model", str(path), "--skip-bids-validation", "-q",
+                 "--smoothing-fwhm", "0"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(path), "-q"]) == 0
+    for gender, members in (("M", ["02", "03"]), ("D", ["07", "08"])):
+        t_img = next((out / "node-data" / f"gender-{gender}").glob("*_stat-t_statmap.nii.gz"))
+        table = pd.read_csv(next((out / "node-data" / f"gender-{gender}").glob("*_design.tsv")), sep="\t")
+        assert sorted(table["participant_id"]) == [f"sub-{s}" for s in members]
+        effects = [nib.load(next((out / "node-run_level").rglob(
+            f"sub-{s}_task-flanker_run-1_*contrast-inVbase_stat-effect_statmap.nii.gz"))).get_fdata()
+            for s in members]
+        t_map = nib.load(t_img).get_fdata()
+        inside = np.flatnonzero(t_map.ravel() != 0)[::37]
+        expected = stats.ttest_1samp(np.stack([e.ravel()[inside] for e in effects]), 0.0).statistic
+        np.testing.assert_allclose(t_map.ravel()[inside], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda n: n["Model"].update(X=[1, "weight"]), "Model.X"),
+    (lambda n: n.update(GroupBy=["contrast", "handedness"]), "GroupBy"),
+    (lambda n: n.update(GroupBy=["contrast", "gender", "age"]), "GroupBy"),
+    (lambda n: n.update(Transformations={"Transformer": "pybids-transforms-v1",
+                                         "Instructions": [{"Name": "Demean", "Input": ["weight"]}]}), "Transformations"),
+])
+def test_dataset_columns_are_checked_before_fitting(flanker, tmp_path, capsys, change, field):
+    """Dataset Model.X and GroupBy name participants.tsv columns; what is absent (or unsupported)
+    is refused before any run is fitted, naming node and field."""
+    model = json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+    change(model["Nodes"][2])
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and f"node 'data_level', field '{field}'" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -44,13 +44,62 @@ def test_published_models_load(path):
     assert model.nodes[1].dummy_contrasts == {"Contrasts": None, "Test": "t"}
 
 
-def test_published_models_agree_with_bsmschema():
-    """Independent check: the community's schema package accepts what we accept."""
-    bsmschema = pytest.importorskip("bsmschema.models")
-    if not MODELS:
-        pytest.skip("shared models absent")
-    for path in MODELS:
-        bsmschema.BIDSStatsModel.model_validate(json.loads(path.read_text()))
+CORPUS = sorted((SHARED_DATA / "models" / "openneuro_glmfitlins").glob("*/*_specs.json")) \
+    if (SHARED_DATA / "models" / "openneuro_glmfitlins").is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def strict_schema():
+    """bsmschema 0.1.1 sets ``extras`` (not pydantic's ``extra``) to 'forbid', so its models accept
+    any unknown field; here every model of the package forbids them, as the spec's schema does."""
+    models = pytest.importorskip("bsmschema.models")
+    import pydantic
+
+    classes = [c for c in vars(models).values()
+               if isinstance(c, type) and issubclass(c, pydantic.BaseModel) and c.__module__ == models.__name__]
+    saved = {c: dict(c.model_config) for c in classes}
+    for c in classes:
+        c.model_config["extra"] = "forbid"
+    for c in classes:
+        c.model_rebuild(force=True)
+    yield models
+    for c in classes:
+        c.model_config.clear()
+        c.model_config.update(saved[c])
+        c.model_rebuild(force=True)
+
+
+def test_strict_schema_rejects_unknown_fields(strict_schema):
+    """The check below can fail: an unknown field is rejected, with its path, by the strict schema and by ours."""
+    import pydantic
+
+    for where, change in (("Nodes.0.Model.Colour", lambda m: m["Nodes"][0]["Model"].update(Colour="red")),
+                          ("Nodes.0.Model.Options.AggregateMethod",
+                           lambda m: m["Nodes"][0]["Model"].update(Options={"AggregateMethod": "mean"})),
+                          ("Nodes.1.Flavour", lambda m: m["Nodes"][1].update(Flavour=1))):
+        with pytest.raises(pydantic.ValidationError) as err:
+            strict_schema.BIDSStatsModel.model_validate(_broken(change))
+        assert where.split(".")[-1] in str(err.value)
+
+
+# schema-valid models whose content the schema cannot check: refused by bidsglm, naming the field
+INVALID_CONTENT = {"ds003481-verbs": "field 'Contrasts[4] ('lexicalvprelexical').Weights': needs one weight per "
+                                     "condition (3)"}
+
+
+@pytest.mark.parametrize("path", MODELS + CORPUS, ids=[p.name.removesuffix("_specs.json") for p in MODELS + CORPUS])
+def test_models_agree_with_strict_bsmschema(strict_schema, path):
+    """Independent check: the community's schema (made strict) accepts every model bidsglm accepts;
+    bidsglm refuses only what the schema cannot see (weights not matching the conditions)."""
+    raw = json.loads(path.read_text())
+    strict_schema.BIDSStatsModel.model_validate(raw)
+    name = path.name.removesuffix("_specs.json")
+    if name in INVALID_CONTENT:
+        with pytest.raises(ModelError) as err:
+            load_model(path)
+        assert INVALID_CONTENT[name] in err.value.message and "node 'run_level'" in err.value.message
+    else:
+        load_model(path)
 
 
 def test_minimal_model_parses(tmp_path):
@@ -82,6 +131,12 @@ def _broken(path_fn):
     (lambda m: m["Nodes"][0]["Model"].update(HRF={"Variables": ["c"], "Model": "spm"}), "run",
      "Model.HRF.Variables", "not in Model.X"),
     (lambda m: m["Nodes"][1].update(Level="Group"), "subject", "Level", "not a level"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"AggregateMethod": "mean"}), "run",
+     "Model.Options.AggregateMethod", "unknown field"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"Mask": {"regex_search": "True"}}), "run",
+     "Model.Options.Mask.regex_search", "not a BIDS entity"),
+    (lambda m: m["Nodes"][0]["Model"].update(Options={"Aggregate": "pca"}), "run",
+     "Model.Options.Aggregate", "region-of-interest"),
 ])
 def test_broken_models_name_node_and_field(tmp_path, change, node, field, words):
     with pytest.raises(ModelError) as err:
@@ -105,3 +160,86 @@ def test_not_json(tmp_path):
     path.write_text('{"Name": "x",\n "Nodes": [}')
     with pytest.raises(ModelError, match="line 2, column 12: not valid JSON"):
         load_model(path)
+
+
+# --- no text of a model is ever run as code ------------------------------------------
+
+_PAYLOAD = "__import__('os').system('touch {marker}')"
+
+
+def _formula(text):
+    return lambda m: m["Nodes"][0]["Model"].update(X=[1, "a", "b"], Formula=text)
+
+
+def _instruction(ins):
+    return lambda m: m["Nodes"][0].update(Transformations={"Transformer": "pybids-transforms-v1",
+                                                           "Instructions": [ins]})
+
+
+HOSTILE = [  # (change, field, words)
+    (_formula("1 + {" + _PAYLOAD + "}"), "Model.Formula", "'{' at character 5 is not allowed"),
+    (_formula("a + " + _PAYLOAD), "Model.Formula", "function calls"),
+    (_formula("a + `{" + _PAYLOAD + "}`"), "Model.Formula", "backquoted name"),
+    (_formula("a + a.__class__"), "Model.Formula", "dotted name"),
+    (_formula("a + 'x'"), "Model.Formula", "not allowed"),
+    (_formula("y ~ a"), "Model.Formula", "right-hand side"),
+    (_instruction({"Name": "Filter", "Input": ["a"], "Query": "a > 0 or " + _PAYLOAD}),
+     "Transformations.Instructions[0].Query", "refused"),
+    (_instruction({"Name": "Filter", "Input": ["a"], "Query": "a > @x"}),
+     "Transformations.Instructions[0].Query", "@"),
+    (_instruction({"Name": "Filter", "Input": ["a"], "Query": "a.__class__ == 1"}),
+     "Transformations.Instructions[0].Query", "Attribute is not allowed"),
+    (_instruction({"Name": "Split", "Input": ["a"], "By": ["{" + _PAYLOAD + "}"]}),
+     "Transformations.Instructions[0].By", "refused"),
+    (_instruction({"Name": "Split", "Input": ["a"], "By": ["b.c"]}),
+     "Transformations.Instructions[0].By", "plain name"),
+    (_instruction({"Name": "Scale", "Input": ["a`+{" + _PAYLOAD + "}`"]}),
+     "Transformations.Instructions[0].Input", "refused"),
+]
+
+
+@pytest.mark.parametrize("change,field,words", HOSTILE, ids=[f"{i}-{h[1]}" for i, h in enumerate(HOSTILE)])
+def test_text_that_an_evaluator_would_run_is_refused(tmp_path, change, field, words):
+    marker = tmp_path / "pwned"
+    model = json.loads(json.dumps(_broken(change)).replace("{marker}", str(marker)))
+    with pytest.raises(ModelError) as err:
+        load_model(_write(tmp_path, model))
+    assert f"node 'run', field '{field}'" in err.value.message and words in err.value.message, err.value.message
+    assert err.value.exit_code == 65
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("formula,terms", [
+    ("a + b", [(), ("a",), ("b",)]),
+    ("0 + a + b", [("a",), ("b",)]),
+    ("a + b - 1", [("a",), ("b",)]),
+    ("-1 + a", [("a",)]),
+    ("a*b", [(), ("a",), ("b",), ("a", "b")]),
+    ("(a + b):c", [(), ("a", "c"), ("b", "c")]),
+    ("`trial_type.face` + a - a", [(), ("trial_type.face",)]),
+])
+def test_safe_formulas_parse(formula, terms):
+    from bidsglm.modelformula import parse_formula
+
+    assert [t.factors for t in parse_formula(formula)] == terms
+
+
+def test_safe_queries_pass():
+    from bidsglm.modelformula import check_query
+
+    check_query("trial_type == 'face' and rt > 0.2", {"trial_type", "rt"})
+    check_query("~(trial_type.face != 1) | (rt <= -1.5)", {"trial_type.face", "rt"})
+    check_query("trial_type in ['a', 'b']", {"trial_type"})
+
+
+def test_aggregate_none_and_node_folder_labels(tmp_path):
+    from bidsglm.statsmodel import node_label
+
+    model = _broken(lambda m: m["Nodes"][0]["Model"].update(Options={"Aggregate": "none"}))
+    model["Nodes"][0]["Name"] = "run level"
+    model["Nodes"][1]["Name"] = "../../etc"
+    loaded = load_model(_write(tmp_path, model))
+    assert [node_label(n.name) for n in loaded.nodes] == ["runLevel", "etc"]
+    model["Nodes"][1]["Name"] = "run-level"
+    with pytest.raises(ModelError, match="same folder name node-runLevel"):
+        load_model(_write(tmp_path, model))
