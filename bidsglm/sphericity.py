@@ -36,7 +36,8 @@ def orthonormal_contrasts(k: int) -> np.ndarray:
 
 
 def greenhouse_geisser(data: np.ndarray) -> np.ndarray:
-    """(V,) Greenhouse-Geisser epsilon of (S, K, V) subject x condition data."""
+    """(V,) Greenhouse-Geisser epsilon of (S, K, V) subject x condition data (nan where the
+    conditions do not differ at all)."""
     s, k, _ = data.shape
     if s < 2 or k < 2:
         raise ValueError(f"epsilon needs at least 2 subjects and 2 conditions, got {s} and {k}")
@@ -45,7 +46,12 @@ def greenhouse_geisser(data: np.ndarray) -> np.ndarray:
     m = np.einsum("scv,sdv->cdv", z, z) / (s - 1)  # (K-1, K-1, V) covariance
     trace = np.einsum("ccv->v", m)
     trace_sq = np.einsum("cdv,cdv->v", m, m)  # tr(M^2) of a symmetric M
-    return trace**2 / ((k - 1) * np.maximum(trace_sq, np.finfo(float).tiny))
+    centred = data - data.mean(axis=(0, 1))
+    total = np.einsum("skv,skv->v", centred, centred) / (s - 1)
+    # conditions that never differ (beyond rounding): nothing to estimate epsilon from (nan)
+    degenerate = trace <= 1e-12 * total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(degenerate, np.nan, trace**2 / ((k - 1) * trace_sq))
 
 
 def huynh_feldt(data: np.ndarray) -> np.ndarray:
