@@ -44,6 +44,8 @@ CONNECTIVITIES = (6, 18, 26)
 CONNECTIVITY = "faces (6-neighbour, NN1)"
 CONNECTIVITY_NAMES = {6: CONNECTIVITY, 18: "faces and edges (18-neighbour, NN2)",
                       26: "faces, edges and corners (26-neighbour, NN3)"}
+TFCE_CONNECTIVITY_NAMES = {6: "faces (6-neighbour)", 18: "faces and edges (18-neighbour)",
+                           26: "faces, edges and corners (26-neighbour)"}
 
 
 def neighbour_offsets(connectivity: int = 6) -> np.ndarray:

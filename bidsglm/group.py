@@ -31,6 +31,7 @@ from .groupinputs import (
     read_effect,
     read_participants,
     read_variance,
+    variance_path,
 )
 from .groupmodels import (
     INTERCEPT,
@@ -46,7 +47,7 @@ from .groupmodels import (
     fit_ols,
     is_estimable,
 )
-from .clusterkernels import CONNECTIVITY_NAMES
+from .clusterkernels import CONNECTIVITY_NAMES, TFCE_CONNECTIVITY_NAMES
 from .images import nifti_bytes, unmask
 from .mixedeffects import fit_mixed
 from .sphericity import NAMES as SPHERICITY_NAMES, corrected_f_tails, epsilon
@@ -455,8 +456,8 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     mask_path = group_dir / f"{_design_name(model).removesuffix('_design')}_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
     mni = model.space.get("space", "").startswith("MNI")
-    computed = [_contrast_values(model, con, weights, fit, settings, subject_by_condition,
-                                 perm_result is not None) for con, weights in model.contrasts]
+    computed = [_contrast_values(model, con, weights, fit, settings, subject_by_condition, perm is not None)
+                for (con, weights), perm in zip(model.contrasts, permuted)]
     if mixed:
         written.append(_write_tau2(group_dir, model, fit, mask, affine))
     for (con, weights), perm_result, (values, stats_written, extra) in zip(model.contrasts, permuted, computed):
@@ -505,6 +506,15 @@ def _contrast_values(model, con, weights, fit, settings, subject_by_condition, p
 
 
 # --- mixed effects and sphericity ------------------------------------------------------------
+
+def _check_mixed_inputs(plan: PlannedModel) -> None:
+    """Before anything is written: a full-rank design and every subject's variance map."""
+    check_mixed_design(plan.design, f"task-{plan.task} contrast '{plan.name}', mixed-effects model")
+    for m in plan.inputs:
+        if m.runs_kept is None and not variance_path(m).is_file():
+            raise DataError("variance map of this subject-level effect is missing (the mixed-effects "
+                            "group model needs it); rerun the participant level", variance_path(m))
+
 
 def _with_variances(output_dir: Path, model: PlannedModel, Y: np.ndarray, mask: np.ndarray):
     """Each input's first-level variance in the mask; voxels where one is not positive and
@@ -685,7 +695,7 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     if result.p_tfce is not None:
         p_maps["tfce"] = result.p_tfce
         tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1,
-                              "Connectivity": CONNECTIVITY_NAMES[options.connectivity]}}
+                              "Connectivity": TFCE_CONNECTIVITY_NAMES[options.connectivity]}}
         path = group_dir / f"{base}_stat-tfce_statmap.nii.gz"
         atomic_write_bytes(path, nifti_bytes(unmask(result.tfce, mask), affine))
         atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
@@ -768,7 +778,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
         _plan_permutations(plans)
     if settings.estimator == "mixed":
         for plan in plans:
-            check_mixed_design(plan.design, f"task-{plan.task} contrast '{plan.name}', mixed-effects model")
+            _check_mixed_inputs(plan)
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", inputs_dir)
     log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),

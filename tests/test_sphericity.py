@@ -99,9 +99,10 @@ def test_epsilon_is_one_without_variance_and_none_is_no_correction():
 
 @pytest.mark.slow
 def test_uncorrected_f_is_liberal_and_corrected_f_near_nominal():
-    """12 subjects, 6 conditions with unequal, correlated noise (GG epsilon about 0.5), 20,000
-    null voxels: uncorrected p < 0.05 well above 0.05; Greenhouse-Geisser at or just under it;
-    Huynh-Feldt close to it."""
+    """12 subjects, 6 conditions with unequal, correlated noise (median GG epsilon 0.43), 20,000
+    null voxels (binomial sd 0.0015): uncorrected p < 0.05 well above 0.05; Greenhouse-Geisser at
+    or just under it; Huynh-Feldt close to it. Seeds 5, 6 gave none 0.092, 0.095; gg 0.045, 0.043;
+    hf 0.058, 0.057 (HF is known to be slightly liberal with few subjects)."""
     rng = np.random.default_rng(5)
     s, k = 12, 6
     data = _nonspherical(rng, s, k, 20000)
@@ -111,7 +112,7 @@ def test_uncorrected_f_is_liberal_and_corrected_f_near_nominal():
             for kind in ("none", "gg", "hf")}
     assert rate["none"] > 0.07, rate
     assert 0.03 < rate["gg"] < 0.058, rate
-    assert 0.035 < rate["hf"] < 0.065, rate
+    assert 0.035 < rate["hf"] < 0.068, rate
 
 
 def _rm_anova_f_all(data):
