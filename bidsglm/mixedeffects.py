@@ -29,7 +29,7 @@ import numba  # noqa: E402
 from .statistics import TINY, ContrastResult, t_contrast
 
 METHODS = ("REML", "ML")
-TOLERANCE = 1e-10  # on the tau^2 step, relative to tau^2 + the voxel's mean input variance
+TOLERANCE = 1e-8  # on the tau^2 step, relative to tau^2 + the voxel's mean input variance
 MAX_ITERATIONS = 200
 
 
@@ -217,19 +217,41 @@ def _evaluate(y, v, tau2, X, XX, reml, w, acc, A, B2, B3, L, cov, beta, xv):
     return nll, score / max(information, 1e-300)
 
 
-@numba.njit(cache=True, parallel=True)
-def _fit_voxels(Yt, Vt, X, start, reml, tol, max_iterations, tau2, beta, cov, iterations, converged):
-    """Newton / Fisher scoring with step halving at every voxel (rows of Yt, Vt): a step that
-    lowers the likelihood (it can overshoot, or bounce off tau^2 = 0) is halved until it does not."""
+@numba.njit(cache=True, nogil=True)
+def _starting_tau2(y, v, X, pinv, dof):
+    """Method-of-moments start: OLS residual variance less the mean input variance, >= 0."""
     n, p = X.shape
+    rss = 0.0
+    mean_v = 0.0
+    for i in range(n):
+        mean_v += v[i]
+    b = np.zeros(p)
+    for a in range(p):
+        for i in range(n):
+            b[a] += pinv[a, i] * y[i]
+    for i in range(n):
+        r = y[i]
+        for a in range(p):
+            r -= X[i, a] * b[a]
+        rss += r * r
+    return max(rss / dof - mean_v / n, 0.0)
+
+
+@numba.njit(cache=True, parallel=True)
+def _fit_voxels(Y, V, X, pinv, reml, tol, max_iterations, tau2, beta, cov, iterations, converged):
+    """Newton / Fisher scoring with step halving at every voxel (columns of Y, V): a step that
+    lowers the likelihood (it can overshoot, or bounce off tau^2 = 0) is halved until it does not.
+    Columns are read in place: a thread's neighbouring voxels share cache lines."""
+    n, p = X.shape
+    dof = max(n - p, 1)
     a_idx, b_idx = np.triu_indices(p)
     XX = np.empty((n, len(a_idx)))
     for i in range(n):
         for m in range(len(a_idx)):
             XX[i, m] = X[i, a_idx[m]] * X[i, b_idx[m]]
-    for j in numba.prange(Yt.shape[0]):
-        y = Yt[j]
-        v = Vt[j]
+    for j in numba.prange(Y.shape[1]):
+        y = Y[:, j]
+        v = V[:, j]
         w = np.empty(n)
         acc = np.empty(3 * XX.shape[1])
         A = np.empty((p, p))
@@ -240,7 +262,7 @@ def _fit_voxels(Yt, Vt, X, start, reml, tol, max_iterations, tau2, beta, cov, it
         trial_cov = np.empty((p, p))
         trial_beta = np.empty(p)
         scale = tol * np.mean(v)
-        t = start[j]
+        t = _starting_tau2(y, v, X, pinv, dof)
         best, step = _evaluate(y, v, t, X, XX, reml, w, acc, A, B2, B3, L, cov[j], beta[j], xv)
         candidate = max(t + step, 0.0)
         k = 0
@@ -259,16 +281,6 @@ def _fit_voxels(Yt, Vt, X, start, reml, tol, max_iterations, tau2, beta, cov, it
         converged[j] = abs(candidate - t) <= scale + tol * t
         iterations[j] = k
         tau2[j] = t
-
-
-def _starting_tau2(Y, V, X):
-    """Method-of-moments start: OLS residual variance less the mean input variance, >= 0."""
-    n = X.shape[0]
-    rank = np.linalg.matrix_rank(X)
-    pinv = np.linalg.pinv(X)
-    resid = Y - X @ (pinv @ Y)
-    dispersion = np.einsum("nv,nv->v", resid, resid) / max(n - rank, 1)
-    return np.maximum(dispersion - V.mean(axis=0), 0.0)
 
 
 def fit_mixed(Y: np.ndarray, V: np.ndarray, X: np.ndarray, method: str = "REML",
@@ -296,6 +308,6 @@ def fit_mixed(Y: np.ndarray, V: np.ndarray, X: np.ndarray, method: str = "REML",
     cov = np.empty((count, p, p))
     iterations = np.zeros(count, dtype=np.int32)
     converged = np.zeros(count, dtype=bool)
-    _fit_voxels(np.ascontiguousarray(Y.T), np.ascontiguousarray(V.T), X, _starting_tau2(Y, V, X),
-                method == "REML", tol, max_iterations, tau2, beta, cov, iterations, converged)
+    _fit_voxels(Y, V, X, np.linalg.pinv(X), method == "REML", tol, max_iterations, tau2, beta, cov,
+                iterations, converged)
     return MixedFit(X, beta.T, cov, tau2, float(n - rank), method, iterations, converged)
