@@ -198,3 +198,39 @@ def test_cluster_tables_follow_connectivity(outputs, connectivity):
     assert sorted(table["cluster_size_voxels"].dropna().astype(int)) == sorted(sizes)
     side = json.loads((g / f"{PREFIX}_contrast-houses_clusters.json").read_text())
     assert f"{connectivity}-neighbour" in side["ClusterConnectivity"]
+
+
+def test_dataset_node_of_a_stats_model_uses_the_mixed_estimator(tmp_path):
+    """--group-estimator mixed with --model: the Dataset node's one-sample fit is the mixed one
+    (PyMARE on the Subject node's effect and variance maps)."""
+    pytest.importorskip("pymare")
+    from pymare.estimators import VarianceBasedLikelihoodEstimator
+
+    from conftest import shared_path
+    from simulate import simulate_dataset
+
+    root = simulate_dataset(shared_path("events", "ds000102"), tmp_path / "bids", ["14", "15", "16"], 146, runs=2)
+    model = next(shared_path("models", "ds000102").glob("*_specs.json"))
+    out = tmp_path / "out"
+    assert main([str(root), str(out), "participant", "--model", str(model), "--skip-bids-validation", "-q",
+                 "--smoothing-fwhm", "0"]) == 0
+    assert main([str(root), str(out), "group", "--model", str(model), "-q", "--group-estimator", "mixed",
+                 "--no-reports"]) == 0
+    t_path = next(out.glob("node-*/task-flanker_*_contrast-inVcon_stat-t_statmap.nii.gz"))
+    side = _side(t_path)
+    assert side["Estimator"]["Method"] == "REML" and side["DegreesOfFreedom"] == 2
+    tau2 = t_path.with_name(t_path.name.replace("_stat-t_", "_stat-tau2_"))
+    effect = t_path.with_name(t_path.name.replace("_stat-t_", "_stat-effect_"))
+    from bidsglm.statsmodel import load_model
+
+    subject_node = [n for n in load_model(model).nodes if n.level == "Subject"][0].name
+    subject = sorted(out.glob(f"node-{subject_node}/sub-*/**/*_contrast-inVcon_stat-effect_statmap.nii.gz"))
+    assert len(subject) == 3
+    inside = _data(t_path) != 0
+    Y = np.array([_data(p)[inside] for p in subject])
+    V = np.array([_data(p.with_name(p.name.replace("_stat-effect_", "_stat-variance_")))[inside] for p in subject])
+    est = VarianceBasedLikelihoodEstimator(method="REML", small_sample_correction="wald", xtol=1e-12,
+                                           maxiter=200).fit(Y, V, np.ones((3, 1)))
+    summary = est.summary()
+    np.testing.assert_allclose(_data(effect)[inside], summary.get_fe_stats()["est"][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_data(tau2)[inside], np.asarray(summary.tau2).ravel(), rtol=1e-3, atol=1e-4)
