@@ -131,10 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--group-model", "--group_model", default="onesample", choices=["onesample", "anova"],
                      help="onesample: a one-sample t-test (with optional covariates/groups) per subject "
                           "contrast; anova: repeated-measures ANOVA of condition maps, one column per "
-                          "condition and one per subject, one pooled error term. The ANOVA assumes "
-                          "sphericity (equal variance of all condition differences); no Greenhouse-Geisser "
-                          "correction is applied, so F tests with several numerator degrees of freedom can "
-                          "be liberal when it fails (default: %(default)s)")
+                          "condition and one per subject, one pooled error term (its F tests are corrected "
+                          "for nonsphericity, see --sphericity-correction) (default: %(default)s)")
+    grp.add_argument("--group-estimator", "--group_estimator", default="ols", choices=["ols", "mixed"],
+                     help="onesample model: ols fits the subject effects alone (summary statistics); mixed "
+                          "also uses each subject's first-level variance map and estimates the "
+                          "between-subject variance tau^2 per voxel by REML (as FSL FLAME1 / AFNI 3dMEMA), "
+                          "weighting subjects by 1/(variance + tau^2); t on N - p degrees of freedom; "
+                          "writes a stat-tau2 map; one tau^2 pooled over --group-by groups; permutation "
+                          "inference still permutes the OLS t (default: %(default)s)")
+    grp.add_argument("--sphericity-correction", "--sphericity_correction", default="gg",
+                     choices=["none", "gg", "hf"],
+                     help="anova F tests with several numerator degrees of freedom: multiply both degrees "
+                          "of freedom by the Greenhouse-Geisser (gg) or Huynh-Feldt (hf) epsilon estimated "
+                          "per voxel (stat-epsilon map), or assume sphericity (none). gg is the default: it "
+                          "keeps the test at or below its nominal level, where none is liberal when the "
+                          "variances of the condition differences are unequal (default: %(default)s)")
     grp.add_argument("--conditions", nargs="+", metavar="CONTRAST",
                      help="anova: the subject-level contrasts that are its conditions (default: all)")
     grp.add_argument("--group-contrast", "--group_contrast", action="append", metavar="NAME=EXPRESSION",
@@ -167,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--alpha", type=float, metavar="P",
                      help="level of the height threshold (default: 0.001 for fpr, 0.05 otherwise)")
     grp.add_argument("--cluster-extent", "--cluster_extent", type=int, default=0, metavar="K",
-                     help="keep only clusters of at least K voxels (face connectivity) (default: 0)")
+                     help="keep only clusters of at least K voxels (see --connectivity) (default: 0)")
+    grp.add_argument("--connectivity", type=int, default=6, choices=[6, 18, 26],
+                     help="voxels that join a cluster: 6 share a face (nilearn, AFNI NN1), 18 a face or "
+                          "an edge (NN2), 26 also a corner (FSL, NN3); for cluster tables, --cluster-extent "
+                          "and cluster and TFCE permutation inference (default: %(default)s)")
     grp.add_argument("--one-sided", action="store_true",
                      help="threshold positive effects only (default: two-sided t tests, alpha split "
                           "between tails; F tests are always one-sided)")
@@ -190,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="uncorrected p that forms clusters for cluster size/mass inference "
                            "(two-sided t: split between tails) (default: %(default)s)")
     perm.add_argument("--tfce", action="store_true",
-                      help="also threshold-free cluster enhancement (E=0.5, H=2, dh=0.1, face connectivity)")
+                      help="also threshold-free cluster enhancement (E=0.5, H=2, dh=0.1, --connectivity "
+                           "neighbours)")
     perm.add_argument("--fwe-alpha", "--fwe_alpha", type=float, default=0.05, metavar="P",
                       help="FWE level of the masked maps and cluster tables (default: %(default)s)")
 

@@ -1,8 +1,9 @@
 """Compiled cluster and TFCE kernels on the in-mask voxel list.
 
 A map is a (V,) vector over the mask's voxels (C order of the grid) plus a
-(V, 6) table of face neighbours, so no kernel touches the full grid. Clusters
-are face-connected (6-neighbour, as nilearn and the cluster tables use).
+(V, C) table of neighbours, so no kernel touches the full grid. Clusters are
+face-connected by default (C = 6, as nilearn); C = 18 adds edges, 26 corners
+(FSL's default); the table's shape carries the choice into every kernel.
 
 TFCE (Smith & Nichols 2009) is computed for every height at once: voxels are
 added from the highest value down and merged with union-find; every addition
@@ -39,19 +40,37 @@ def _writable_numba_cache() -> None:
 _writable_numba_cache()
 import numba  # noqa: E402  (reads NUMBA_CACHE_DIR when imported)
 
-# neighbour offsets; the first three point to voxels earlier in C order
-_OFFSETS = np.array([(-1, 0, 0), (0, -1, 0), (0, 0, -1), (1, 0, 0), (0, 1, 0), (0, 0, 1)])
+CONNECTIVITIES = (6, 18, 26)
 CONNECTIVITY = "faces (6-neighbour, NN1)"
+CONNECTIVITY_NAMES = {6: CONNECTIVITY, 18: "faces and edges (18-neighbour, NN2)",
+                      26: "faces, edges and corners (26-neighbour, NN3)"}
+TFCE_CONNECTIVITY_NAMES = {6: "faces (6-neighbour)", 18: "faces and edges (18-neighbour)",
+                           26: "faces, edges and corners (26-neighbour)"}
 
 
-def neighbour_table(mask: np.ndarray) -> np.ndarray:
-    """(V, 6) int32 in-mask index of each voxel's face neighbours, -1 outside the mask."""
+def neighbour_offsets(connectivity: int = 6) -> np.ndarray:
+    """(C, 3) offsets of a voxel's neighbours: 6 share a face, 18 a face or an edge, 26 any
+    corner. The first C/2 point to voxels earlier in C order, the rest are their negatives."""
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
+    order = {6: 1, 18: 2, 26: 3}[connectivity]  # most non-zero components allowed
+    earlier = [off for off in np.ndindex(3, 3, 3)
+               if 0 < np.count_nonzero(np.array(off) - 1) <= order
+               and tuple(np.array(off) - 1) < (0, 0, 0)]  # lexicographically negative: earlier
+    earlier = np.array(earlier) - 1
+    return np.vstack([earlier, -earlier])
+
+
+def neighbour_table(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
+    """(V, C) int32 in-mask index of each voxel's neighbours (C = connectivity), -1 outside
+    the mask; the first C/2 columns are the neighbours earlier in C order."""
     index = np.full(np.array(mask.shape) + 2, -1, dtype=np.int32)
     inner = index[1:-1, 1:-1, 1:-1]
     inner[mask] = np.arange(int(mask.sum()), dtype=np.int32)
     ijk = np.argwhere(mask) + 1
-    table = np.empty((len(ijk), 6), dtype=np.int32)
-    for n, off in enumerate(_OFFSETS):
+    offsets = neighbour_offsets(connectivity)
+    table = np.empty((len(ijk), len(offsets)), dtype=np.int32)
+    for n, off in enumerate(offsets):
         table[:, n] = index[tuple((ijk + off).T)]
     return table
 
@@ -83,7 +102,7 @@ def cluster_roots(values, neighbours, threshold, two_sided):
         else:
             continue
         parent[i] = i
-        for k in range(3):  # earlier neighbours are already labelled
+        for k in range(neighbours.shape[1] // 2):  # earlier neighbours are already labelled
             j = neighbours[i, k]
             if j >= 0 and parent[j] >= 0 and (values[j] > 0) == (sign > 0):
                 rj = _find(parent, j)
@@ -160,7 +179,7 @@ def _tfce_positive(values, neighbours, E, H, dh, out, sign, write):
         v = order[k]
         uf[v] = v
         size = 1
-        for m in range(6):
+        for m in range(neighbours.shape[1]):
             u = neighbours[v, m]
             if u < 0 or uf[u] < 0:
                 continue

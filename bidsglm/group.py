@@ -33,10 +33,14 @@ from .groupinputs import (
     parse_run_rule,
     read_effect,
     read_participants,
+    read_variance,
+    variance_path,
 )
 from .groupmodels import (
     INTERCEPT,
+    SPHERICITY_CORRECTED_NOTE,
     SPHERICITY_NOTE,
+    check_mixed_design,
     anova_design,
     TooFewInputsError,
     check_enough_inputs,
@@ -47,7 +51,10 @@ from .groupmodels import (
     is_estimable,
 )
 from .firstlevel import ZERO_VARIANCE, check_statistic_maps
+from .clusterkernels import CONNECTIVITY_NAMES, TFCE_CONNECTIVITY_NAMES
 from .images import nifti_bytes, unmask
+from .mixedeffects import fit_mixed
+from .sphericity import NAMES as SPHERICITY_NAMES, corrected_f_tails, epsilon
 from .inference import (
     clusters_table,
     default_alpha,
@@ -79,6 +86,8 @@ _STAT_WORDS = {
     "F": "F statistic",
     "z": "z score (from the one-sided p-value)",
     "p": "One-sided (upper-tail) p-value",
+    "tau2": "Between-subject variance (tau^2) of the mixed-effects model",
+    "epsilon": "Nonsphericity correction factor epsilon (per voxel) of the repeated-measures F test",
 }
 
 
@@ -102,6 +111,7 @@ class Thresholding:
     alpha: float = 0.001
     cluster_extent: int = 0
     two_sided: bool = True
+    connectivity: int = 6  # neighbours joining clusters: 6 faces, 18 + edges, 26 + corners
 
 
 @dataclass
@@ -117,6 +127,8 @@ class GroupSettings:
     permutations: PermutationOptions | None = None
     fwe_alpha: float = 0.05
     default_contrasts: bool = True  # the mean (or group means); a Stats Model without DummyContrasts: none
+    estimator: str = "ols"  # or 'mixed': first-level variances and a per-voxel tau^2 (REML)
+    sphericity: str = "gg"  # repeated-measures F tests with several numerator dof: none, gg, hf
 
 
 @dataclass
@@ -162,6 +174,13 @@ def settings_from_args(args) -> GroupSettings:
     if args.group_model == "anova" and (args.covariates or args.group_by):
         raise UsageError("--covariates/--group-by do not apply to --group-model anova: its subject "
                          "columns absorb every between-subject effect")
+    estimator = getattr(args, "group_estimator", "ols")
+    if estimator == "mixed" and args.group_model == "anova":
+        raise UsageError("--group-estimator mixed applies to the one-sample model (with covariates and "
+                         "groups); the repeated-measures ANOVA is fitted by OLS")
+    connectivity = getattr(args, "connectivity", 6)
+    if permutations is not None:
+        permutations.connectivity = connectivity
     return GroupSettings(
         model=args.group_model,
         contrasts=parse_group_contrasts(args.group_contrast, args.group_f_contrast),
@@ -169,10 +188,12 @@ def settings_from_args(args) -> GroupSettings:
         group_by=args.group_by,
         conditions=args.conditions,
         allow_incomplete=args.allow_incomplete,
-        thresholding=Thresholding(height, alpha, args.cluster_extent, not args.one_sided),
+        thresholding=Thresholding(height, alpha, args.cluster_extent, not args.one_sided, connectivity),
         atlases=atlas_mod.check_atlas_names(args.atlases),
         permutations=permutations,
         fwe_alpha=args.fwe_alpha,
+        estimator=estimator,
+        sphericity=getattr(args, "sphericity_correction", "gg"),
     )
 
 
@@ -413,14 +434,16 @@ def _read_inputs(output_dir: Path, model: PlannedModel) -> tuple[np.ndarray, np.
 MAX_NONFINITE_SHARE = 0.5  # an input map non-finite in more of the group mask is broken, not edgy
 
 
-def _sidecar(model, con, weights, stat, dof, output_dir) -> dict:
+def _sidecar(model, con, weights, stat, dof, output_dir, extra=None) -> dict:
     columns = list(model.design.columns)
     rows = [dict((c, float(v)) for c, v in zip(columns, w) if v != 0) for w in weights]
+    extra = extra or {}
     side = {
         "Description": f"{_STAT_WORDS[stat]} of group contrast '{con.name}'",
         "Level": "group",
-        "Model": ("repeated-measures ANOVA (OLS)" if model.kind == "anova" else
-                  "one-sample t-test (OLS)" if INTERCEPT in model.design.columns else "group means (OLS)"),
+        "Model": extra.pop("Model", None) or (
+            "repeated-measures ANOVA (OLS)" if model.kind == "anova" else
+            "one-sample t-test (OLS)" if INTERCEPT in model.design.columns else "group means (OLS)"),
         "Contrast": {
             "Name": con.name,
             "Label": con.label,
@@ -442,6 +465,7 @@ def _sidecar(model, con, weights, stat, dof, output_dir) -> dict:
     }
     if model.kind == "anova":
         side["Assumptions"] = SPHERICITY_NOTE
+    side.update(extra)
     return {k: v for k, v in side.items() if v is not None}
 
 
@@ -456,48 +480,39 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     t0 = time.perf_counter()
     group_dir = group_dir or output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
-    fit = fit_ols(Y, model.design.to_numpy())
-    flat = ~(fit.dispersion > ZERO_VARIANCE * np.einsum("nv,nv->v", Y, Y) / Y.shape[0])
-    if flat.any():  # every input equal there (up to the model): a zero variance, never a result
-        if flat.all():
-            raise DataError(f"{_prefix(model)} {model.name}: the model fits the input maps exactly in every "
-                            "voxel (identical or constant maps?): no error variance to test against")
-        log.warning("%s %s: %d voxel(s) left out of the group mask: the model fits the inputs exactly there "
-                    "(zero variance)", _prefix(model), model.name, int(flat.sum()))
-        mask[mask] = ~flat
-        Y = Y[:, ~flat]
+    Y, mask = _without_flat_voxels(Y, mask, model)
+    mixed = settings.estimator == "mixed"
+    if mixed:
+        Y, variances, mask = _with_variances(output_dir, model, Y, mask)
+        fit = fit_mixed(Y, variances, model.design.to_numpy())
+        del variances
+    else:
         fit = fit_ols(Y, model.design.to_numpy())
+    subject_by_condition = _subject_by_condition(Y, model) if _corrects_sphericity(model, settings) else None
     # permutations before any file: an interrupted run leaves no file of this model
     designs = model.permutation_designs or [None] * len(model.contrasts)
     permuted = [None if design is None else
                 run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ")
                 for (con, _), design in zip(model.contrasts, designs)]
     del Y
-    results = [fit.contrast(weights, f_test=con.is_f) for con, weights in model.contrasts]
-    for (con, _), res in zip(model.contrasts, results):  # every map checked before any is written
-        try:
-            check_statistic_maps({"F": res.stat, "z": res.z, "p": res.p} if con.is_f else
-                                 {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z,
-                                  "p": res.p})
-        except DataError as exc:
-            raise DataError(f"{_prefix(model)} contrast '{con.name}': {exc.problem}") from exc
+    computed = [_contrast_values(model, con, weights, fit, settings, subject_by_condition, perm is not None)
+                for (con, weights), perm in zip(model.contrasts, permuted)]
     written = []
     design_table = model.design.reset_index()
     atomic_write_tsv(group_dir / f"{_design_name(model)}.tsv", design_table)
     mask_path = group_dir / f"{_design_name(model).removesuffix('_design')}_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
     mni = model.space.get("space", "").startswith("MNI")
-    for (con, weights), perm_result, res in zip(model.contrasts, permuted, results):
+    if mixed:
+        written.append(_write_tau2(group_dir, model, fit, mask, affine))
+    for (con, weights), perm_result, (values, stats_written, extra) in zip(model.contrasts, permuted, computed):
         stat = "F" if con.is_f else "t"
-        values = {"t": res.stat, "F": res.stat, "z": res.z, "p": res.p}
-        if not con.is_f:
-            values.update(effect=res.effect, variance=res.variance)
-        stats_written = ("F", "z", "p") if con.is_f else ("effect", "variance", "t", "z", "p")
         base = f"{_prefix(model)}_contrast-{con.label}"
         for s in stats_written:
             path = group_dir / f"{base}_stat-{s}_statmap.nii.gz"
             atomic_write_bytes(path, nifti_bytes(unmask(values[s], mask), affine))
-            atomic_write_json(sidecar_path(path), _sidecar(model, con, weights, s, fit.dof, output_dir))
+            atomic_write_json(sidecar_path(path), _sidecar(model, con, weights, s, fit.dof, output_dir,
+                                                           dict(extra)))
             written.append(path)
         z_volume = unmask(values["z"], mask).astype(np.float64)
         stat_volume = unmask(values[stat], mask).astype(np.float64)
@@ -514,6 +529,144 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     return written
 
 
+def _without_flat_voxels(Y: np.ndarray, mask: np.ndarray, model: PlannedModel):
+    """Voxels where the model fits every input exactly (identical or constant maps) have no
+    error variance: they leave the mask with a warning; if every voxel is so, the model is refused."""
+    dispersion = fit_ols(Y, model.design.to_numpy()).dispersion
+    flat = ~(dispersion > ZERO_VARIANCE * np.einsum("nv,nv->v", Y, Y) / Y.shape[0])
+    if not flat.any():
+        return Y, mask
+    if flat.all():
+        raise DataError(f"{_prefix(model)} {model.name}: the model fits the input maps exactly in every "
+                        "voxel (identical or constant maps?): no error variance to test against")
+    log.warning("%s %s: %d voxel(s) left out of the group mask: the model fits the inputs exactly there "
+                "(zero variance)", _prefix(model), model.name, int(flat.sum()))
+    mask = mask.copy()
+    mask[mask] = ~flat
+    return Y[:, ~flat], mask
+
+
+def _contrast_values(model, con, weights, fit, settings, subject_by_condition, permuted: bool):
+    """The maps of one contrast (checked finite before anything is written), the statistics
+    to write and the sidecar entries of the estimator or the sphericity correction."""
+    res = fit.contrast(weights, f_test=con.is_f)
+    values = {"t": res.stat, "F": res.stat, "z": res.z, "p": res.p}
+    if not con.is_f:
+        values.update(effect=res.effect, variance=res.variance)
+    stats_written = ("F", "z", "p") if con.is_f else ("effect", "variance", "t", "z", "p")
+    extra = _estimator_info(model, fit, permuted) if settings.estimator == "mixed" else {}
+    if subject_by_condition is not None and con.is_f and res.dim > 1:
+        values["epsilon"] = epsilon(subject_by_condition, settings.sphericity)
+        values["p"], values["z"] = corrected_f_tails(res.stat, res.dim, fit.dof, values["epsilon"])
+        stats_written += ("epsilon",)
+        extra = _sphericity_info(settings, res.dim, fit.dof)
+    try:  # every map checked before any is written
+        check_statistic_maps({name: values[name] for name in stats_written})
+    except DataError as exc:
+        raise DataError(f"{_prefix(model)} contrast '{con.name}': {exc.problem}") from exc
+    return values, stats_written, extra
+
+
+# --- mixed effects and sphericity ------------------------------------------------------------
+
+def _check_mixed_inputs(plan: PlannedModel) -> None:
+    """Before anything is written: a full-rank design and every subject's variance map."""
+    check_mixed_design(plan.design, f"task-{plan.task} contrast '{plan.name}', mixed-effects model")
+    for m in plan.inputs:
+        if m.runs_kept is None and not variance_path(m).is_file():
+            raise DataError("variance map of this subject-level effect is missing (the mixed-effects "
+                            "group model needs it); rerun the participant level", variance_path(m))
+
+
+def _with_variances(output_dir: Path, model: PlannedModel, Y: np.ndarray, mask: np.ndarray):
+    """Each input's first-level variance in the mask; voxels where one is not positive and
+    finite leave the mask (as voxels with non-finite effects do)."""
+    variances = np.stack([read_variance(output_dir, m, mask) for m in model.inputs])
+    valid = (np.isfinite(variances) & (variances > 0)).all(axis=0)
+    if not valid.all():
+        log.info("%s %s: %d voxel(s) without a positive first-level variance in every input left out",
+                 _prefix(model), model.name, int((~valid).sum()))
+        mask = mask.copy()
+        mask[mask] = valid
+        Y, variances = Y[:, valid], variances[:, valid]
+    if not mask.any():
+        raise DataError(f"{_prefix(model)} {model.name}: no voxel has a positive first-level variance in "
+                        "every input (needed by the mixed-effects model)")
+    return Y, variances, mask
+
+
+MIXED_DOF_NOTE = ("Wald statistic b / se(b) (PyMARE's z) referred to a t distribution with N - p degrees "
+                  "of freedom (N inputs, p design columns), as FSL's FLAME1 does; a normal reference would "
+                  "be liberal with few subjects")
+
+
+def _estimator_info(model: PlannedModel, fit, permuted: bool) -> dict:
+    kind = ("one-sample mixed-effects model" if INTERCEPT in model.design.columns
+            else "group means, mixed-effects model")
+    info = {
+        "Model": f"{kind} ({fit.method}: first-level variances + between-subject variance tau^2 per voxel)",
+        "Estimator": {
+            "Name": "mixed",
+            "Method": fit.method,
+            "WithinSubjectVariance": "each subject's first-level variance map (stat-variance)",
+            "BetweenSubjectVariance": "tau^2 estimated per voxel, one value pooled over all subjects "
+                                      "and groups (no per-group variance), stat-tau2 map",
+            "DegreesOfFreedomNote": MIXED_DOF_NOTE,
+            "VoxelsNotConverged": int((~fit.converged).sum()),
+        },
+    }
+    if permuted:
+        info["PermutationNote"] = ("permutation inference (desc-*FWE maps) permutes the OLS t statistic, not "
+                                   "the mixed-effects statistic")
+    return info
+
+
+def _write_tau2(group_dir: Path, model: PlannedModel, fit, mask, affine) -> Path:
+    path = group_dir / f"{_prefix(model)}_contrast-{model.name}_stat-tau2_statmap.nii.gz"
+    atomic_write_bytes(path, nifti_bytes(unmask(fit.tau2, mask), affine))
+    atomic_write_json(sidecar_path(path), {
+        "Description": _STAT_WORDS["tau2"] + f", {fit.method} estimate, >= 0",
+        "Level": "group",
+        "SubjectContrast": model.inputs[0].name,
+        "Estimator": fit.method,
+        "Participants": sorted({f"sub-{m.subject}" for m in model.inputs}),
+        "DesignMatrix": f"{_design_name(model)}.tsv",
+        "VoxelsNotConverged": int((~fit.converged).sum()),
+    })
+    return path
+
+
+def _corrects_sphericity(model: PlannedModel, settings: GroupSettings) -> bool:
+    return (model.kind == "anova" and settings.sphericity != "none"
+            and any(con.is_f and np.linalg.matrix_rank(w) > 1 for con, w in model.contrasts))
+
+
+def _subject_by_condition(Y: np.ndarray, model: PlannedModel) -> np.ndarray:
+    """(S, K, V) the repeated-measures inputs arranged by subject and condition."""
+    subjects = sorted({m.subject for m in model.inputs})
+    conditions = sorted({m.label for m in model.inputs})
+    data = np.empty((len(subjects), len(conditions), Y.shape[1]))
+    for row, m in enumerate(model.inputs):
+        data[subjects.index(m.subject), conditions.index(m.label)] = Y[row]
+    return data
+
+
+def _sphericity_info(settings: GroupSettings, k: int, dof: float) -> dict:
+    method = SPHERICITY_NAMES[settings.sphericity]
+    return {
+        "Model": f"repeated-measures ANOVA (OLS), {method}-corrected F",
+        "Assumptions": SPHERICITY_CORRECTED_NOTE.format(method=method),
+        "SphericityCorrection": {
+            "Method": method,
+            "Epsilon": "per voxel, in the stat-epsilon map",
+            "CorrectedDegreesOfFreedom": f"epsilon x [{k}, {dof:g}] per voxel (p and z maps use them)",
+            "Note": "epsilon of the condition factor (all differences between conditions); for an F test "
+                    "of fewer rows than conditions - 1 it is applied to that test's pooled error as an "
+                    "approximation",
+        },
+    }
+
+
 def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z_in_mask, stat, is_f,
                          settings, mni) -> tuple[int, float]:
     """``z_in_mask`` is the full-precision z (the height threshold is computed from it);
@@ -521,7 +674,7 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
     th = settings.thresholding
     two_sided = th.two_sided and not is_f  # an F test has one tail
     threshold = height_threshold(z_in_mask, th.height_control, th.alpha, two_sided)
-    kept = threshold_map(z_volume, mask, threshold, th.cluster_extent, two_sided)
+    kept = threshold_map(z_volume, mask, threshold, th.cluster_extent, two_sided, th.connectivity)
     info = {
         "Description": "z map thresholded at the height threshold and cluster extent below; 0 elsewhere",
         "HeightControl": th.height_control,
@@ -530,12 +683,12 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
         "Threshold": threshold if np.isfinite(threshold) else None,
         "ThresholdStatistic": "z",
         "ClusterExtent": th.cluster_extent,
-        "ClusterConnectivity": "faces (6-neighbour, NN1)",
+        "ClusterConnectivity": CONNECTIVITY_NAMES[th.connectivity],
         "VoxelsInMask": int(mask.sum()),
     }
     path = group_dir / f"{base}_stat-z_desc-thresholded_statmap.nii.gz"
     atomic_write_bytes(path, nifti_bytes(kept.astype(np.float32), affine))
-    clusters = find_clusters(kept, affine)
+    clusters = find_clusters(kept, affine, connectivity=th.connectivity)
     label_fn = atlas_mod.labeller(settings.atlases) if (settings.atlases and mni) else None
     table = clusters_table(clusters, affine, stat_volume, stat, label_fn)
     info["NumberOfClusters"] = len(clusters)
@@ -593,15 +746,18 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
         "TwoSided": result.two_sided,
         "ClusterFormingP": options.cluster_forming_p,
         "ClusterFormingThreshold": result.cluster_threshold,
-        "ClusterConnectivity": "faces (6-neighbour, NN1)",
+        "ClusterConnectivity": CONNECTIVITY_NAMES[options.connectivity],
         "FWEAlpha": settings.fwe_alpha,
         "Participants": sorted({f"sub-{m.subject}" for m in model.inputs}),
+        "PermutedStatistic": ("OLS " + stat + " (the group estimator is mixed; its statistic is not permuted)"
+                              if settings.estimator == "mixed" else "OLS " + stat),
     }
     p_maps = {"voxel": result.p_voxel, "clustersize": result.p_cluster_size,
               "clustermass": result.p_cluster_mass}
     if result.p_tfce is not None:
         p_maps["tfce"] = result.p_tfce
-        tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1, "Connectivity": "faces (6-neighbour)"}}
+        tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1,
+                              "Connectivity": TFCE_CONNECTIVITY_NAMES[options.connectivity]}}
         path = group_dir / f"{base}_stat-tfce_statmap.nii.gz"
         atomic_write_bytes(path, nifti_bytes(unmask(result.tfce, mask), affine))
         atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
@@ -625,7 +781,8 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
                            f"{settings.fwe_alpha}; 0 elsewhere", "VoxelsSignificant": int(significant.sum()),
             **common})
         p_volume = unmask(p, mask)
-        clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine)
+        clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine,
+                                 connectivity=options.connectivity)
         table = clusters_table(clusters, affine, stat_volume, stat, label_fn)
         table.insert(5, "p_fwe", [float(p_volume[tuple(ijk)]) for c in clusters for ijk in c.peaks])
         table_path = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
@@ -687,6 +844,9 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     if settings.permutations is not None:
         _plan_permutations(plans)
     check_grids(inputs_dir, [m for plan in plans for m in plan.inputs])
+    if settings.estimator == "mixed":
+        for plan in plans:
+            _check_mixed_inputs(plan)
     if not plans:
         raise DataError("no group model has enough subjects to be fitted", inputs_dir)
     check_planned_folders([group_dir])

@@ -349,6 +349,27 @@ def check_rectangular(path: Path) -> None:
                             where=f"line {number}")
 
 
+def variance_path(m: SubjectMap) -> Path:
+    """The first-level variance map written beside a subject effect map."""
+    return m.effect.with_name(m.effect.name.replace("_stat-effect_", "_stat-variance_"))
+
+
+def read_variance(output_dir: Path, m: SubjectMap, mask: np.ndarray) -> np.ndarray:
+    """(V,) variance of the subject effect in ``mask`` (the mixed-effects model's v_i): the
+    subject's variance map, or the fixed-effects variance over the runs kept."""
+    if m.runs_kept is None:
+        path = variance_path(m)
+        if not path.is_file():
+            raise DataError("variance map of this subject-level effect is missing (the mixed-effects "
+                            "group model needs it); rerun the participant level", path)
+        return read_volume(path)[0][mask].astype(np.float64)
+    space = m.space_entities()
+    variances = np.array([read_volume(statmap_path(output_dir, {**r.entities, **space}, r.contrasts[m.name],
+                                                   "variance"))[0][mask] for r in m.runs_kept])
+    # the variance of the fixed-effects combination does not depend on the effects
+    return fixed_effects(np.zeros_like(variances), variances, [r.dof for r in m.runs_kept]).variance
+
+
 def read_participants(output_dir: Path) -> tuple[pd.DataFrame, Path]:
     """participants.tsv as copied by the participant level, indexed by label without 'sub-'."""
     path = output_dir / "participants.tsv"

@@ -29,6 +29,13 @@ SPHERICITY_NOTE = (
     "No Greenhouse-Geisser or Huynh-Feldt correction is applied, so F tests with more than one "
     "numerator degree of freedom can be liberal when sphericity is violated."
 )
+SPHERICITY_CORRECTED_NOTE = (
+    "Repeated-measures model (one column per condition, one per subject) with a single pooled "
+    "error term, which assumes sphericity (equal variance of every difference between conditions). "
+    "F tests with more than one numerator degree of freedom are corrected for its failure: both "
+    "degrees of freedom are multiplied by the {method} epsilon of the condition factor, estimated "
+    "per voxel (stat-epsilon map). t tests and one-row F tests are not corrected."
+)
 
 
 # --- designs ------------------------------------------------------------------
@@ -217,3 +224,12 @@ def check_enough_inputs(design: pd.DataFrame, what: str, source=None) -> None:
         raise TooFewInputsError(
             f"{what}: {design.shape[0]} input map(s) for a model of rank {rank}; "
             f"at least {rank + 1} are needed to estimate the error", source)
+
+
+def check_mixed_design(design: pd.DataFrame, what: str, source=None) -> None:
+    """The mixed-effects fit needs a full-rank design (GLS has no pseudo-inverse shortcut)."""
+    rank = design_rank(design.to_numpy())
+    if rank < design.shape[1]:
+        raise ModelError(f"{what}: the design's {design.shape[1]} columns ({', '.join(design.columns)}) "
+                         f"have rank {rank}; the mixed-effects model needs them linearly independent "
+                         "(drop a redundant covariate)", source)

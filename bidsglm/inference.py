@@ -3,8 +3,8 @@
 Conventions follow nilearn's ``threshold_stats_img`` and ``get_clusters_table``
 (and are tested against them): voxels survive where |z| exceeds the height
 threshold (z > threshold one-sided), clusters are face-connected (6-neighbour,
-AFNI's NN1), positive and negative clusters are formed separately, and a
-two-sided test splits alpha between the tails.
+AFNI's NN1) unless 18 or 26 connectivity is asked for, positive and negative
+clusters are formed separately, and a two-sided test splits alpha between the tails.
 """
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ from .errors import UsageError
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni")
 FACES = ndimage.generate_binary_structure(3, 1)  # 6-connectivity
+
+
+def structure(connectivity: int = 6) -> np.ndarray:
+    """scipy.ndimage structuring element: 6 faces, 18 faces and edges, 26 also corners."""
+    if connectivity not in (6, 18, 26):
+        raise UsageError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    return ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
 
 
 def default_alpha(height_control: str) -> float:
@@ -51,7 +58,7 @@ def height_threshold(z: np.ndarray, height_control: str, alpha: float, two_sided
 
 
 def threshold_map(z_volume: np.ndarray, mask: np.ndarray, threshold: float, cluster_extent: int = 0,
-                  two_sided: bool = True) -> np.ndarray:
+                  two_sided: bool = True, connectivity: int = 6) -> np.ndarray:
     """z values where they pass the height threshold and lie in a cluster of at
     least ``cluster_extent`` voxels; 0 elsewhere."""
     z = np.where(mask, z_volume, 0.0)
@@ -59,7 +66,7 @@ def threshold_map(z_volume: np.ndarray, mask: np.ndarray, threshold: float, clus
     for sign in (1, -1) if two_sided else (1,):
         above = sign * z >= threshold
         if cluster_extent > 1:
-            labels, n = ndimage.label(above, FACES)
+            labels, n = ndimage.label(above, structure(connectivity))
             sizes = np.bincount(labels.ravel(), minlength=n + 1)
             keep = sizes >= cluster_extent
             keep[0] = False
@@ -93,15 +100,15 @@ def _local_maxima(values: np.ndarray, in_cluster: np.ndarray) -> np.ndarray:
 
 
 def find_clusters(thresholded: np.ndarray, affine: np.ndarray, min_distance: float = 8.0,
-                  max_subpeaks: int = 3) -> list[Cluster]:
-    """Clusters of the non-zero voxels, largest peak first.
+                  max_subpeaks: int = 3, connectivity: int = 6) -> list[Cluster]:
+    """Clusters of the non-zero voxels (``connectivity`` 6, 18 or 26), largest peak first.
 
     Sub-peaks are local maxima at least ``min_distance`` mm from every stronger
     peak kept, at most ``max_subpeaks`` per cluster (nilearn's defaults)."""
     clusters = []
     for sign in (1, -1):
         signed = sign * thresholded
-        labels, n = ndimage.label(signed > 0, FACES)
+        labels, n = ndimage.label(signed > 0, structure(connectivity))
         if n == 0:
             continue
         slices = ndimage.find_objects(labels)

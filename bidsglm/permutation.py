@@ -238,6 +238,7 @@ class PermutationOptions:
     cluster_forming_p: float = 0.001
     tfce: bool = False
     clusters: bool = True  # cluster size and mass (off: voxel-level only)
+    connectivity: int = 6  # neighbours that join clusters and TFCE extents: 6, 18 or 26
     batch_bytes: int = BATCH_BYTES
 
 
@@ -299,7 +300,7 @@ def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
 
 def _run_permutations(Y, design, mask, options, label) -> PermutationResult:
     two_sided = options.two_sided and not design.f_test
-    neighbours = ck.neighbour_table(mask)
+    neighbours = ck.neighbour_table(mask, options.connectivity)
     E, ss64, stat = residuals_and_observed(Y, design)
     threshold = cluster_forming_threshold(options.cluster_forming_p, design, two_sided)
     observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce)
