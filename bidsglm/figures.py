@@ -170,8 +170,11 @@ def resample(data: np.ndarray, affine: np.ndarray, shape: tuple, to_affine: np.n
     m = np.linalg.solve(affine, to_affine)  # display voxel -> map voxel
     lin, off = m[:3, :3], m[:3, 3]
     if np.allclose(lin - np.diag(np.diag(lin)), 0):  # axis-aligned: one index vector per axis
-        idx = [np.round(np.arange(n) * lin[a, a] + off[a]).astype(int) for a, n in enumerate(shape)]
-        ok = [(i >= 0) & (i < data.shape[a]) for a, i in enumerate(idx)]
+        coords = [np.arange(n) * lin[a, a] + off[a] for a, n in enumerate(shape)]
+        idx = [np.round(c).astype(int) for c in coords]
+        # inside the map's field of view between its first and last voxel centres, as scipy
+        # (and so nilearn) resamples
+        ok = [(c > -1e-6) & (c < data.shape[a] - 1 + 1e-6) for a, c in enumerate(coords)]
         out = np.zeros(shape, data.dtype)
         sub = data[np.ix_(*[np.clip(i, 0, data.shape[a] - 1) for a, i in enumerate(idx)])]
         keep = ok[0][:, None, None] & ok[1][None, :, None] & ok[2][None, None, :]
@@ -285,7 +288,8 @@ def brain_figure(data: np.ndarray, affine: np.ndarray, grid: Grid, *, vmax: floa
 
 def column_width(n_columns: int, room: int = 1100) -> int:
     """Pixels per design column: wide enough for a label, narrow enough to fit ``room``."""
-    return int(max(6, min(22, room // max(n_columns, 1))))
+    n = max(n_columns, 1)
+    return int(max(6, min(max(22, 120 // n), room // n)))  # a design of one or two columns still shows
 
 
 def design_image(design: pd.DataFrame, width: int, row_height: float = 1.0, diverging: bool = False) -> str:
@@ -304,6 +308,7 @@ def design_image(design: pd.DataFrame, width: int, row_height: float = 1.0, dive
     rows = np.round(np.arange(max(1, round(values.shape[0] * row_height))) / row_height).astype(int)
     rgb = np.repeat(rgb[np.clip(rows, 0, values.shape[0] - 1)], width, axis=1)
     rgb[:, ::width] = np.minimum(rgb[:, ::width], 200)  # faint column separators
+    rgb = np.pad(rgb, ((1, 1), (1, 1), (0, 0)), constant_values=120)  # a frame: white cells stay visible
     return png_uri(rgb)
 
 

@@ -302,11 +302,12 @@ def design_block(design: pd.DataFrame, alt: str, diverging: bool = False, row_px
     width = column_width(n)
     row_px = row_px or float(np.clip(360 / max(len(design), 1), 0.5, 4))
     labels = "".join(f'<span title="{_esc(c)}">{_esc(c)}</span>' for c in design.columns) if width >= 11 else ""
-    head = (f'<div class="dmcols" style="grid-template-columns:repeat({n},{width}px);width:{n * width}px">'
+    head = (f'<div class="dmcols" style="grid-template-columns:repeat({n},{width}px);width:{n * width}px;'
+            f'margin-left:1px">'
             f"{labels}</div>") if labels else \
         f'<p class="cap">columns, left to right: {_esc(", ".join(map(str, design.columns)))}</p>'
     uri = design_image(design, width, row_px, diverging)
-    return f'<div class="dm">{head}<img src="{uri}" alt="{_esc(alt)}" style="width:{n * width}px"></div>'
+    return f'<div class="dm">{head}<img src="{uri}" alt="{_esc(alt)}" style="width:{n * width + 2}px"></div>'
 
 
 def heat_table(values: pd.DataFrame, scale: float, square: bool = True) -> str:
@@ -641,7 +642,7 @@ def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
         if design_path.is_file():
             design = pd.read_csv(design_path, sep="\t", index_col=0)
             body.append(design_block(design, f"group design {design_name}", diverging=True,
-                                     row_px=float(np.clip(300 / max(len(design), 1), 3, 16)))
+                                     row_px=float(np.clip(300 / max(len(design), 1), 3, 40)))
                         + '<p class="cap">Rows: participants, in the order of the values table; each column '
                           "scaled to its largest absolute value (blue negative, white 0, red positive).</p>")
             body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index(), 10**6)}"
