@@ -21,7 +21,7 @@ import base64
 import functools
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ DIVERGING_STOPS = ((-1.0, (33, 102, 172)), (0.0, (247, 247, 247)), (1.0, (178, 2
 # --- PNG and colours ------------------------------------------------------------
 
 def png_uri(rgb: np.ndarray) -> str:
-    """An (H, W, 3) uint8 image as a PNG data URI (zlib level 6, no filters)."""
+    """An (H, W, 3) uint8 image as a PNG data URI (zlib level 3: fast; no filters)."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     h, w = rgb.shape[:2]
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
@@ -51,7 +51,7 @@ def png_uri(rgb: np.ndarray) -> str:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+           + chunk(b"IDAT", zlib.compress(raw, 3)) + chunk(b"IEND", b""))
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -109,6 +109,7 @@ class Grid:
     anatomy: np.ndarray
     brain: np.ndarray
     scale: int  # display pixels per voxel
+    silhouettes: list = field(default_factory=list)  # projections of the brain, made on first use
 
 
 MNI_TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"  # in nilearn/datasets/data
@@ -185,26 +186,66 @@ def resample(data: np.ndarray, affine: np.ndarray, shape: tuple, to_affine: np.n
     return affine_transform(data, lin, off, output_shape=shape, order=0, mode="constant", cval=0.0)
 
 
-def peak_voxel(data: np.ndarray) -> tuple | None:
-    """Display-grid index of the largest |value| (None for an empty map)."""
-    if not np.any(data):
-        return None
-    return np.unravel_index(int(np.argmax(np.abs(data))), data.shape)
+def _signed_max(volume: np.ndarray, axis: int) -> np.ndarray:
+    """Along an axis, the value of largest |value|, with its sign."""
+    hi, lo = volume.max(axis=axis), volume.min(axis=axis)
+    return np.where(-lo > hi, lo, hi)
 
 
-def _views(volume: np.ndarray, at: tuple | None, project: bool):
-    """Sagittal, coronal and axial images (rows top to bottom, columns left to right):
-    slices through ``at`` or, with ``project``, the signed value of largest |value|."""
-    def signed_max(axis):
-        hi, lo = volume.max(axis=axis), volume.min(axis=axis)
-        return np.where(-lo > hi, lo, hi)
-
-    if project:
-        sag, cor, axi = signed_max(0), signed_max(1), signed_max(2)
-    else:
-        sag, cor, axi = volume[at[0]], volume[:, at[1]], volume[:, :, at[2]]
-    # sagittal (y, z): anterior right, superior up; coronal (x, z), axial (x, y): left on the left
+def _orient(sag: np.ndarray, cor: np.ndarray, axi: np.ndarray) -> list[np.ndarray]:
+    """Display-grid planes as images (rows top to bottom): sagittal (y, z) anterior right,
+    superior up; coronal (x, z) and axial (x, y) with left on the left."""
     return [sag.T[::-1], cor.T[::-1], axi.T[::-1]]
+
+
+def _axis_indices(affine: np.ndarray, shape: tuple, grid: Grid):
+    """For a map on a grid parallel to the display grid: per display axis, the map index of
+    each display voxel (nearest) and whether it lies in the map's field of view; else None."""
+    m = np.linalg.solve(affine, grid.affine)
+    lin, off = m[:3, :3], m[:3, 3]
+    if not np.allclose(lin - np.diag(np.diag(lin)), 0):
+        return None
+    coords = [np.arange(n) * lin[a, a] + off[a] for a, n in enumerate(grid.shape)]
+    idx = [np.clip(np.round(c).astype(int), 0, shape[a] - 1) for a, c in enumerate(coords)]
+    ok = [(c > -1e-6) & (c < shape[a] - 1 + 1e-6) for a, c in enumerate(coords)]
+    return idx, ok
+
+
+def _map_views(data: np.ndarray, affine: np.ndarray, grid: Grid, glass_threshold: float):
+    """Projections of the values at or above the threshold and slices through the peak, on
+    the display grid; with the peak's display index (None for an empty map). Maps on grids
+    parallel to the display grid are projected on their own grid and only the 2D views are
+    resampled; others are resampled whole (nearest neighbour)."""
+    plan = _axis_indices(affine, data.shape, grid)
+    if plan is None:
+        vol = resample(data, affine, grid.shape, grid.affine)
+        peak = None if not vol.any() else np.unravel_index(int(np.argmax(np.abs(vol))), vol.shape)
+        at = peak if peak is not None else tuple(n // 2 for n in grid.shape)
+        shown = np.where(np.abs(vol) >= glass_threshold, vol, 0)
+        return (_orient(*(_signed_max(shown, a) for a in range(3))),
+                _orient(vol[at[0]], vol[:, at[1]], vol[:, :, at[2]]), peak)
+    idx, ok = plan
+
+    def to_display(img: np.ndarray, a: int, b: int) -> np.ndarray:
+        return np.where(ok[a][:, None] & ok[b][None, :], img[np.ix_(idx[a], idx[b])], 0)
+
+    shown = np.where(np.abs(data) >= glass_threshold, data, 0)
+    projections = _orient(to_display(_signed_max(shown, 0), 1, 2), to_display(_signed_max(shown, 1), 0, 2),
+                          to_display(_signed_max(shown, 2), 0, 1))
+    peak = None
+    if data.any():
+        ijk = np.unravel_index(int(np.argmax(np.abs(data))), data.shape)
+        disp = np.linalg.solve(grid.affine, affine @ [*ijk, 1])[:3]
+        peak = tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(disp, grid.shape))
+    at = peak if peak is not None else tuple(n // 2 for n in grid.shape)
+
+    def plane(axis: int) -> np.ndarray:
+        others = [a for a in range(3) if a != axis]
+        if not ok[axis][at[axis]]:
+            return np.zeros([grid.shape[a] for a in others], data.dtype)
+        return to_display(np.take(data, idx[axis][at[axis]], axis=axis), *others)
+
+    return projections, _orient(plane(0), plane(1), plane(2)), peak
 
 
 def _enlarge(img: np.ndarray, k: int) -> np.ndarray:
@@ -246,9 +287,9 @@ def brain_figure(data: np.ndarray, affine: np.ndarray, grid: Grid, *, vmax: floa
     fading from transparent at 0 to opaque at |value| >= 2 so the anatomy stays visible
     under weak effects. One-sided maps (``symmetric=False``) use the positive half
     of the scale, 0 to vmax."""
-    vol = resample(np.nan_to_num(data.astype(np.float32, copy=False)), affine, grid.shape, grid.affine)
+    data = np.nan_to_num(data.astype(np.float32, copy=False))
     if not symmetric:
-        vol = np.clip(vol, 0, None)
+        data = np.clip(data, 0, None)
     lut = STAT_LUT if symmetric else STAT_LUT[len(STAT_LUT) // 2:]
     cmin = -vmax if symmetric else 0.0
 
@@ -257,18 +298,17 @@ def brain_figure(data: np.ndarray, affine: np.ndarray, grid: Grid, *, vmax: floa
         rgb = lut[np.round(idx).astype(int)].astype(np.float32)
         return (base * (1 - alpha[..., None]) + rgb * alpha[..., None]).round().astype(np.uint8)
 
-    peak = peak_voxel(vol)
+    projected, planes, peak = _map_views(data, affine, grid, glass_threshold)
     at = peak if peak is not None else tuple(n // 2 for n in grid.shape)
+    if not grid.silhouettes:
+        grid.silhouettes.extend(p != 0 for p in _orient(*(grid.brain.any(axis=a) for a in range(3))))
     glass, slices = [], []
-    shown = np.abs(vol) >= glass_threshold
-    projected = _views(np.where(shown, vol, 0), None, project=True)
-    silhouettes = _views(grid.brain.astype(np.int8), None, project=True)
-    for values, sil in zip(projected, silhouettes):
-        sil = sil > 0
+    for values, sil in zip(projected, grid.silhouettes):
         base = np.where(sil[..., None], 236, 255).astype(np.float32) * np.ones(3, np.float32)
         base[_outline(sil)] = 150
         glass.append(_enlarge(paint(values, base, (values != 0).astype(np.float32)), grid.scale))
-    for values, grey in zip(_views(vol, at, project=False), _views(grid.anatomy, at, project=False)):
+    anatomy = _orient(grid.anatomy[at[0]], grid.anatomy[:, at[1]], grid.anatomy[:, :, at[2]])
+    for values, grey in zip(planes, anatomy):
         base = np.where(np.isnan(grey), 255.0, 25 + 210 * np.nan_to_num(grey))[..., None] * np.ones(3, np.float32)
         if slice_threshold is None:
             alpha = np.clip(np.abs(values) / 2.0, 0, 1)
@@ -280,8 +320,7 @@ def brain_figure(data: np.ndarray, affine: np.ndarray, grid: Grid, *, vmax: floa
     image = np.concatenate([top, np.full((PANEL_GAP, top.shape[1], 3), 255, np.uint8), bottom])
     peak_mm = None if peak is None else tuple(float(v) for v in (grid.affine @ [*peak, 1])[:3])
     # voxels of the map itself (the display grid repeats each map voxel)
-    source = np.nan_to_num(data) if symmetric else np.clip(np.nan_to_num(data), 0, None)
-    return BrainFigure(png_uri(image), peak_mm, int(np.count_nonzero(np.abs(source) >= glass_threshold)))
+    return BrainFigure(png_uri(image), peak_mm, int(np.count_nonzero(np.abs(data) >= glass_threshold)))
 
 
 # --- design figures -------------------------------------------------------------------
