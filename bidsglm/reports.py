@@ -447,7 +447,8 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
     figures = [_brain_block(data, affine, _run_grid(output_dir, rec, path), title=title, vmax=vmax,
                             glass=GLASS_THRESHOLD, slice_threshold=None)
                for (title, path, rec), (data, affine) in zip(maps, loaded)]
-    parts.append(f'<div class="maps">{"".join(figures)}</div>')
+    if figures:
+        parts.append(f'<div class="maps">{"".join(figures)}</div>')
     return "".join(parts + notes)
 
 
