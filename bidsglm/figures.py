@@ -340,8 +340,8 @@ def design_image(design: pd.DataFrame, width: int, row_height: float = 1.0, dive
     scaled = values / np.where(peak > 0, peak, 1.0)
     if diverging:
         rgb = colour(scaled, 1.0, DIVERGING_LUT)
-    else:  # white at the lowest value (0, or -1 where a column has negative values), black at 1
-        low = min(float(scaled.min()), 0.0)
+    else:  # per column: white at its lowest value (0, or -1 where it has negative values), black at 1
+        low = np.minimum(scaled.min(axis=0), 0.0)
         grey = (255 * (1 - (scaled - low) / (1 - low))).round().astype(np.uint8)
         rgb = np.repeat(grey[..., None], 3, axis=2)
     rows = np.round(np.arange(max(1, round(values.shape[0] * row_height))) / row_height).astype(int)

@@ -62,7 +62,7 @@ max-height:170px;font-size:11px;line-height:1.25;padding-bottom:3px;justify-self
 table.heat{font-size:11px}table.heat td{text-align:center;min-width:26px;padding:2px 3px}
 table.heat th.v{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;font-weight:500;
 vertical-align:bottom;background:none;border:none;padding:2px 4px}
-table.heat th.r{font-weight:500;white-space:nowrap;background:none}
+table.heat th.r{font-weight:500;white-space:nowrap;background:none}table.heat tr:first-child th{background:none;border:none}
 """
 
 
@@ -281,7 +281,7 @@ def _run_section(rec: RunRecord) -> str:
         return parts[0] + '<p class="warn">design matrix file missing</p>'
     parts.append("<h4>Design matrix</h4>" + design_block(rec.design, f"design matrix {rec.label}")
                  + '<p class="cap">Rows: volumes, first at the top; each column scaled to its largest '
-                   "absolute value (white lowest, black highest).</p>")
+                   "absolute value; white is 0 (or -1 in columns with negative values), black 1.</p>")
     parts.append("<h4>Correlation between regressors</h4>" + heat_table(design_correlation(rec.design), 1.0))
     parts.append(_vif_section(rec.design, r.get("Confounds", [])))
     if rec.weights:
