@@ -39,10 +39,22 @@ DEMO_CONTRASTS = {"difference": "incongruent_correct - congruent_correct", "cong
 RUN = textwrap.dedent("""
     import json, resource, sys, time
     t0, c0 = time.perf_counter(), time.process_time()
-    from bidsglm.cli import main
-    args = sys.argv[1:]
-    assert main(args) == 0
+    import bidsglm.cli
+    spent = {"wall": 0.0, "cpu": 0.0}
+    real = bidsglm.cli.write_reports
+
+    def timed(*args, **kwargs):  # the report step alone, inside the same run
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent["wall"] += time.perf_counter() - w
+            spent["cpu"] += time.process_time() - c
+
+    bidsglm.cli.write_reports = timed
+    assert bidsglm.cli.main(sys.argv[1:]) == 0
     print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                      "report_wall": spent["wall"], "report_cpu": spent["cpu"],
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -65,12 +77,18 @@ def measure(name: str, root: Path, work: Path, contrasts: dict) -> None:
         results[label] = run([root, out, "participant", *common, *extra])
     results["reports only"] = run([root, work / f"{name}-out-with-reports", "participant", "-q", "--reports-only"])
     print(f"\n{name}: {root}")
-    print(f"{'':18s} {'wall s':>8s} {'cpu s':>8s} {'peak MB':>8s}")
+    print(f"{'':18s} {'wall s':>8s} {'cpu s':>8s} {'report wall s':>14s} {'report cpu s':>13s} {'peak MB':>8s}")
     for label, r in results.items():
-        print(f"{label:18s} {r['wall']:8.1f} {r['cpu']:8.1f} {r['maxrss_mb']:8.0f}")
+        print(f"{label:18s} {r['wall']:8.1f} {r['cpu']:8.1f} {r['report_wall']:14.2f} {r['report_cpu']:13.2f} "
+              f"{r['maxrss_mb']:8.0f}")
     base, full = results["without reports"], results["with reports"]
+    # two measures: the difference between the runs (noisy on a busy machine) and the report
+    # step timed inside the run with reports, against the rest of that run
     print(f"reports add {100 * (full['wall'] / base['wall'] - 1):+.0f}% wall, "
-          f"{100 * (full['cpu'] / base['cpu'] - 1):+.0f}% cpu to the participant level (target: at most +25%)")
+          f"{100 * (full['cpu'] / base['cpu'] - 1):+.0f}% cpu (run against run); "
+          f"the report step is {100 * full['report_wall'] / (full['wall'] - full['report_wall']):.0f}% wall, "
+          f"{100 * full['report_cpu'] / (full['cpu'] - full['report_cpu']):.0f}% cpu of the rest of its run "
+          "(target: at most 25%)")
 
 
 def main() -> None:

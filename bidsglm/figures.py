@@ -110,6 +110,7 @@ class Grid:
     brain: np.ndarray
     scale: int  # display pixels per voxel
     silhouettes: list = field(default_factory=list)  # projections of the brain, made on first use
+    background: str = "the MNI152 template"  # what the slices are drawn over, in words
 
 
 MNI_TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"  # in nilearn/datasets/data
@@ -162,7 +163,8 @@ def native_grid(affine: np.ndarray, shape: tuple, anatomy: np.ndarray | None, br
     values = anatomy if anatomy is not None else brain.astype(np.float32)
     grey = _grey(resample(values.astype(np.float32), affine, disp_shape, disp_affine), disp_brain)
     scale = max(1, int(round(220 / max(disp_shape))))
-    return Grid(disp_shape, disp_affine, grey, disp_brain, scale)
+    return Grid(disp_shape, disp_affine, grey, disp_brain, scale,
+                background="the run's mean BOLD image" if anatomy is not None else "the brain mask")
 
 
 def resample(data: np.ndarray, affine: np.ndarray, shape: tuple, to_affine: np.ndarray) -> np.ndarray:

@@ -36,8 +36,10 @@ BIDSIGNORE = """\
 *_statmap.json
 *_design.tsv
 *_design.json
-# HTML reports (sub-<label>.html) and run logs
+# HTML reports (sub-<label>.html), the mean BOLD image of BOLD-space runs that they draw
+# maps over (a 3D _boldref in BOLD space is not in the schema), and run logs
 *.html
+*_boldref.nii.gz
 logs
 # Group level and BIDS Stats Model nodes: files without a subject (group/, node-<Name>/).
 # Folders are named without a trailing slash: the validator ignores "group" but not "group/".

@@ -372,8 +372,8 @@ def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax
              "slices through the peak at x = {:.0f}, y = {:.0f}, z = {:.0f} mm".format(*fig.peak_mm))
     shown = ("every value, transparent at 0 and opaque from |z| = 2" if slice_threshold is None
              else f"{value} &ge; {slice_threshold:.3g}" if slice_threshold > 1e-3 else "every non-zero value")
-    caption = (f"Top: glass brain, {value} &ge; {glass:.3g} ({fig.n_shown} voxels). Bottom: {where}; "
-               f"{shown}. Left is left.")
+    caption = (f"Top: glass brain, {value} &ge; {glass:.3g} ({fig.n_shown} voxels). Bottom: {where}, "
+               f"over {_esc(grid.background)}; {shown}. Left is left.")
     return (f'<figure data-glass-threshold="{glass!r}" data-voxels-shown="{fig.n_shown}" data-vmax="{vmax!r}">'
             f'<figcaption>{_esc(title)}</figcaption><img src="{fig.uri}" alt="{_esc(title)}">'
             f'<div class="cap">{caption}</div></figure>')
@@ -393,7 +393,7 @@ def _run_grid(output_dir: Path, rec: RunRecord, map_path: Path):
     if _is_mni(map_path.name):
         return mni_grid()
     mask = output_dir / rec.record.get("Mask", "")
-    for suffix in ("_desc-mean_bold.nii.gz", "_boldref.nii.gz"):
+    for suffix in ("_desc-mean_boldref.nii.gz", "_boldref.nii.gz"):
         anatomy = output_dir / f"{rec.map_prefix}{suffix}"
         if anatomy.is_file():
             return _native_grid(str(mask), str(anatomy))

@@ -16,6 +16,7 @@ import pytest
 
 from bidsglm.cli import main
 from bidsglm.reports import variance_inflation
+from conftest import shared_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -150,6 +151,8 @@ def test_participant_reports_written_and_complete(reported):
     # the demo's error trials are absent from some runs: the report names the dropped run and why
     pages = "".join((out / f"sub-{s}.html").read_text() for s in ("01", "02"))
     assert "absent from this run" in pages
+    # MNI maps are drawn over the template: no mean image is written for MNI runs
+    assert "over the MNI152 template" in pages and not list(out.rglob("*_boldref.nii.gz"))
 
 
 def test_group_report_written_and_complete(reported):
@@ -371,3 +374,26 @@ def test_projecting_on_the_map_grid_equals_projecting_the_resampled_map(monkeypa
     # the peak: the display voxel nearest the peak voxel's centre, or the first of the display
     # voxels that repeat it
     assert all(abs(int(f) - int(s)) <= 1 for f, s in zip(fast[2], slow[2]))
+
+
+def test_native_space_maps_are_drawn_over_the_run_mean(tmp_path, with_reports):
+    """A BOLD-space run (the real studyforrest run) gets its mean image, the mean of the smoothed
+    BOLD inside the mask as nilearn computes it, and its report draws the maps over it."""
+    import nibabel as nib
+    from nilearn.image import smooth_img
+
+    root = shared_path("real", "studyforrest-localizer")
+    out = tmp_path / "out"
+    assert main([str(root), str(out), "participant", "--space", "native", "--skip-bids-validation", "-q",
+                 "--contrast", "faceMinusHouse=face - house"]) == 0
+    mean = next(out.rglob("*_run-1_desc-mean_boldref.nii.gz"))
+    bold = next(root.rglob("*_desc-preproc_bold.nii.gz"))
+    mask_path = next(out.rglob("*_run-1_desc-brain_mask.nii.gz"))
+    mask = np.asanyarray(nib.load(str(mask_path)).dataobj) > 0
+    expected = smooth_img(str(bold), 6.0).get_fdata(dtype=np.float64).mean(axis=3)
+    ours = np.asanyarray(nib.load(str(mean)).dataobj, dtype=np.float64)
+    np.testing.assert_allclose(ours[mask], expected[mask], rtol=1e-5)
+    assert (ours[~mask] == 0).all()
+    page = (out / "sub-02.html").read_text()
+    assert page.count("over the run&#x27;s mean BOLD image") == 2  # the run and the subject map
+    assert "MNI152" not in page.split("Contrast faceMinusHouse")[1]
