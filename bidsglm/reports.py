@@ -372,7 +372,8 @@ def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax
              "slices through the peak at x = {:.0f}, y = {:.0f}, z = {:.0f} mm".format(*fig.peak_mm))
     shown = ("every value, transparent at 0 and opaque from |z| = 2" if slice_threshold is None
              else f"{value} &ge; {slice_threshold:.3g}" if slice_threshold > 1e-3 else "every non-zero value")
-    caption = (f"Top: glass brain, {value} &ge; {glass:.3g} ({fig.n_shown} voxels). Bottom: {where}, "
+    drawn = f"{value} &ge; {glass:.3g}" if glass > 1e-3 else "every non-zero value"
+    caption = (f"Top: glass brain, {drawn} ({fig.n_shown} voxels). Bottom: {where}, "
                f"over {_esc(grid.background)}; {shown}. Left is left.")
     return (f'<figure data-glass-threshold="{glass!r}" data-voxels-shown="{fig.n_shown}" data-vmax="{vmax!r}">'
             f'<figcaption>{_esc(title)}</figcaption><img src="{fig.uri}" alt="{_esc(title)}">'
