@@ -62,7 +62,8 @@ max-height:170px;font-size:11px;line-height:1.25;padding-bottom:3px;justify-self
 table.heat{font-size:11px}table.heat td{text-align:center;min-width:26px;padding:2px 3px}
 table.heat th.v{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;font-weight:500;
 vertical-align:bottom;background:none;border:none;padding:2px 4px}
-table.heat th.r{font-weight:500;white-space:nowrap;background:none}table.heat tr:first-child th{background:none;border:none}
+table.heat th.r{font-weight:500;white-space:nowrap;background:none}
+table.heat tr:first-child th{background:none;border:none}
 """
 
 
@@ -74,10 +75,6 @@ def _esc(value) -> str:
 
 def _anchor(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_-]+", "-", text).strip("-")
-
-
-def _img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{_esc(alt)}">'
 
 
 def _kv_table(rows: dict) -> str:
