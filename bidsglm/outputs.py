@@ -178,10 +178,12 @@ def copy_participants_table(bids_dir: Path, output_dir: Path) -> None:
 def source_link(root: Path, output_dir: Path) -> str:
     """Where a source dataset is, as it travels with OUTPUT_DIR: a relative path where the two
     sit side by side (the source under OUTPUT_DIR's parent: ``../raw``,
-    ``../raw/derivatives/fmriprep``), else its DOI (``doi:...``) from its own
+    ``../raw/derivatives/fmriprep``; not when that parent is the filesystem root, as for a
+    container's /data and /out), else its DOI (``doi:...``) from its own
     dataset_description.json, else (no DOI recorded) its absolute ``file:`` URI."""
     root, output_dir = Path(root).absolute(), Path(output_dir).absolute()
-    if root.parent == output_dir.parent or output_dir.parent in root.parents:
+    parent = output_dir.parent
+    if parent != Path(parent.anchor) and (root.parent == parent or parent in root.parents):
         return Path(os.path.relpath(root, output_dir)).as_posix()
     doi = _source_description(root).get("DatasetDOI")
     if isinstance(doi, str) and doi.strip():
@@ -190,10 +192,13 @@ def source_link(root: Path, output_dir: Path) -> str:
 
 
 def source_dataset(root: Path, output_dir: Path) -> dict:
-    """A SourceDatasets entry: the link above, and the DOI and version the source records."""
+    """A SourceDatasets entry: the source's name and DOI as its own description records them,
+    and the link above unless it is that DOI."""
     entry = {}
     link = source_link(root, output_dir)
     desc = _source_description(root)
+    if isinstance(desc.get("Name"), str) and desc["Name"].strip():
+        entry["Name"] = desc["Name"]
     doi = desc.get("DatasetDOI")
     if isinstance(doi, str) and doi.strip():
         entry["DOI"] = doi if doi.startswith("doi:") else "doi:" + doi.removeprefix("https://doi.org/")

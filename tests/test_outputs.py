@@ -82,8 +82,18 @@ def test_distant_sources_are_named_by_their_doi(tmp_path):
     ensure_dataset(out, {"raw": raw, "fmriprep": prep})
     desc = _description(out)
     assert desc["DatasetLinks"]["raw"] == "doi:10.18112/openneuro.ds000102.v1.0.1"
-    assert desc["SourceDatasets"][0] == {"DOI": "doi:10.18112/openneuro.ds000102.v1.0.1"}
+    assert desc["SourceDatasets"][0] == {"Name": "Flanker task", "DOI": "doi:10.18112/openneuro.ds000102.v1.0.1"}
     assert desc["DatasetLinks"]["fmriprep"] == prep.absolute().as_uri()
+
+
+def test_container_mounts_are_not_linked_relatively():
+    """/data and /out inside a container share only the filesystem root: '../data' would mean
+    nothing on the host, so such a source is not linked relatively."""
+    from bidsglm.outputs import source_link
+
+    assert source_link(Path("/data"), Path("/out")) == "file:///data"
+    assert source_link(Path("/data/derivatives/fmriprep"), Path("/out")) == "file:///data/derivatives/fmriprep"
+    assert source_link(Path("/work/raw"), Path("/work/out")) == "../raw"
 
 
 def test_masks_are_gzipped_without_a_time_stamp(demo_results):
