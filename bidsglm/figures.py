@@ -111,6 +111,7 @@ class Grid:
     scale: int  # display pixels per voxel
     silhouettes: list = field(default_factory=list)  # projections of the brain, made on first use
     background: str = "the MNI152 template"  # what the slices are drawn over, in words
+    key: str = "mni152-2mm"  # identifies the grid and anatomy (reused figures must match it)
 
 
 MNI_TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"  # in nilearn/datasets/data

@@ -17,6 +17,7 @@ can be regenerated at any time from the written maps and their sidecars
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import json
 import logging
@@ -357,11 +358,41 @@ def _colour_bar(vmax: float, symmetric: bool, label: str) -> str:
             f"<span>{vmax:.2g}</span></div>")
 
 
+# Figures of the report being rewritten, by key: a rerun reuses the figure of a map whose file
+# (size, modification time) and drawing settings are unchanged instead of drawing it again.
+_REUSABLE: dict[str, str] = {}
+_FIGURE = re.compile(r'<figure data-key="([0-9a-f]{40})".*?</figure>', re.S)
+DRAWING_VERSION = "1"  # changes whenever figures.py draws differently
+
+
+def _reusable_figures(report: Path) -> dict[str, str]:
+    try:
+        return {m.group(1): m.group(0) for m in _FIGURE.finditer(report.read_text(encoding="utf-8"))}
+    except (OSError, UnicodeDecodeError):
+        return {}
+
+
+def _file_id(path: Path | str | None) -> str:
+    if not path:
+        return ""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"{path}:absent"
+    return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"  # the name: OUTPUT_DIR may have moved
+
+
 def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax: float, glass: float,
-                 slice_threshold: float | None, symmetric: bool = True, stat: str = "z") -> str:
-    """One brain figure with its title and a caption that says exactly what is drawn."""
+                 slice_threshold: float | None, symmetric: bool = True, stat: str = "z",
+                 source: Path | None = None) -> str:
+    """One brain figure with its title and a caption that says exactly what is drawn; reused
+    from the previous report when ``source`` (the map file) and every setting are unchanged."""
     from .figures import brain_figure
 
+    key = hashlib.sha1(repr((DRAWING_VERSION, _file_id(source), grid.key, title, vmax, glass, slice_threshold,
+                             symmetric, stat)).encode()).hexdigest()
+    if source is not None and key in _REUSABLE:
+        return _REUSABLE[key]
     fig = brain_figure(data, affine, grid, vmax=vmax, glass_threshold=glass, slice_threshold=slice_threshold,
                        symmetric=symmetric)
     value = f"|{stat}|" if symmetric else stat
@@ -372,8 +403,8 @@ def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax
     drawn = f"{value} &ge; {glass:.3g}" if glass > 1e-3 else "every non-zero value"
     caption = (f"Top: glass brain, {drawn} ({fig.n_shown} voxels). Bottom: {where}, "
                f"over {_esc(grid.background)}; {shown}. Left is left.")
-    return (f'<figure data-glass-threshold="{glass!r}" data-voxels-shown="{fig.n_shown}" data-vmax="{vmax!r}">'
-            f'<figcaption>{_esc(title)}</figcaption><img src="{fig.uri}" alt="{_esc(title)}">'
+    return (f'<figure data-key="{key}" data-glass-threshold="{glass!r}" data-voxels-shown="{fig.n_shown}" '
+            f'data-vmax="{vmax!r}"><figcaption>{_esc(title)}</figcaption><img src="{fig.uri}" alt="{_esc(title)}">'
             f'<div class="cap">{caption}</div></figure>')
 
 
@@ -404,7 +435,9 @@ def _native_grid(mask: str, anatomy: str):
 
     brain, affine = read_map(Path(mask))
     values = read_map(Path(anatomy))[0] if anatomy else None
-    return native_grid(affine, brain.shape, values, brain > 0)
+    grid = native_grid(affine, brain.shape, values, brain > 0)
+    grid.key = f"{_file_id(mask)}|{_file_id(anatomy)}"
+    return grid
 
 
 def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRecord]) -> str:
@@ -443,7 +476,7 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
     if maps:
         parts.append(_colour_bar(vmax, True, "z, one scale for the subject and all runs:"))
     figures = [_brain_block(data, affine, _run_grid(output_dir, rec, path), title=title, vmax=vmax,
-                            glass=GLASS_THRESHOLD, slice_threshold=None)
+                            glass=GLASS_THRESHOLD, slice_threshold=None, source=path)
                for (title, path, rec), (data, affine) in zip(maps, loaded)]
     if figures:
         parts.append(f'<div class="maps">{"".join(figures)}</div>')
@@ -455,6 +488,15 @@ def participant_report(output_dir: Path, subject: str) -> Path:
     runs = _run_records(output_dir, subject)
     if not runs:
         raise DataError(f"no participant-level results for sub-{subject} (no *_design.json)", output_dir)
+    _REUSABLE.clear()
+    _REUSABLE.update(_reusable_figures(output_dir / f"sub-{subject}.html"))
+    try:
+        return _write_participant_report(output_dir, subject, runs)
+    finally:
+        _REUSABLE.clear()
+
+
+def _write_participant_report(output_dir: Path, subject: str, runs: list[RunRecord]) -> Path:
     body, index = [], []
     groups: dict[str, list[RunRecord]] = {}
     for rec in runs:  # one section per task (and session and space)
@@ -569,13 +611,13 @@ def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
         vmax = max(_shared_vmax([data]), -np.log10(alpha))
         figures = [_brain_block(data, affine, grid, title=f"{kind}: -log10 FWE p", vmax=vmax,
                                 glass=float(-np.log10(alpha)), slice_threshold=1e-6, symmetric=False,
-                                stat="-log10 p")]
+                                stat="-log10 p", source=logp)]
         scale = _colour_bar(vmax, False, "-log10 FWE p:")
         if masked.is_file():
             mdata, maffine = read_map(masked)
             mvmax = _shared_vmax([mdata])
             figures.append(_brain_block(mdata, maffine, grid, title=f"{kind}: {stat} where FWE p < {alpha:g}",
-                                        vmax=mvmax, glass=1e-6, slice_threshold=1e-6, stat=stat))
+                                        vmax=mvmax, glass=1e-6, slice_threshold=1e-6, stat=stat, source=masked))
             scale += _colour_bar(mvmax, True, f"{stat} (right-hand map):")
         parts.append(scale + f'<div class="maps">{"".join(figures)}</div>')
         if clusters.is_file():
@@ -605,17 +647,17 @@ def _group_contrast_section(group_dir: Path, z: Path) -> str:
     applied = thr_side.get("Threshold")
     glass = float(applied) if isinstance(applied, (int, float)) else GLASS_THRESHOLD
     data, affine = read_map(z)
-    maps = [(data, affine, "unthresholded z", None)]
+    maps = [(data, affine, "unthresholded z", None, z)]
     if thr_path.is_file():
         tdata, taffine = read_map(thr_path)
         extent = thr_side.get("ClusterExtent")
         maps.append((tdata, taffine, "thresholded z" + (f" (clusters of at least {extent} voxels)" if extent else ""),
-                     glass))
+                     glass, thr_path))
     vmax = _shared_vmax(m[0] for m in maps)
     parts.append(_colour_bar(vmax, True, "z, one scale for both maps:"))
     parts.append('<div class="maps">' + "".join(
-        _brain_block(d, a, grid, title=title, vmax=vmax, glass=glass, slice_threshold=thr)
-        for d, a, title, thr in maps) + "</div>")
+        _brain_block(d, a, grid, title=title, vmax=vmax, glass=glass, slice_threshold=thr, source=src)
+        for d, a, title, thr, src in maps) + "</div>")
     clusters = group_dir / f"{base}_clusters.tsv"
     if clusters.is_file():
         parts.append("<h4>Clusters</h4>" + _df_table(pd.read_csv(clusters, sep="\t")))
@@ -631,6 +673,15 @@ def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
     models = _group_contrasts(group_dir)
     if not models:
         raise DataError("no group-level maps to report (run the group level first)", group_dir)
+    _REUSABLE.clear()
+    _REUSABLE.update(_reusable_figures(group_dir / "report.html"))
+    try:
+        return _write_group_report(group_dir, models)
+    finally:
+        _REUSABLE.clear()
+
+
+def _write_group_report(group_dir: Path, models: dict[str, list[Path]]) -> Path:
     body = ['<h2 id="participants">Participants</h2>', _participants_section(group_dir, models)]
     index = [("participants", "Participants", 0)]
     for design_name, maps in models.items():

@@ -211,8 +211,8 @@ def test_no_reports_option(demo_copy, tmp_path, with_reports):
 
 # --- what the figures show ---------------------------------------------------------
 
-FIGURE = re.compile(r'<figure data-glass-threshold="([^"]+)" data-voxels-shown="(\d+)" data-vmax="([^"]+)">'
-                    r"<figcaption>([^<]*)</figcaption>")
+FIGURE = re.compile(r'<figure data-key="[0-9a-f]+" data-glass-threshold="([^"]+)" data-voxels-shown="(\d+)" '
+                    r'data-vmax="([^"]+)"><figcaption>([^<]*)</figcaption>')
 
 
 def _figures(page: str, start: str, end: str | None = None) -> list[tuple[float, int, float, str]]:
@@ -397,3 +397,29 @@ def test_native_space_maps_are_drawn_over_the_run_mean(tmp_path, with_reports):
     page = (out / "sub-02.html").read_text()
     assert page.count("over the run&#x27;s mean BOLD image") == 2  # the run and the subject map
     assert "MNI152" not in page.split("Contrast faceMinusHouse")[1]
+
+
+def test_rerun_draws_only_the_figures_of_changed_maps(reported, tmp_path, monkeypatch, with_reports):
+    import os
+
+    import bidsglm.figures as figures
+
+    root, out = reported
+    work = tmp_path / "moved" / "out"  # reuse survives moving OUTPUT_DIR (file times are kept)
+    shutil.copytree(out, work)
+    drawn = []
+    real = figures.brain_figure
+    monkeypatch.setattr(figures, "brain_figure", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    before = _figures((work / "sub-01.html").read_text(), "<body>")
+    assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
+    assert drawn == []
+    assert _figures((work / "sub-01.html").read_text(), "<body>") == before
+    # a map written again (new modification time): its figure alone is drawn again
+    z = next((work / "sub-01").rglob("*_run-1_*contrast-?ncongruentMinusCongruent_stat-z_statmap.nii.gz"))
+    os.utime(z, ns=(z.stat().st_atime_ns, z.stat().st_mtime_ns + 10**9))
+    assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
+    assert len(drawn) == 1
+    assert _figures((work / "sub-01.html").read_text(), "<body>") == before
+    # the group report likewise
+    assert main([str(root), str(work), "group", "--reports-only", "-q"]) == 0
+    assert len(drawn) == 1
