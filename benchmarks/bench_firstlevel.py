@@ -7,7 +7,9 @@ process (6 mm smoothing, cosine drift, AR(1), 3 contrasts) and prints wall
 time, CPU time and peak memory (max RSS) with their ratios. Checks that the
 z maps agree.
 
-    python benchmarks/bench_firstlevel.py [--volumes 300] [--voxel-size 2] [--keep DIR] [--profile]
+    python benchmarks/bench_firstlevel.py [--volumes 300] [--voxel-size 2] [--keep DIR] [--profile] [--with-reports]
+
+With --with-reports bidsglm also writes its HTML report (the whole command as a user runs it).
 
 With --keep, earlier outputs in DIR are deleted first (bidsglm would reuse them).
 
@@ -100,8 +102,10 @@ BIDSGLM = textwrap.dedent("""
     import json, resource, sys, time
     t0, c0 = time.perf_counter(), time.process_time()
     from bidsglm.cli import main
-    root, out, profile = sys.argv[1], sys.argv[2], len(sys.argv) > 3
-    args = [root, out, "participant", "--skip-bids-validation", "-q", "--no-reports"]  # nilearn draws none
+    root, out, profile = sys.argv[1], sys.argv[2], "--profile" in sys.argv
+    # nilearn draws no report; --with-reports times the whole command as a user runs it
+    args = [root, out, "participant", "--skip-bids-validation", "-q"] + ([] if "--with-reports" in sys.argv else
+                                                                          ["--no-reports"])
     for name, expr in %(contrasts)r.items():
         args += ["--contrast", f"{name}={expr}"]
     if profile:  # where the time goes: bidsglm's own functions by cumulative time
@@ -118,9 +122,10 @@ BIDSGLM = textwrap.dedent("""
 """) % {"contrasts": CONTRASTS}
 
 
-def run_tool(code: str, root: Path, out: Path, profile: bool = False) -> dict:
+def run_tool(code: str, root: Path, out: Path, profile: bool = False, reports: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", code, str(root), str(out)] + (["--profile"] if profile else [])
+    cmd = ([sys.executable, "-c", code, str(root), str(out)] + (["--profile"] if profile else [])
+           + (["--with-reports"] if reports else []))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
@@ -134,6 +139,8 @@ def main() -> None:
     p.add_argument("--volumes", type=int, default=300)
     p.add_argument("--voxel-size", type=int, default=2)
     p.add_argument("--keep", type=Path, help="folder for the data and outputs (default: temporary)")
+    p.add_argument("--with-reports", action="store_true",
+                   help="bidsglm also writes its HTML report (nilearn's side is unchanged: fit and maps)")
     p.add_argument("--profile", action="store_true",
                    help="also run bidsglm once more under cProfile and print where its time goes "
                         "(the inflating thread is not profiled; its time overlaps smoothing)")
@@ -151,7 +158,7 @@ def main() -> None:
     for old in (work / "nilearn", work / "bidsglm"):
         shutil.rmtree(old, ignore_errors=True)
     ref = run_tool(NILEARN, root, work / "nilearn")
-    ours = run_tool(BIDSGLM, root, work / "bidsglm")
+    ours = run_tool(BIDSGLM, root, work / "bidsglm", reports=args.with_reports)
     print(f"{'':10s} {'wall s':>8s} {'cpu s':>8s} {'peak MB':>8s}")
     for name, r in (("nilearn", ref), ("bidsglm", ours)):
         print(f"{name:10s} {r['wall']:8.1f} {r['cpu']:8.1f} {r['maxrss_mb']:8.0f}")

@@ -23,9 +23,19 @@ from .logs import configure_logging
 log = logging.getLogger("bidsglm")
 
 
+SHORT_USAGE = "usage: bidsglm BIDS_DIR OUTPUT_DIR {participant,group} [options]  (see bidsglm LEVEL --help)\n"
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # usage errors exit 64, not argparse's 2
-        self.print_usage(sys.stderr)
+    argv: list[str] = []  # the command line being parsed (for a clearer message on errors)
+
+    def error(self, message):  # usage errors exit 64, not argparse's 2; one short usage line
+        if message.startswith("the following arguments are required") and \
+                any(a in ("participant", "group") for a in self.argv):
+            message = ("BIDS_DIR OUTPUT_DIR and the level come first: an option that takes several "
+                       "values (such as -t, --participant-label) takes every word after it, e.g. "
+                       "bidsglm data out participant -t flanker")
+        sys.stderr.write(SHORT_USAGE)
         sys.stderr.write(f"bidsglm: error: {message}\n")
         sys.exit(EX_USAGE)
 
@@ -67,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bidsglm",
         description="Task-fMRI GLM analysis of an fMRIPrep-preprocessed BIDS dataset (a BIDS App).",
         epilog="Exit codes: 0 success, 64 usage error, 65 bad data or model, 70 internal error, "
-               "73 cannot create output, 130 interrupted (143 on SIGTERM).",
+               "73 cannot create output, 130 interrupted (143 on SIGTERM). "
+               "'bidsglm BIDS_DIR OUTPUT_DIR participant --help' (or group --help) lists that level's options only.",
     )
     p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset (read only)")
     p.add_argument("output_dir", type=Path, help="where the derivatives dataset is written (outside BIDS_DIR)")
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"bidsglm {__version__}")
 
     sel = p.add_argument_group("selecting data")
+    sel.level = "common"  # shown and accepted at both levels
     sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
                      help="participants to analyse (with or without 'sub-'); default all")
     sel.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
@@ -90,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "participant level; at the group level the one space in OUTPUT_DIR)")
 
     bsm = p.add_argument_group("BIDS Stats Model")
+    bsm.level = "common"  # shown and accepted at both levels
     bsm.add_argument("--model", type=Path, metavar="MODEL_JSON",
                      help="a BIDS Stats Model: the participant level runs its Run, Session and Subject nodes, "
                           "the group level its Dataset nodes (outputs under OUTPUT_DIR/node-<Name>/); the model "
                           "options below are then not used except --smoothing-fwhm and --noise-model, nor the "
                           "group model options except thresholds, permutations and atlases")
-    mod = p.add_argument_group("model (when no BIDS Stats Model is given)")
+    mod = p.add_argument_group("participant level: model (when no BIDS Stats Model is given)")
+    mod.level = "participant"  # only participant --help shows it; group refuses it
     mod.add_argument("--contrast", action="append", metavar="NAME=EXPRESSION",
                      help="t contrast over condition names, e.g. 'IncongruentMinusCongruent=incongruent - "
                           "congruent' (repeatable; names that are not identifiers in `backquotes`); "
@@ -128,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     grp = p.add_argument_group(
         "group level",
         "Second-level models of the subject-level maps in OUTPUT_DIR (written to OUTPUT_DIR/group).")
+    grp.level = "group"  # only group --help shows it; participant refuses it
     grp.add_argument("--group-model", "--group_model", default="onesample", choices=["onesample", "anova"],
                      help="onesample: a one-sample t-test (with optional covariates/groups) per subject "
                           "contrast; anova: repeated-measures ANOVA of condition maps, one column per "
@@ -197,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "family-wise error control by the maximum statistic: voxel-level, cluster size and mass, TFCE. "
         "One-sample designs flip signs; designs with nuisance columns use Freedman-Lane (the "
         "repeated-measures model permutes conditions within subjects). t and F contrasts.")
+    perm.level = "group"  # only group --help shows it; participant refuses it
     perm.add_argument("--permutations", "--n-perm", type=int, default=0, metavar="N",
                       help="number of random permutations or sign flips (all of them when there are "
                            "no more than N+1); 0 turns permutation inference off (default: 0)")
@@ -214,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = p.add_argument_group(
         "reports", "self-contained HTML reports: OUTPUT_DIR/sub-<label>.html (participant level) and "
                    "OUTPUT_DIR/group/report.html (group level), built from OUTPUT_DIR alone")
+    rep.level = "common"  # shown and accepted at both levels
     rep.add_argument("--reports-only", "--reports_only", action="store_true",
                      help="only (re)write the reports of this level from existing outputs; nothing is refitted")
     rep.add_argument("--no-reports", "--no_reports", action="store_true", help="write no reports")
 
     run = p.add_argument_group("running")
+    run.level = "common"  # shown and accepted at both levels
     run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
                      help="runs fitted in parallel; threads for permutations (default: %(default)s)")
     run.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
@@ -292,6 +310,8 @@ def run(args) -> int:
     from .outputs import output_session
 
     _check_args(args)
+    if args.analysis_level == "participant" and not args.reports_only and not args.bids_dir.is_dir():
+        raise UsageError(f"BIDS_DIR {args.bids_dir} does not exist or is not a directory")
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
     derivatives = [d.absolute() for d in args.derivatives or ()]
@@ -432,17 +452,72 @@ def _os_error(exc: OSError, output_dir: Path) -> tuple[str, int]:
         EX_SOFTWARE
 
 
+LEVELS = ("participant", "group")
+
+
+def option_levels(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every option string and the level it belongs to ('common' for both)."""
+    return {flag: getattr(group, "level", "common") for group in parser._action_groups
+            for action in group._group_actions for flag in action.option_strings}
+
+
+def _keep_level(parser: argparse.ArgumentParser, level: str) -> None:
+    """Hide the other level's option groups (for LEVEL --help)."""
+    for group in list(parser._action_groups):
+        if getattr(group, "level", "common") not in ("common", level):
+            for action in group._group_actions:
+                action.help = argparse.SUPPRESS
+            parser._action_groups.remove(group)
+    parser.usage = f"bidsglm BIDS_DIR OUTPUT_DIR {level} [options]"
+    parser.description += f" Options of the {level} level (and those common to both levels)."
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The long options written on the command line, resolved as argparse does (unique prefixes)."""
+    known = [f for f in option_levels(parser) if f.startswith("--")]
+    given = []
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        matches = [name] if name in known else [f for f in known if f.startswith(name)]
+        if matches:
+            given.append(matches[0])
+    return given
+
+
+def check_level_options(parser: argparse.ArgumentParser, argv: list[str], level: str) -> None:
+    """Refuse an option of the other level: it would be silently ignored."""
+    levels = option_levels(parser)
+    wrong = [f for f in _given_options(parser, argv) if levels[f] not in ("common", level)]
+    if wrong:
+        other = levels[wrong[0]]
+        names = ", ".join(dict.fromkeys(wrong))
+        raise UsageError(f"{names} {'is a' if len(set(wrong)) == 1 else 'are'} {other}-level option"
+                         f"{'' if len(set(wrong)) == 1 else 's'}, not used by the {level} level "
+                         f"(see bidsglm BIDS_DIR OUTPUT_DIR {level} --help)")
+
 
 def main(argv=None) -> int:
     import signal
 
     from .errors import EX_INTERRUPTED
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    parser.argv = argv
+    if any(a in ("-h", "--help") for a in argv):  # per-level help: LEVEL --help
+        level = next((a for a in argv if a in LEVELS), None)
+        if level:
+            _keep_level(parser, level)
+    args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     received: list = []
     previous = _install_signal_handlers(received)
     try:
+        check_level_options(parser, argv, args.analysis_level)
         return run(args)
     except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
         if received or _interrupted(exc):

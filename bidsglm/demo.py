@@ -226,11 +226,19 @@ def make_demo(root: Path, n_subjects: int = 4, voxel_size: float = 4.0, amplitud
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bidsglm-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("output", type=Path, help="folder to create the demo BIDS dataset in")
+    p = argparse.ArgumentParser(
+        prog="bidsglm-demo", description=__doc__.split("\n\n")[0],
+        epilog="The dataset holds raw BIDS files (events, sidecars) and fMRIPrep-style derivatives under "
+               "derivatives/fmriprep (MNI152NLin2009cAsym BOLD, brain masks, confounds), two flanker runs per "
+               "participant with real event timing. Then: bidsglm OUTPUT OUT_DIR participant. An existing "
+               "demo in OUTPUT is reused; any other non-empty OUTPUT is refused (exit 64).")
+    p.add_argument("output", type=Path, help="folder to create the demo BIDS dataset in (new or empty)")
     p.add_argument("--subjects", type=int, default=4, help="number of participants (default 4)")
-    p.add_argument("--voxel-size", type=int, default=4.0, help="voxel size in mm (default 4)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--voxel-size", type=int, default=4.0,
+                   help="voxel size of the simulated MNI grid in mm; smaller is slower and larger on disk "
+                        "(default 4)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the simulated noise: the same seed gives the same dataset (default 42)")
     args = p.parse_args(argv)
     desc = args.output / "dataset_description.json"
     if desc.is_file() and "bidsglm demo" in desc.read_text():

@@ -305,6 +305,12 @@ def discover_runs(
 
     raw_files = [f for f in _index(bids_dir) if "derivatives" not in f.path.relative_to(bids_dir).parts]
     deriv_files = [f for root in derivatives for f in _index(root)]
+    if wanted_tasks:  # a mistyped task: say which tasks exist, as for participant labels
+        all_tasks = sorted({f.get("task") for f in raw_files + deriv_files if f.get("task")})
+        unknown = [t for t in wanted_tasks if t not in all_tasks]
+        if unknown:
+            raise DataError(f"task(s) not found: {', '.join(unknown)} (dataset has {len(all_tasks)}: "
+                            f"{', '.join(all_tasks) or 'none'})", bids_dir)
 
     def selected(f: BidsFile) -> bool:
         return (

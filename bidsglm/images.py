@@ -240,5 +240,8 @@ def nifti_bytes(volume: np.ndarray, affine: np.ndarray, compress: bool = True) -
     img.header.set_sform(affine, code=1)
     data = img.to_bytes()
     if compress:
-        data = _gzip.compress(data, compresslevel=2) if _gzip.__name__.startswith("isal") else _gzip.compress(data, 6)
+        # gzip header time 0: the bytes depend on the data only (the validator warns,
+        # GZIP_HEADER_MTIME, about a time stamp in the header)
+        data = (_gzip.compress(data, compresslevel=2, mtime=0) if _gzip.__name__.startswith("isal")
+                else _gzip.compress(data, 6, mtime=0))
     return data

@@ -40,21 +40,26 @@ OUTPUT_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo
 STATS_T = ("effect", "variance", "t", "z", "p")
 STATS_F = ("F", "z", "p")
 
-# BIDS 1.10 defines no contrast/stat entities or statmap suffix yet
+# BIDS 1.10 defines no contrast/stat entities or statmap suffix yet. Only what the schema cannot
+# describe is hidden from the validator, so it checks the rest: dataset_description.json, README.md,
+# and the brain masks (sub-*/func/*_desc-brain_mask.nii.gz) with their sidecars.
 BIDSIGNORE = """\
-# Written by bidsglm: statistical maps, design matrices and reports use names
-# (contrast-, stat-, _statmap, _design) that the BIDS schema does not define yet.
-# Folders are named without a trailing slash: the validator ignores "group" but not "group/".
+# Written by bidsglm: what the BIDS schema cannot describe yet. Everything else
+# (dataset_description.json, README.md, the brain masks sub-*/func/*_mask.nii.gz
+# and their sidecars) is left to the validator.
+# Statistical maps and design matrices: contrast-, stat- entities, _statmap and _design suffixes.
 *_statmap.nii.gz
 *_statmap.json
 *_design.tsv
 *_design.json
-*_mask.nii.gz
-*_mask.json
+# HTML reports (sub-<label>.html), the mean BOLD image of BOLD-space runs that they draw
+# maps over (a 3D _boldref in BOLD space is not in the schema), and run logs
 *.html
-group
-reports
+*_boldref.nii.gz
 logs
+# Group level and BIDS Stats Model nodes: files without a subject (group/, node-<Name>/).
+# Folders are named without a trailing slash: the validator ignores "group" but not "group/".
+group
 node-*
 # a copy of the raw dataset's table for the group level's covariates; it lists every
 # participant, also those not (yet) analysed here
@@ -280,6 +285,46 @@ def check_owner(output_dir: Path) -> dict | None:
     return existing
 
 
+def source_link(root: Path, output_dir: Path) -> str:
+    """Where a source dataset is, as it travels with OUTPUT_DIR: a relative path where the two
+    sit side by side (the source under OUTPUT_DIR's parent: ``../raw``,
+    ``../raw/derivatives/fmriprep``; not when that parent is the filesystem root, as for a
+    container's /data and /out), else its DOI (``doi:...``) from its own
+    dataset_description.json, else (no DOI recorded) its absolute ``file:`` URI."""
+    root, output_dir = Path(root).absolute(), Path(output_dir).absolute()
+    parent = output_dir.parent
+    if parent != Path(parent.anchor) and (root.parent == parent or parent in root.parents):
+        return Path(os.path.relpath(root, output_dir)).as_posix()
+    doi = _source_description(root).get("DatasetDOI")
+    if isinstance(doi, str) and doi.strip():
+        return doi if doi.startswith("doi:") else "doi:" + doi.removeprefix("https://doi.org/")
+    return root.as_uri()
+
+
+def source_dataset(root: Path, output_dir: Path) -> dict:
+    """A SourceDatasets entry: the source's name and DOI as its own description records them,
+    and the link above unless it is that DOI."""
+    entry = {}
+    link = source_link(root, output_dir)
+    desc = _source_description(root)
+    if isinstance(desc.get("Name"), str) and desc["Name"].strip():
+        entry["Name"] = desc["Name"]
+    doi = desc.get("DatasetDOI")
+    if isinstance(doi, str) and doi.strip():
+        entry["DOI"] = doi if doi.startswith("doi:") else "doi:" + doi.removeprefix("https://doi.org/")
+    if not link.startswith("doi:"):
+        entry["URL"] = link
+    return entry
+
+
+def _source_description(root: Path) -> dict:
+    try:
+        desc = json.loads((Path(root) / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return desc if isinstance(desc, dict) else {}
+
+
 def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
     """Create (or check) OUTPUT_DIR's dataset_description.json and .bidsignore.
 
@@ -297,8 +342,8 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
                 "Description": "Run-level GLMs with AR(1) prewhitening and subject-level fixed effects",
             }
         ],
-        "SourceDatasets": [{"URL": root.as_uri()} for root in links.values()],
-        "DatasetLinks": {name: root.as_uri() for name, root in links.items()},
+        "SourceDatasets": [source_dataset(root, output_dir) for root in links.values()],
+        "DatasetLinks": {name: source_link(root, output_dir) for name, root in links.items()},
     }
     existing = check_owner(output_dir)
     if existing != _jsonable(description):

@@ -336,6 +336,8 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     Y, _ = stream_masked_timeseries(run.bold, mask, settings.smoothing_fwhm)
     log.info("%s: loaded and smoothed %d volumes x %d voxels (%.1f s)",
              run.label, Y.shape[0], Y.shape[1], time.perf_counter() - t0)
+    # BOLD-space runs: their mean image is the anatomy the report draws their maps over
+    mean_bold = None if run.entities.get("space") else Y.mean(axis=0, dtype=np.float64).astype(np.float32)
     Y = mean_scaling(Y, in_place=True)
     t1 = time.perf_counter()
     try:
@@ -390,6 +392,9 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     folder = func_dir(output_dir, run.entities)
     mask_path = folder / f"{entity_prefix(run.entities)}_desc-brain_mask.nii.gz"
     atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), mask_affine))
+    if mean_bold is not None:
+        atomic_write_bytes(folder / f"{entity_prefix(run.entities)}_desc-mean_boldref.nii.gz",
+                           nifti_bytes(unmask(mean_bold, mask), mask_affine))
     result.mask_path = mask_path
     design_path = _completion_record(prep, output_dir).with_suffix(".tsv")
     atomic_write_tsv(design_path, prep.design)

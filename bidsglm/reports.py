@@ -16,6 +16,8 @@ can be regenerated at any time from the written maps and their sidecars
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import html
 import json
 import logging
@@ -45,9 +47,24 @@ h1{border-bottom:3px solid #34609a;padding-bottom:6px}h2{margin-top:40px;border-
 h3{margin-top:28px}h4{margin:18px 0 6px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 td,th{border:1px solid #ccd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eef1f6}
-img{max-width:100%;display:block;margin:6px 0 14px}
+.tbl td,.tbl th{max-width:24em}.tbl .n{white-space:nowrap;text-align:right}
+img{display:block;margin:6px 0 6px;image-rendering:pixelated}
 .warn{background:#fff3cd;border-left:4px solid #e0a800;padding:6px 10px;margin:8px 0}
-.tbl{overflow-x:auto;max-width:100%}.ok{color:#2a7a2a}.muted{color:#667}nav ul{columns:2}code{background:#f2f3f6;padding:0 3px}
+.ok{color:#2a7a2a}.muted{color:#667}code{background:#f2f3f6;padding:0 3px}
+nav ul{margin:2px 0}nav li{margin:1px 0}
+.maps{display:flex;flex-wrap:wrap;gap:10px 16px;align-items:flex-start}
+figure{margin:8px 0}figcaption{font-weight:600;font-size:15px}
+.cap{font-size:13px;color:#445;max-width:660px}
+.cbar{display:flex;align-items:center;gap:8px;font-size:13px;margin:6px 0 10px}
+.cbar .bar{width:260px;height:14px;border:1px solid #889}
+.dm{margin:6px 0 4px}.dmcols{display:grid;align-items:end}
+.dmcols span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;overflow:hidden;
+max-height:170px;font-size:11px;line-height:1.25;padding-bottom:3px;justify-self:center}
+table.heat{font-size:11px}table.heat td{text-align:center;min-width:26px;padding:2px 3px}
+table.heat th.v{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;font-weight:500;
+vertical-align:bottom;background:none;border:none;padding:2px 4px}
+table.heat th.r{font-weight:500;white-space:nowrap;background:none}
+table.heat tr:first-child th{background:none;border:none}
 """
 
 
@@ -61,33 +78,91 @@ def _anchor(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_-]+", "-", text).strip("-")
 
 
-def _img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{_esc(alt)}">'
-
-
 def _kv_table(rows: dict) -> str:
     body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows.items())
     return f"<table>{body}</table>"
 
 
-def _df_table(df: pd.DataFrame, max_rows: int = 200) -> str:
+def _df_table(df: pd.DataFrame, shown: int = 20) -> str:
+    """The first ``shown`` rows; the rest folded below them (a <details>, no script)."""
     if df.empty:
         return '<p class="muted">none</p>'
-    shown = df.head(max_rows)
-    more = f'<p class="muted">{len(df) - max_rows} more rows in the TSV file</p>' if len(df) > max_rows else ""
-    table = shown.to_html(index=False, escape=True, border=0, na_rep="n/a", float_format=lambda v: f"{v:.4g}")
-    return f'<div class="tbl">{table}</div>{more}'
+
+    def cell(value, tag: str) -> str:
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            text = "n/a" if pd.isna(value) else f"{value:.4g}"
+            return f'<{tag} class="n">{text}</{tag}>'
+        # long labels (atlas regions, file names) may wrap after _ and ; only, never inside a word
+        text = _esc("n/a" if value is None or (isinstance(value, float) and pd.isna(value)) else value)
+        return f"<{tag}>{text.replace('_', '_<wbr>').replace(';', ';<wbr>')}</{tag}>"
+
+    def html_table(part: pd.DataFrame) -> str:
+        head = "".join(cell(str(c), "th") for c in part.columns)
+        rows = "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>"
+                       for row in part.itertuples(index=False, name=None))
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+    table = f'<div class="tbl">{html_table(df.head(shown))}</div>'
+    if len(df) > shown:
+        table += (f"<details><summary>{len(df) - shown} more rows</summary>"
+                  f'<div class="tbl">{html_table(df.iloc[shown:])}</div></details>')
+    return table
 
 
-def _page(title: str, body: str, index: list[tuple[str, str]]) -> bytes:
-    nav = "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in index)
+def _nav(index: list[tuple]) -> str:
+    """Contents as nested lists: entries are (anchor, text, level), level 0 outermost."""
+    out, level_now = [], -1
+    for anchor, text, *rest in index:
+        level = rest[0] if rest else 0
+        if level > level_now:
+            out.append("<ul><li>" * (level - level_now))
+        else:
+            out.append("</li>" + "</ul></li>" * (level_now - level) + "<li>")
+        out.append(f'<a href="#{anchor}">{_esc(text)}</a>')
+        level_now = level
+    out.append("</li></ul>" * (level_now + 1))
+    return "".join(out)
+
+
+def _page(title: str, body: str, index: list[tuple]) -> bytes:
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{_STYLE}</style></head><body><h1>{_esc(title)}</h1>"
             f'<p class="muted">bidsglm {_esc(__version__)}, written {time.strftime("%Y-%m-%d %H:%M")} '
             f"from the maps and sidecars in this folder.</p>"
-            f"<nav><h2>Contents</h2><ul>{nav}</ul></nav>{body}</body></html>")
+            f"<nav><h2>Contents</h2>{_nav(index)}</nav>{body}</body></html>")
     return page.encode("utf-8")
+
+
+def _number(value, digits: int = 3) -> str:
+    """Degrees of freedom and counts as integers where they are whole, else a few digits."""
+    if isinstance(value, (int, float)) and np.isfinite(value):
+        return f"{value:.0f}" if abs(value - round(value)) < 1e-6 else f"{value:.{digits}g}"
+    return "not recorded" if value is None else str(value)
+
+
+def model_text(model: dict) -> str:
+    """A run's model settings as a reader says them: 'high-pass 1/128 Hz (cosine)'."""
+    parts = []
+    if model.get("HRFModel"):
+        parts.append(f"HRF {model['HRFModel']}")
+    drift, cutoff = model.get("DriftModel"), model.get("HighPassFilterCutoffHz")
+    if drift in (None, "none") and "DriftModel" in model:
+        parts.append("no drift model")
+    elif isinstance(cutoff, (int, float)) and cutoff > 0:
+        period = 1.0 / cutoff
+        hz = f"1/{period:.0f} Hz" if abs(period - round(period)) < 1e-6 else f"{cutoff:.4g} Hz"
+        parts.append(f"high-pass {hz} ({drift or 'cosine'})")
+    elif drift:
+        parts.append(f"drift model {drift}")
+    noise = model.get("NoiseModel")
+    if noise:
+        parts.append({"ar1": "AR(1) noise model", "ols": "OLS (no prewhitening)"}.get(str(noise).lower(),
+                                                                                     f"noise model {noise}"))
+    fwhm = model.get("SmoothingFWHM")
+    if isinstance(fwhm, (int, float)):
+        parts.append(f"smoothing {fwhm:g} mm FWHM" if fwhm > 0 else "no smoothing")
+    return ", ".join(parts)
 
 
 def _read_json(path: Path) -> dict:
@@ -188,10 +263,10 @@ def _run_section(rec: RunRecord) -> str:
     dropped = r.get("DroppedContrasts", {})
     fd = r.get("FramewiseDisplacementMean")
     rows = {
-        "volumes, TR": f"{len(rec.design)} volumes, TR {r.get('RepetitionTime')} s "
-                       f"(slice-time reference {r.get('SliceTimeRef')})",
-        "model": _esc(", ".join(f"{k} {v}" for k, v in model.items())) or '<span class="muted">not recorded</span>',
-        "residual degrees of freedom": _esc(r.get("DegreesOfFreedom")),
+        "volumes, TR": f"{len(rec.design)} volumes, TR {_esc(r.get('RepetitionTime'))} s "
+                       f"(slice-time reference {_esc(r.get('SliceTimeRef'))} of a TR)",
+        "model": _esc(model_text(model)) or '<span class="muted">not recorded</span>',
+        "residual degrees of freedom": _esc(_number(r.get("DegreesOfFreedom"))),
         "mean framewise displacement": f"{fd:.3f} mm" if isinstance(fd, (int, float)) else "not in the confounds table",
         "confounds used": _esc(", ".join(r.get("Confounds", [])) or "none"),
         "requested, matching no column": _esc(", ".join(r.get("ConfoundsUnmatched", [])) or "none"),
@@ -202,16 +277,55 @@ def _run_section(rec: RunRecord) -> str:
     parts = [_kv_table(rows)]
     if rec.design.empty:
         return parts[0] + '<p class="warn">design matrix file missing</p>'
-    from .figures import contrast_matrix_figure, correlation_figure, design_matrix_figure
-
-    parts.append("<h4>Design matrix</h4>" + _img(design_matrix_figure(rec.design), f"design matrix {rec.label}"))
-    parts.append("<h4>Correlation between regressors</h4>"
-                 + _img(correlation_figure(design_correlation(rec.design)), f"design correlations {rec.label}"))
+    parts.append("<h4>Design matrix</h4>" + design_block(rec.design, f"design matrix {rec.label}")
+                 + '<p class="cap">Rows: volumes, first at the top; each column scaled to its largest '
+                   "absolute value; white is 0 (or -1 in columns with negative values), black 1.</p>")
+    parts.append("<h4>Correlation between regressors</h4>" + heat_table(design_correlation(rec.design), 1.0))
     parts.append(_vif_section(rec.design, r.get("Confounds", [])))
     if rec.weights:
         weights = pd.DataFrame(rec.weights).T.reindex(columns=rec.design.columns).fillna(0.0)
-        parts.append("<h4>Contrasts</h4>" + _img(contrast_matrix_figure(weights), f"contrast matrix {rec.label}"))
+        used = weights.loc[:, (weights != 0).any(axis=0)]
+        scale = float(np.abs(used.to_numpy()).max()) if used.size else 1.0
+        parts.append("<h4>Contrasts</h4>" + heat_table(used, scale, square=False)
+                     + f'<p class="cap">Columns not shown ({weights.shape[1] - used.shape[1]}) have weight 0 '
+                       "in every contrast.</p>")
     return "".join(parts)
+
+
+def design_block(design: pd.DataFrame, alt: str, diverging: bool = False, row_px: float | None = None) -> str:
+    """A design matrix image with its column names above the columns they name."""
+    from .figures import column_width, design_image
+
+    n = design.shape[1]
+    width = column_width(n)
+    row_px = row_px or float(np.clip(360 / max(len(design), 1), 0.5, 4))
+    labels = "".join(f'<span title="{_esc(c)}">{_esc(c)}</span>' for c in design.columns) if width >= 11 else ""
+    head = (f'<div class="dmcols" style="grid-template-columns:repeat({n},{width}px);width:{n * width}px;'
+            f'margin-left:1px">'
+            f"{labels}</div>") if labels else \
+        f'<p class="cap">columns, left to right: {_esc(", ".join(map(str, design.columns)))}</p>'
+    uri = design_image(design, width, row_px, diverging)
+    return f'<div class="dm">{head}<img src="{uri}" alt="{_esc(alt)}" style="width:{n * width + 2}px"></div>'
+
+
+def heat_table(values: pd.DataFrame, scale: float, square: bool = True) -> str:
+    """A table of numbers on blue-white-red backgrounds (-scale to scale), each number in the
+    colour that reads on its background; column names written upwards."""
+    from .figures import DIVERGING_LUT, colour, text_colour
+
+    head = "".join(f'<th class="v">{_esc(c)}</th>' for c in values.columns)
+    rows = []
+    colours = colour(values.to_numpy(dtype=float), scale, DIVERGING_LUT)
+    for i, (name, row) in enumerate(values.iterrows()):
+        cells = []
+        for j, v in enumerate(row.to_numpy(dtype=float)):
+            bg = colours[i, j]
+            text = "" if (square and i == j) else (f"{v + 0.0:.2f}".replace("0.", ".", 1) if square else f"{v:g}")
+            text = text.replace("-.00", ".00")
+            cells.append(f'<td style="background:rgb{tuple(int(c) for c in bg)};color:{text_colour(bg)}" '
+                         f'title="{_esc(name)} / {_esc(values.columns[j])}: {v:.4g}">{text}</td>')
+        rows.append(f'<tr><th class="r">{_esc(name)}</th>{"".join(cells)}</tr>')
+    return f'<table class="heat"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
 def _vif_section(design: pd.DataFrame, confounds: list[str]) -> str:
@@ -235,8 +349,99 @@ def _vif_section(design: pd.DataFrame, confounds: list[str]) -> str:
             f"{_df_table(table)}</details>")
 
 
-def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRecord]) -> str:
+def _colour_bar(vmax: float, symmetric: bool, label: str) -> str:
+    from .figures import css_gradient
+
+    low = f"{-vmax:.2g}" if symmetric else "0"
+    return (f'<div class="cbar"><span>{_esc(label)}</span><span>{low}</span>'
+            f'<span class="bar" style="background:{css_gradient(symmetric)}"></span>'
+            f"<span>{vmax:.2g}</span></div>")
+
+
+# Figures of the report being rewritten, by key: a rerun reuses the figure of a map whose file
+# (size, modification time) and drawing settings are unchanged instead of drawing it again.
+_REUSABLE: dict[str, str] = {}
+_FIGURE = re.compile(r'<figure data-key="([0-9a-f]{40})".*?</figure>', re.S)
+DRAWING_VERSION = "1"  # changes whenever figures.py draws differently
+
+
+def _reusable_figures(report: Path) -> dict[str, str]:
+    try:
+        return {m.group(1): m.group(0) for m in _FIGURE.finditer(report.read_text(encoding="utf-8"))}
+    except (OSError, UnicodeDecodeError):
+        return {}
+
+
+def _file_id(path: Path | str | None) -> str:
+    if not path:
+        return ""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"{path}:absent"
+    return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"  # the name: OUTPUT_DIR may have moved
+
+
+def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax: float, glass: float,
+                 slice_threshold: float | None, symmetric: bool = True, stat: str = "z",
+                 source: Path | None = None) -> str:
+    """One brain figure with its title and a caption that says exactly what is drawn; reused
+    from the previous report when ``source`` (the map file) and every setting are unchanged."""
     from .figures import brain_figure
+
+    key = hashlib.sha1(repr((DRAWING_VERSION, _file_id(source), grid.key, title, vmax, glass, slice_threshold,
+                             symmetric, stat)).encode()).hexdigest()
+    if source is not None and key in _REUSABLE:
+        return _REUSABLE[key]
+    fig = brain_figure(data, affine, grid, vmax=vmax, glass_threshold=glass, slice_threshold=slice_threshold,
+                       symmetric=symmetric)
+    value = f"|{stat}|" if symmetric else stat
+    where = ("empty map" if fig.peak_mm is None else
+             "slices through the peak at x = {:.0f}, y = {:.0f}, z = {:.0f} mm".format(*fig.peak_mm))
+    shown = ("every value, transparent at 0 and opaque from |z| = 2" if slice_threshold is None
+             else f"{value} &ge; {slice_threshold:.3g}" if slice_threshold > 1e-3 else "every non-zero value")
+    drawn = f"{value} &ge; {glass:.3g}" if glass > 1e-3 else "every non-zero value"
+    caption = (f"Top: glass brain, {drawn} ({fig.n_shown} voxels). Bottom: {where}, "
+               f"over {_esc(grid.background)}; {shown}. Left is left.")
+    return (f'<figure data-key="{key}" data-glass-threshold="{glass!r}" data-voxels-shown="{fig.n_shown}" '
+            f'data-vmax="{vmax!r}"><figcaption>{_esc(title)}</figcaption><img src="{fig.uri}" alt="{_esc(title)}">'
+            f'<div class="cap">{caption}</div></figure>')
+
+
+def _shared_vmax(arrays) -> float:
+    """One colour scale for maps that are compared: the largest |value| among them."""
+    peaks = [float(np.nanmax(np.abs(a))) for a in arrays if a.size and np.isfinite(a).any()]
+    return max(peaks + [0.0]) or 1.0
+
+
+def _run_grid(output_dir: Path, rec: RunRecord, map_path: Path):
+    """Where a map is drawn: the MNI template, or the run's own mean/reference image (its brain
+    mask where OUTPUT_DIR holds neither)."""
+    from .figures import mni_grid
+
+    if _is_mni(map_path.name):
+        return mni_grid()
+    mask = output_dir / rec.record.get("Mask", "")
+    for suffix in ("_desc-mean_boldref.nii.gz", "_boldref.nii.gz"):
+        anatomy = output_dir / f"{rec.map_prefix}{suffix}"
+        if anatomy.is_file():
+            return _native_grid(str(mask), str(anatomy))
+    return _native_grid(str(mask), "")
+
+
+@functools.lru_cache(maxsize=8)
+def _native_grid(mask: str, anatomy: str):
+    from .figures import native_grid, read_map
+
+    brain, affine = read_map(Path(mask))
+    values = read_map(Path(anatomy))[0] if anatomy else None
+    grid = native_grid(affine, brain.shape, values, brain > 0)
+    grid.key = f"{_file_id(mask)}|{_file_id(anatomy)}"
+    return grid
+
+
+def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRecord]) -> str:
+    from .figures import read_map
 
     subject_prefix = _subject_prefix(runs[0].map_prefix)
     name_z = f"{subject_prefix}_contrast-{label}_stat-z_statmap.nii.gz"
@@ -244,6 +449,7 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
     folders = [output_dir] + (sorted(output_dir.parent.glob("node-*")) if output_dir.name.startswith("node-") else [])
     z_subject = next((f / name_z for f in folders if (f / name_z).is_file()), output_dir / name_z)
     parts = []
+    maps = []  # (title, path, run record)
     side_path = sidecar_path(z_subject)
     if z_subject.is_file() and side_path.is_file():
         side = _read_json(side_path)
@@ -252,22 +458,29 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
         parts.append(_kv_table({
             "runs combined": _esc(used or "none"),
             "runs dropped": "<br>".join(f"{_esc(k)}: {_esc(v)}" for k, v in dropped.items()) or "none",
-            "degrees of freedom": _esc(side.get("DegreesOfFreedom")),
+            "degrees of freedom": _esc(_number(side.get("DegreesOfFreedom"))),
         }))
-        parts.append(_img(brain_figure(z_subject, threshold=None, mni=_is_mni(z_subject.name),
-                                       title=f"{name}: subject z (glass brain |z| > {GLASS_THRESHOLD})"),
-                          f"subject z map {name}"))
+        maps.append((f"{name}: subject (runs combined)", z_subject, runs[0]))
     else:
         parts.append('<p class="warn">No subject-level map: the contrast is estimable in none of the runs.</p>')
+    notes = []
     for rec in runs:
         z_run = output_dir / f"{rec.map_prefix}_contrast-{label}_stat-z_statmap.nii.gz"
         if z_run.is_file():
-            parts.append(_img(brain_figure(z_run, threshold=None, mni=_is_mni(z_run.name),
-                                           title=f"{name}: {rec.label} z"), f"run z map {name} {rec.label}"))
+            maps.append((f"{name}: {rec.label}", z_run, rec))
         elif name in rec.record.get("DroppedContrasts", {}):
-            parts.append(f'<p class="muted">{_esc(rec.label)}: dropped '
+            notes.append(f'<p class="muted">{_esc(rec.label)}: dropped '
                          f'({_esc(rec.record["DroppedContrasts"][name])})</p>')
-    return "".join(parts)
+    loaded = [read_map(path) for _, path, _ in maps]
+    vmax = _shared_vmax(data for data, _ in loaded)
+    if maps:
+        parts.append(_colour_bar(vmax, True, "z, one scale for the subject and all runs:"))
+    figures = [_brain_block(data, affine, _run_grid(output_dir, rec, path), title=title, vmax=vmax,
+                            glass=GLASS_THRESHOLD, slice_threshold=None, source=path)
+               for (title, path, rec), (data, affine) in zip(maps, loaded)]
+    if figures:
+        parts.append(f'<div class="maps">{"".join(figures)}</div>')
+    return "".join(parts + notes)
 
 
 def participant_report(output_dir: Path, subject: str) -> Path:
@@ -275,6 +488,15 @@ def participant_report(output_dir: Path, subject: str) -> Path:
     runs = _run_records(output_dir, subject)
     if not runs:
         raise DataError(f"no participant-level results for sub-{subject} (no *_design.json)", output_dir)
+    _REUSABLE.clear()
+    _REUSABLE.update(_reusable_figures(output_dir / f"sub-{subject}.html"))
+    try:
+        return _write_participant_report(output_dir, subject, runs)
+    finally:
+        _REUSABLE.clear()
+
+
+def _write_participant_report(output_dir: Path, subject: str, runs: list[RunRecord]) -> Path:
     body, index = [], []
     groups: dict[str, list[RunRecord]] = {}
     for rec in runs:  # one section per task (and session and space)
@@ -282,12 +504,13 @@ def participant_report(output_dir: Path, subject: str) -> Path:
         groups.setdefault(key, []).append(rec)
     for key, recs in groups.items():
         anchor = _anchor(key)
-        index.append((anchor, key))
+        index.append((anchor, key, 0))
         body.append(f'<h2 id="{anchor}">{_esc(key)}</h2>')
         body.append(_kv_table({"runs": _esc(", ".join(r.label.split()[-1] for r in recs))}))
         for rec in recs:
             ra = _anchor(rec.label)
-            index.append((ra, f"  {rec.label}: design"))
+            run_part = " ".join(p for p in rec.label.split() if p not in key.split()) or rec.label
+            index.append((ra, f"{run_part}: design", 1))
             log.info("report sub-%s: %s design", subject, rec.label)
             body.append(f'<h3 id="{ra}">{_esc(rec.label)}</h3>{_run_section(rec)}')
         contrasts: dict[str, str] = {}
@@ -296,7 +519,7 @@ def participant_report(output_dir: Path, subject: str) -> Path:
             contrasts.update({n: "" for n in rec.record.get("DroppedContrasts", {}) if n not in contrasts})
         for name, label in contrasts.items():
             ca = _anchor(f"{key}-contrast-{name}")
-            index.append((ca, f"  contrast {name}"))
+            index.append((ca, f"contrast {name}", 1))
             log.info("report sub-%s: %s contrast %s", subject, key, name)
             section = _contrast_section(output_dir, name, label, recs) if label else \
                 '<p class="warn">Estimable in none of the runs.</p>'
@@ -358,8 +581,18 @@ def _threshold_text(side: dict) -> str:
             f"{side.get('NumberOfClusters', '?')} cluster(s)")
 
 
-def _permutation_section(group_dir: Path, base: str, stat: str, mni: bool) -> str:
-    from .figures import brain_figure
+def _group_grid(path: Path, group_dir: Path):
+    """The MNI template, or for a map in another space the group mask as its silhouette."""
+    from .figures import mni_grid
+
+    if _is_mni(path.name):
+        return mni_grid()
+    masks = sorted(group_dir.glob("*_mask.nii.gz"))
+    return _native_grid(str(masks[0]), "") if masks else _native_grid(str(path), "")
+
+
+def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
+    from .figures import read_map
 
     parts = []
     for kind in PERMUTATION_KINDS:
@@ -374,46 +607,61 @@ def _permutation_section(group_dir: Path, base: str, stat: str, mni: bool) -> st
                                            "TFCE") if k in side}
         parts.append(f"<h4>{_esc(kind)} FWE</h4>{_kv_table(info) if info else ''}")
         alpha = float(side.get("FWEAlpha", 0.05))
-        parts.append(_img(brain_figure(logp, threshold=1e-6, mni=mni, symmetric=False,
-                                       glass_threshold=-np.log10(alpha),
-                                       title=f"{kind}: -log10 FWE p (glass brain: p < {alpha:g})"),
-                          f"{kind} FWE -log10 p"))
+        data, affine = read_map(logp)
+        vmax = max(_shared_vmax([data]), -np.log10(alpha))
+        figures = [_brain_block(data, affine, grid, title=f"{kind}: -log10 FWE p", vmax=vmax,
+                                glass=float(-np.log10(alpha)), slice_threshold=1e-6, symmetric=False,
+                                stat="-log10 p", source=logp)]
+        scale = _colour_bar(vmax, False, "-log10 FWE p:")
         if masked.is_file():
-            parts.append(_img(brain_figure(masked, threshold=1e-6, mni=mni,
-                                           title=f"{kind}: {stat} where FWE p < alpha"),
-                              f"{kind} FWE significant {stat}"))
+            mdata, maffine = read_map(masked)
+            mvmax = _shared_vmax([mdata])
+            figures.append(_brain_block(mdata, maffine, grid, title=f"{kind}: {stat} where FWE p < {alpha:g}",
+                                        vmax=mvmax, glass=1e-6, slice_threshold=1e-6, stat=stat, source=masked))
+            scale += _colour_bar(mvmax, True, f"{stat} (right-hand map):")
+        parts.append(scale + f'<div class="maps">{"".join(figures)}</div>')
         if clusters.is_file():
             parts.append(_df_table(pd.read_csv(clusters, sep="\t")))
     return "".join(parts)
 
 
 def _group_contrast_section(group_dir: Path, z: Path) -> str:
-    from .figures import brain_figure
+    from .figures import read_map
 
     side = _read_json(sidecar_path(z))
     base = z.name.removesuffix("_stat-z_statmap.nii.gz")
     stat = side.get("Test", "t")
-    mni = _is_mni(z.name)
+    grid = _group_grid(z, group_dir)
     thr_path = group_dir / f"{base}_stat-z_desc-thresholded_statmap.nii.gz"
     thr_side_path = sidecar_path(thr_path)
     thr_side = _read_json(thr_side_path) if thr_side_path.is_file() else {}
     con = side.get("Contrast", {})
     parts = [_kv_table({
         "contrast": f"{_esc(con.get('Name'))} = <code>{_esc(con.get('Expression'))}</code>",
-        "test": f"{_esc(stat)}, degrees of freedom {_esc(side.get('DegreesOfFreedom'))}, "
+        "test": f"{_esc(stat)}, degrees of freedom {_esc(_number(side.get('DegreesOfFreedom')))}, "
                 f"{_esc(side.get('NumberOfInputs'))} inputs",
         "model": _esc(side.get("Model")),
         "threshold": _esc(_threshold_text(thr_side)),
     })]
-    parts.append(_img(brain_figure(z, threshold=None, mni=mni, title="unthresholded z (glass brain |z| > "
-                                   f"{GLASS_THRESHOLD})"), f"unthresholded z {base}"))
+    # the glass brains show the height threshold actually applied (the default only when none was)
+    applied = thr_side.get("Threshold")
+    glass = float(applied) if isinstance(applied, (int, float)) else GLASS_THRESHOLD
+    data, affine = read_map(z)
+    maps = [(data, affine, "unthresholded z", None, z)]
     if thr_path.is_file():
-        parts.append(_img(brain_figure(thr_path, threshold=1e-6, mni=mni, title="thresholded z"),
-                          f"thresholded z {base}"))
+        tdata, taffine = read_map(thr_path)
+        extent = thr_side.get("ClusterExtent")
+        maps.append((tdata, taffine, "thresholded z" + (f" (clusters of at least {extent} voxels)" if extent else ""),
+                     glass, thr_path))
+    vmax = _shared_vmax(m[0] for m in maps)
+    parts.append(_colour_bar(vmax, True, "z, one scale for both maps:"))
+    parts.append('<div class="maps">' + "".join(
+        _brain_block(d, a, grid, title=title, vmax=vmax, glass=glass, slice_threshold=thr, source=src)
+        for d, a, title, thr, src in maps) + "</div>")
     clusters = group_dir / f"{base}_clusters.tsv"
     if clusters.is_file():
         parts.append("<h4>Clusters</h4>" + _df_table(pd.read_csv(clusters, sep="\t")))
-    perm = _permutation_section(group_dir, base, stat, mni)
+    perm = _permutation_section(group_dir, base, stat, grid)
     if perm:
         parts.append("<h4>Permutation inference</h4>" + perm)
     return "".join(parts)
@@ -421,23 +669,34 @@ def _group_contrast_section(group_dir: Path, z: Path) -> str:
 
 def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
     """Write ``group/report.html`` (or ``report.html`` in a Dataset node's folder); returns its path."""
-    from .figures import design_figure_from_table
-
     group_dir = group_dir or output_dir / "group"
     models = _group_contrasts(group_dir)
     if not models:
         raise DataError("no group-level maps to report (run the group level first)", group_dir)
+    _REUSABLE.clear()
+    _REUSABLE.update(_reusable_figures(group_dir / "report.html"))
+    try:
+        return _write_group_report(group_dir, models)
+    finally:
+        _REUSABLE.clear()
+
+
+def _write_group_report(group_dir: Path, models: dict[str, list[Path]]) -> Path:
     body = ['<h2 id="participants">Participants</h2>', _participants_section(group_dir, models)]
-    index = [("participants", "Participants")]
+    index = [("participants", "Participants", 0)]
     for design_name, maps in models.items():
         anchor = _anchor(design_name)
-        index.append((anchor, design_name.removesuffix("_design.tsv")))
+        index.append((anchor, design_name.removesuffix("_design.tsv"), 0))
         body.append(f'<h2 id="{anchor}">Model <code>{_esc(design_name)}</code></h2>')
         design_path = group_dir / design_name
         if design_path.is_file():
             design = pd.read_csv(design_path, sep="\t", index_col=0)
-            body.append(_img(design_figure_from_table(design), f"group design {design_name}"))
-            body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index())}</details>")
+            body.append(design_block(design, f"group design {design_name}", diverging=True,
+                                     row_px=float(np.clip(300 / max(len(design), 1), 3, 40)))
+                        + '<p class="cap">Rows: participants, in the order of the values table; each column '
+                          "scaled to its largest absolute value (blue negative, white 0, red positive).</p>")
+            body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index(), 10**6)}"
+                        "</details>")
         weights = {}
         for z in maps:
             con = _read_json(sidecar_path(z)).get("Contrast", {})
@@ -449,7 +708,7 @@ def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
         for z in maps:
             base = z.name.removesuffix("_stat-z_statmap.nii.gz")
             ca = _anchor(base)
-            index.append((ca, f"  {_entities(base).get('contrast', base)}"))
+            index.append((ca, f"contrast {_entities(base).get('contrast', base)}", 1))
             log.info("group report: %s", base)
             body.append(f'<h3 id="{ca}">{_esc(base)}</h3>{_group_contrast_section(group_dir, z)}')
     path = group_dir / "report.html"

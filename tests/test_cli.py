@@ -3,6 +3,7 @@ no outputs for the affected run) for every bad input the issue lists."""
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 
@@ -249,3 +250,86 @@ def test_bids_validation_runs_and_rejects_invalid(capsys, demo_copy, tmp_path):
     code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "-w", tmp_path / "work")
     assert code == 65
     _assert_one_line_error(err, "BIDS validation failed", "--skip-bids-validation")
+
+
+# --- one level at a time (issue 16) ------------------------------------------------
+
+def _help(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*map(str, args), "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_level_help_shows_that_levels_options(capsys, tmp_path):
+    def flags(text: str) -> str:  # the option column of the help, not the descriptions
+        return "\n".join(line.strip().split("  ")[0] for line in text.splitlines() if line.startswith("  -"))
+
+    participant = flags(_help(capsys, tmp_path, tmp_path / "o", "participant"))
+    group = flags(_help(capsys, tmp_path, tmp_path / "o", "group"))
+    full = flags(_help(capsys))
+    common = ("--participant-label", "--task", "--space", "--model", "--reports-only", "--n-cpus")
+    for text in common:
+        assert text in participant and text in group and text in full, text
+    for text in ("--contrast", "--smoothing-fwhm", "--hrf-model", "--confounds"):
+        assert text in participant and text not in group, text
+    for text in ("--group-model", "--height-control", "--permutations", "--tfce", "--atlases"):
+        assert text in group and text not in participant, text
+    assert "usage: bidsglm BIDS_DIR OUTPUT_DIR participant [options]" in _help(capsys, tmp_path, "o", "participant")
+    # every option of the parser is shown by exactly the help of its level(s)
+    from bidsglm.cli import option_levels
+
+    for flag, level in option_levels(build_parser()).items():
+        if not flag.startswith("--") or flag in ("--help",):
+            continue
+        shown = re.compile(rf"(^|, ){re.escape(flag)}(?=[ ,=]|$)", re.M)
+        assert bool(shown.search(participant)) == (level in ("common", "participant")), flag
+        assert bool(shown.search(group)) == (level in ("common", "group")), flag
+
+
+@pytest.mark.parametrize("level,args,named,belongs", [
+    ("group", ["--contrast", "a=b"], "--contrast", "participant"),
+    ("group", ["--smoothing-fwhm=4"], "--smoothing-fwhm", "participant"),
+    ("participant", ["--permutations", "100"], "--permutations", "group"),
+    ("participant", ["--height-con", "fdr"], "--height-control", "group"),  # an abbreviation, resolved
+])
+def test_other_levels_options_are_refused(capsys, tmp_path, level, args, named, belongs):
+    code, err = _run(capsys, tmp_path, tmp_path / "o", level, *args)
+    assert code == 64
+    _assert_one_line_error(err, f"{named} is a {belongs}-level option")
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_before_positionals_one_clear_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["-t", "flanker", str(tmp_path), str(tmp_path / "o"), "participant"])
+    assert exc.value.code == 64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("usage: bidsglm BIDS_DIR OUTPUT_DIR")
+    assert "come first" in err[1] and "bidsglm data out participant -t flanker" in err[1]
+
+
+def test_missing_bids_dir_is_usage_error(capsys, tmp_path):
+    code, err = _run(capsys, tmp_path / "absent", tmp_path / "o", "participant")
+    assert code == 64
+    _assert_one_line_error(err, "absent", "does not exist")
+
+
+def test_unknown_task_lists_the_tasks(capsys, demo_small, tmp_path):
+    root, _ = demo_small
+    code, err = _run(capsys, root, tmp_path / "o", "participant", "--skip-bids-validation", "-t", "flankr")
+    assert code == 65
+    _assert_one_line_error(err, "task(s) not found: flankr", "dataset has 1: flanker")
+
+
+def test_demo_help_describes_every_option(capsys):
+    from bidsglm.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exc:
+        demo_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    options = out[out.index("options:"):]
+    for flag in ("--subjects", "--voxel-size", "--seed"):
+        block = options[options.index(flag):].split("\n  -")[0]
+        assert len(block.split()) > 4, block  # a description, not just the flag and its metavar

@@ -16,6 +16,7 @@ import pytest
 
 from bidsglm.cli import main
 from bidsglm.reports import variance_inflation
+from conftest import shared_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -142,14 +143,16 @@ def test_participant_reports_written_and_complete(reported):
                      "Variance inflation factors", "Contrast IncongruentMinusCongruent", "Contrast errors",
                      "mean framewise displacement", "confounds used"):
             assert text in page, (sub, text)
-        # every image the page promises: 3 design figures per run (design, correlation,
-        # contrasts) and a z map per run and subject where the contrast exists; 'errors'
-        # exists in run 2 of sub-01 only
-        expected = 2 * 3 + 3 + (2 if sub == "01" else 0)
+        # every image the page promises: the design matrix of each run (correlations and
+        # contrast weights are coloured tables) and a z map per run and subject where the
+        # contrast exists; 'errors' exists in run 2 of sub-01 only
+        expected = 2 * 1 + 3 + (2 if sub == "01" else 0)
         assert page.count("<img ") == expected, (sub, page.count("<img "))
     # the demo's error trials are absent from some runs: the report names the dropped run and why
     pages = "".join((out / f"sub-{s}.html").read_text() for s in ("01", "02"))
     assert "absent from this run" in pages
+    # MNI maps are drawn over the template: no mean image is written for MNI runs
+    assert "over the MNI152 template" in pages and not list(out.rglob("*_boldref.nii.gz"))
 
 
 def test_group_report_written_and_complete(reported):
@@ -157,7 +160,7 @@ def test_group_report_written_and_complete(reported):
     report = out / "group" / "report.html"
     assert report.is_file()
     assert_self_contained(report)
-    page = report.read_text()
+    page = report.read_text().replace("<wbr>", "")  # line-break hints in table cells
     for text in ("Participants", "Contents", "unthresholded z", "thresholded z", "Clusters",
                  "Permutation inference", "voxel FWE", "clustersize FWE", "clustermass FWE",
                  "aal_peak", "sign flipping"):
@@ -168,7 +171,7 @@ def test_group_report_written_and_complete(reported):
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium')")
 def test_reports_render_in_chromium(reported, tmp_path):
     _, out = reported
-    seen = assert_renders(out / "sub-01.html", tmp_path, min_images=10)
+    seen = assert_renders(out / "sub-01.html", tmp_path, min_images=7)
     assert seen["title"] == "bidsglm participant report: sub-01"
     assert_renders(out / "group" / "report.html", tmp_path, min_images=8)
 
@@ -204,3 +207,219 @@ def test_no_reports_option(demo_copy, tmp_path, with_reports):
     assert main([str(demo_copy), str(out), "participant", "--skip-bids-validation", "-q", "--no-reports",
                  "--participant-label", "01", "--contrast", "congruent_correct"]) == 0
     assert list(out.rglob("*.html")) == []
+
+
+# --- what the figures show ---------------------------------------------------------
+
+FIGURE = re.compile(r'<figure data-key="[0-9a-f]+" data-glass-threshold="([^"]+)" data-voxels-shown="(\d+)" '
+                    r'data-vmax="([^"]+)"><figcaption>([^<]*)</figcaption>')
+
+
+def _figures(page: str, start: str, end: str | None = None) -> list[tuple[float, int, float, str]]:
+    part = page[page.index(start):page.index(end) if end else None]
+    return [(float(g), int(n), float(v), t) for g, n, v, t in FIGURE.findall(part)]
+
+
+def _z(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def test_group_glass_brain_uses_the_applied_threshold(reported):
+    _, out = reported
+    page = (out / "group" / "report.html").read_text()
+    side = next((out / "group").glob("*contrast-?ncongruentMinusCongruent_stat-z_desc-thresholded_statmap.json"))
+    base = str(side).removesuffix("_stat-z_desc-thresholded_statmap.json")
+    applied = json.loads(side.read_text())["Threshold"]
+    figs = _figures(page, f'id="{Path(base).name}"', "Permutation inference")
+    assert [f[3] for f in figs] == ["unthresholded z", "thresholded z"]
+    for glass, shown, _, _ in figs:
+        assert glass == pytest.approx(applied, abs=1e-12)  # not the default 3.09
+    # the glass brain of the unthresholded map shows exactly the voxels at or above it
+    z = _z(Path(f"{base}_stat-z_statmap.nii.gz"))
+    assert figs[0][1] == int(np.count_nonzero(np.abs(z) >= applied))
+    assert f"&ge; {applied:.3g}" in page
+
+
+def test_one_colour_scale_per_contrast_across_runs_and_subject(reported):
+    _, out = reported
+    page = (out / "sub-01.html").read_text()
+    figs = _figures(page, 'id="task-flanker-contrast-IncongruentMinusCongruent"', 'id="task-flanker-contrast-errors"')
+    assert [f[3] for f in figs] == ["IncongruentMinusCongruent: subject (runs combined)",
+                                    "IncongruentMinusCongruent: task-flanker run-1",
+                                    "IncongruentMinusCongruent: task-flanker run-2"]
+    maps = sorted((out / "sub-01").rglob("*contrast-?ncongruentMinusCongruent_stat-z_statmap.nii.gz"))
+    assert len(maps) == 3
+    largest = max(float(np.abs(_z(m)).max()) for m in maps)
+    assert [f[2] for f in figs] == [pytest.approx(largest, rel=1e-6)] * 3
+    for glass, shown, _, _ in figs:  # glass brains of unthresholded maps: |z| >= 3.09, voxels of the map
+        assert glass == 3.09
+    counts = sorted(int(np.count_nonzero(np.abs(_z(m)) >= 3.09)) for m in maps)
+    assert sorted(f[1] for f in figs) == counts
+    assert page.count('class="cbar"') >= 2  # the scale is shown, once per contrast
+
+
+def test_reports_read_like_text(reported):
+    _, out = reported
+    page = (out / "sub-01.html").read_text()
+    assert "high-pass 1/128 Hz (cosine)" in page and "smoothing 6 mm FWHM" in page
+    assert "HighPassFilterCutoffHz" not in page
+    dof = re.findall(r"<th>(?:residual )?degrees of freedom</th><td>([^<]*)</td>", page)
+    assert dof and all(re.fullmatch(r"\d+", d) for d in dof), dof
+    # contents: task, then its runs and contrasts one level below
+    nav = page[page.index("<nav>"):page.index("</nav>")]
+    assert re.search(r'<li><a href="#task-flanker">task-flanker</a><ul><li><a href="#task-flanker-run-1">'
+                     r"run-1: design</a>", nav), nav
+
+
+def test_cluster_tables_show_20_rows_and_fold_the_rest():
+    from bidsglm.reports import _df_table
+
+    table = pd.DataFrame({"cluster_id": range(1, 31), "aal_peak": ["Supp_Motor_Area_L"] * 30})
+    page = _df_table(table)
+    shown, folded = page.split("<details>")
+    assert shown.count("<tr>") == 21 and folded.count("<tr>") == 11  # header + rows
+    assert "10 more rows" in folded
+    assert "Supp_<wbr>Motor" in page  # atlas labels wrap inside their column
+
+
+def test_model_text():
+    from bidsglm.reports import model_text
+
+    assert model_text({"HRFModel": "glover", "DriftModel": "cosine", "HighPassFilterCutoffHz": 1 / 128,
+                       "NoiseModel": "ar1", "SmoothingFWHM": 6.0}) == \
+        "HRF glover, high-pass 1/128 Hz (cosine), AR(1) noise model, smoothing 6 mm FWHM"
+    assert model_text({"DriftModel": "none", "NoiseModel": "ols", "SmoothingFWHM": 0}) == \
+        "no drift model, OLS (no prewhitening), no smoothing"
+
+
+def test_display_resampling_matches_nilearn_nearest():
+    """Each display voxel shows a value of the map: nearest neighbour, as nilearn resamples."""
+    import nibabel as nib
+    from nilearn.image import resample_img
+
+    from bidsglm.figures import mni_grid, resample
+
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((40, 49, 41)).astype(np.float32)
+    for affine in (np.array([[4.0, 0, 0, -78], [0, 4, 0, -114], [0, 0, 4, -72], [0, 0, 0, 1]]),
+                   np.array([[-3.0, 0.3, 0, 60], [0.2, 3, 0, -100], [0, 0, 3.3, -60], [0, 0, 0, 1]])):
+        grid = mni_grid()
+        ours = resample(data, affine, grid.shape, grid.affine)
+        ref = resample_img(nib.Nifti1Image(data, affine), target_affine=grid.affine, target_shape=grid.shape,
+                           interpolation="nearest", force_resample=True, copy_header=True).get_fdata()
+        # voxels exactly half-way between two source voxels may round either way
+        assert np.mean(ours == ref) > 0.995
+
+
+def test_brain_figure_glass_brain_is_a_signed_maximum_projection():
+    from bidsglm.figures import Grid, brain_figure
+
+    shape = (20, 24, 18)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    brain = np.zeros(shape, bool)
+    brain[2:-2, 2:-2, 2:-2] = True
+    grid = Grid(shape, affine, np.where(brain, 0.5, np.nan).astype(np.float32), brain, 1)
+    data = np.zeros(shape, np.float32)
+    data[5, 6, 7], data[12, 6, 7], data[8, 8, 8] = 5.0, -6.0, 2.0
+    fig = brain_figure(data, affine, grid, vmax=6, glass_threshold=3.0, slice_threshold=None)
+    assert fig.n_shown == 2 and fig.peak_mm == (24.0, 12.0, 14.0)  # the largest |value|: -6 at (12, 6, 7)
+    png = _decode_png(fig.uri)
+    # glass row, gap, slice row, each as tall as the tallest view (axial: y); 3 panels + 2 gaps
+    assert png.shape == (2 * 24 + 6, 24 + 20 + 20 + 12, 3)
+    coronal = png[:18, 24 + 6:24 + 6 + 20]  # glass brain, coronal: x across, z up
+    row = 17 - 7
+    # +5 of 6 lies 2/3 of the way from the stop at +3 (255, 40, 0) to yellow (255, 255, 0) at +6
+    r, g, b = (int(v) for v in coronal[row, 5])
+    assert r == 255 and b == 0 and abs(g - (40 + 2 / 3 * 215)) <= 3
+    assert tuple(coronal[row, 12]) == (0, 255, 255)  # -6: the negative end of the scale, cyan
+    assert tuple(coronal[17 - 8, 8]) == (236, 236, 236)  # 2 < 3: not shown, the silhouette grey
+
+
+def _decode_png(uri: str) -> np.ndarray:
+    """Our encoder writes one IDAT with filter 0 rows; decode that independently with zlib."""
+    import base64
+    import struct
+    import zlib
+
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(height, width, 3)
+
+
+def test_projecting_on_the_map_grid_equals_projecting_the_resampled_map(monkeypatch):
+    """The fast path (project on the map's own grid, resample the 2D views) draws what
+    resampling the whole map to the display grid and projecting there draws."""
+    import bidsglm.figures as figures
+
+    rng = np.random.default_rng(3)
+    data = (rng.standard_normal((40, 49, 41)) * 2).astype(np.float32)
+    affine = np.array([[4.0, 0, 0, -78], [0, 4, 0, -114], [0, 0, 4, -72], [0, 0, 0, 1]])
+    grid = figures.mni_grid()
+    fast = figures._map_views(data, affine, grid, 3.09)
+    monkeypatch.setattr(figures, "_axis_indices", lambda *args: None)
+    slow = figures._map_views(data, affine, grid, 3.09)
+    for a, b in zip(fast[0], slow[0]):  # the glass brain, pixel for pixel
+        np.testing.assert_array_equal(a, b)
+    # the peak: the display voxel nearest the peak voxel's centre, or the first of the display
+    # voxels that repeat it
+    assert all(abs(int(f) - int(s)) <= 1 for f, s in zip(fast[2], slow[2]))
+
+
+def test_native_space_maps_are_drawn_over_the_run_mean(tmp_path, with_reports):
+    """A BOLD-space run (the real studyforrest run) gets its mean image, the mean of the smoothed
+    BOLD inside the mask as nilearn computes it, and its report draws the maps over it."""
+    import nibabel as nib
+    from nilearn.image import smooth_img
+
+    root = shared_path("real", "studyforrest-localizer")
+    out = tmp_path / "out"
+    assert main([str(root), str(out), "participant", "--space", "native", "--skip-bids-validation", "-q",
+                 "--contrast", "faceMinusHouse=face - house"]) == 0
+    mean = next(out.rglob("*_run-1_desc-mean_boldref.nii.gz"))
+    bold = next(root.rglob("*_desc-preproc_bold.nii.gz"))
+    mask_path = next(out.rglob("*_run-1_desc-brain_mask.nii.gz"))
+    mask = np.asanyarray(nib.load(str(mask_path)).dataobj) > 0
+    expected = smooth_img(str(bold), 6.0).get_fdata(dtype=np.float64).mean(axis=3)
+    ours = np.asanyarray(nib.load(str(mean)).dataobj, dtype=np.float64)
+    np.testing.assert_allclose(ours[mask], expected[mask], rtol=1e-5)
+    assert (ours[~mask] == 0).all()
+    page = (out / "sub-02.html").read_text()
+    assert page.count("over the run&#x27;s mean BOLD image") == 2  # the run and the subject map
+    assert "MNI152" not in page.split("Contrast faceMinusHouse")[1]
+
+
+def test_rerun_draws_only_the_figures_of_changed_maps(reported, tmp_path, monkeypatch, with_reports):
+    import os
+
+    import bidsglm.figures as figures
+
+    root, out = reported
+    work = tmp_path / "moved" / "out"  # reuse survives moving OUTPUT_DIR (file times are kept)
+    shutil.copytree(out, work)
+    drawn = []
+    real = figures.brain_figure
+    monkeypatch.setattr(figures, "brain_figure", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    before = _figures((work / "sub-01.html").read_text(), "<body>")
+    assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
+    assert drawn == []
+    assert _figures((work / "sub-01.html").read_text(), "<body>") == before
+    # a map written again (new modification time): its figure alone is drawn again
+    z = next((work / "sub-01").rglob("*_run-1_*contrast-?ncongruentMinusCongruent_stat-z_statmap.nii.gz"))
+    os.utime(z, ns=(z.stat().st_atime_ns, z.stat().st_mtime_ns + 10**9))
+    assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
+    assert len(drawn) == 1
+    assert _figures((work / "sub-01.html").read_text(), "<body>") == before
+    # the group report likewise
+    assert main([str(root), str(work), "group", "--reports-only", "-q"]) == 0
+    assert len(drawn) == 1
