@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .caches import configure_tool_caches
 from .design import DEFAULT_CONFOUNDS
 from .errors import EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
 from .logs import configure_logging
@@ -305,6 +306,7 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    configure_tool_caches()  # per-user cache folders where HOME is not writable (containers)
     try:
         return run(args)
     except BidsGlmError as exc:

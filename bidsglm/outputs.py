@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import __url__, __version__
+from .container import generated_by_container
 from .errors import UsageError
 
 BIDS_VERSION = "1.10.0"
@@ -185,6 +186,7 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
                 "Version": __version__,
                 "CodeURL": __url__,
                 "Description": "Run-level GLMs with AR(1) prewhitening and subject-level fixed effects",
+                **generated_by_container(),  # image name (and digest) when run inside the image
             }
         ],
         "SourceDatasets": [{"URL": root.as_uri()} for root in links.values()],
