@@ -76,11 +76,13 @@ def _input(parser: argparse.ArgumentParser, action: argparse.Action) -> dict:
         entry["min-list-entries"] = 1
     if repeated:  # --contrast A --contrast B: the flag is repeated between values
         entry["list-separator"] = f" {entry['command-line-flag']} "
+    # Defaults are documented in the description but not given as "default-value":
+    # Boutiques would write them onto every command line (group-level options at the
+    # participant level too), freezing this version's defaults into the platform's runs.
     default = action.default
-    if not flag_like and default is not None and default is not argparse.SUPPRESS:
-        if entry["type"] == "String":
-            default = [str(d) for d in default] if isinstance(default, list) else str(default)
-        entry["default-value"] = default
+    if not flag_like and default is not None and "default" not in entry["description"]:
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        entry["description"] += f" (default: {shown})"
     return entry
 
 
@@ -117,7 +119,7 @@ def descriptor(parser: argparse.ArgumentParser | None = None) -> dict:
         "inputs": [_input(parser, a) for a in positionals + options],
         "groups": groups,
         "output-files": [
-            {"id": "output_dir", "name": "Derivatives dataset", "path-template": "[OUTPUT_DIR]",
+            {"id": "derivatives_dataset", "name": "Derivatives dataset", "path-template": "[OUTPUT_DIR]",
              "description": "BIDS derivatives: statistical maps, sidecars, reports", "optional": False},
             {"id": "dataset_description", "name": "Dataset description",
              "path-template": "[OUTPUT_DIR]/dataset_description.json",

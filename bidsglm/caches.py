@@ -5,7 +5,7 @@ validator) keep caches on disk. A fixed shared path breaks on a cluster node:
 the first user creates it, every other user cannot write it. So caches live in
 a per-user, per-version folder, ``<tmp>/bidsglm-<uid>/<version>/<tool>``
 (``<tmp>`` is ``$BIDSGLM_CACHE_DIR`` if set, else the system temporary folder),
-used only if it is a folder this user owns and can write. Otherwise a private
+used only if this user owns it and no one else can write it. Otherwise a private
 ``mkdtemp`` folder is used, and where not even that works numba runs without
 its cache. An unusable cache never fails a run; it costs at most one warning.
 
@@ -36,17 +36,29 @@ def _warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
-def usable_dir(path: Path) -> bool:
-    """``path`` is (or can be made) a folder this user owns and can write into."""
+def usable_dir(path: Path, private: bool = False) -> bool:
+    """``path`` is (or can be made) a folder this user can write into; ``private``:
+    also owned by this user and writable by no one else (numba loads pickled code
+    from its cache, so a cache another user can write is not used)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not path.is_dir() or path.stat().st_uid != os.geteuid():
+        if not path.is_dir():
             return False
+        if private:
+            st = path.stat()
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return False
         with tempfile.TemporaryFile(dir=path):
             pass
         return True
     except OSError:
         return False
+
+
+def _private_tree(top: Path, leaf: Path) -> bool:
+    """Every folder from ``top`` down to ``leaf`` is private to this user."""
+    levels = [leaf, *[p for p in leaf.parents if p == top or top in p.parents]]
+    return all(usable_dir(p, private=True) for p in reversed(levels))
 
 
 def _user_root() -> Path:
@@ -57,8 +69,9 @@ def _user_root() -> Path:
 def user_cache_dir(tool: str) -> Path | None:
     """The per-user, per-version cache folder of ``tool``; a private temporary
     folder when that is unusable; None when no folder can be written at all."""
-    path = _user_root() / tool
-    if usable_dir(path):
+    root = _user_root()
+    path = root / tool
+    if _private_tree(root.parent, path):
         return path
     try:
         private = Path(tempfile.mkdtemp(prefix=f"bidsglm-{tool}-"))
@@ -73,7 +86,7 @@ def user_cache_dir(tool: str) -> Path | None:
 
 def _in_tree_writable(package_dir: Path) -> bool:
     """numba's default cache: the package's own __pycache__ (a development install)."""
-    return usable_dir(package_dir / "__pycache__")
+    return usable_dir(package_dir / "__pycache__")  # writable; numba's own requirement
 
 
 def _seed_from_shipped(cache: Path) -> None:

@@ -65,7 +65,7 @@ def test_a_cache_folder_owned_by_another_user_is_not_used(fresh, caplog):
     theirs = fresh / "base" / f"bidsglm-{os.geteuid()}" / __version__ / "numba"
     theirs.mkdir(parents=True)
     os.chown(theirs, OTHER_UID, OTHER_UID)
-    assert not caches.usable_dir(theirs)
+    assert caches.usable_dir(theirs) and not caches.usable_dir(theirs, private=True)
     with caplog.at_level("WARNING", logger="bidsglm"):
         path = caches.user_cache_dir("numba")
     assert path != theirs and path.parent == fresh / "tmp"
@@ -84,7 +84,7 @@ def test_given_numba_cache_dir_that_is_unusable_falls_back(fresh, monkeypatch, c
 
 
 def test_no_writable_folder_at_all_means_no_caching(fresh, monkeypatch, caplog):
-    monkeypatch.setattr(caches, "usable_dir", lambda path: False)
+    monkeypatch.setattr(caches, "usable_dir", lambda path, private=False: False)
 
     def no_mkdtemp(*args, **kwargs):
         raise PermissionError("read-only")
@@ -129,11 +129,50 @@ def _kernel_run(env: dict, **kwargs) -> subprocess.CompletedProcess:
                           env={**full, **env}, cwd="/", timeout=600, **kwargs)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
+def _readable_by_others(path: Path) -> bool:
+    """Every folder down to ``path`` is searchable, and ``path`` readable, by other users."""
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in path.parents) and bool(path.stat().st_mode & 0o004)
+
+
+def test_an_unusable_numba_cache_never_fails_the_kernels():
+    """numba alone fails at import when its cache folder is unusable ("no locator
+    available"); through bidsglm the kernels run, with a private folder and one warning.
+    As root: the per-user folder belongs to another uid, NUMBA_CACHE_DIR is a file."""
+    import tempfile
+
+    node_tmp = Path(tempfile.mkdtemp(prefix="bidsglm-node-tmp-", dir="/tmp"))
+    try:
+        node_tmp.chmod(0o1777)
+        blocked = node_tmp / "numba-cache-is-a-file"
+        blocked.write_text("")
+        theirs = node_tmp / f"bidsglm-{os.geteuid()}"
+        if os.geteuid() == 0:
+            theirs.mkdir()
+            os.chown(theirs, OTHER_UID, OTHER_UID)
+        else:
+            theirs.write_text("")
+        env = {"NUMBA_CACHE_DIR": str(blocked), "TMPDIR": str(node_tmp), "HOME": "/nonexistent"}
+        plain = subprocess.run([sys.executable, "-c", "import numba\n@numba.njit(cache=True)\ndef f(x):\n"
+                                "    return x\nprint(f(1))"], capture_output=True, text=True, cwd="/",
+                               env={**os.environ, **env}, timeout=600)
+        assert plain.returncode != 0 and "cannot cache" in plain.stderr  # the failure users met
+        proc = _kernel_run(env)
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout.split("\n")
+        assert float(out[0]) > 0
+        assert out[1].startswith("True " + str(node_tmp / "bidsglm-numba-"))  # a private mkdtemp folder
+        warnings = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(warnings) == 1 and "NUMBA_CACHE_DIR" in warnings[0], proc.stderr
+    finally:
+        shutil.rmtree(node_tmp, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _readable_by_others(Path(sys.executable)),
+                    reason="needs root, and a Python that other users can run")
 def test_second_user_on_a_node_runs_the_kernels():
-    """The reported failure: a shared /tmp where another user made the cache folder.
-    Here the folder given as NUMBA_CACHE_DIR and the per-user one both belong to
-    someone else; the kernels still run (private folder), with one warning."""
+    """The reported failure: a shared /tmp where the first user made the cache folder;
+    the second user (another uid) still runs the kernels, with one warning."""
     import tempfile
 
     node_tmp = Path(tempfile.mkdtemp(prefix="bidsglm-node-tmp-", dir="/tmp"))
@@ -141,15 +180,12 @@ def test_second_user_on_a_node_runs_the_kernels():
         node_tmp.chmod(0o1777)
         shared = node_tmp / "bidsglm-cache" / "numba"
         shared.mkdir(parents=True)  # made by the first user (root here), 0755
-        squatted = node_tmp / f"bidsglm-{OTHER_UID}"
-        squatted.mkdir()
-        os.chown(squatted, 1234, 1234)  # not the second user's
         proc = _kernel_run({"NUMBA_CACHE_DIR": str(shared), "TMPDIR": str(node_tmp), "HOME": "/nonexistent"},
                            user=OTHER_UID, group=OTHER_UID)
         assert proc.returncode == 0, proc.stderr
         out = proc.stdout.split("\n")
         assert float(out[0]) > 0
-        assert out[1].startswith("True " + str(node_tmp / "bidsglm-numba-"))  # a private mkdtemp folder
+        assert out[1] == f"True {node_tmp / f'bidsglm-{OTHER_UID}' / __version__ / 'numba'}"
         warnings = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(warnings) == 1 and "NUMBA_CACHE_DIR" in warnings[0], proc.stderr
     finally:
