@@ -249,3 +249,16 @@ def test_dataset_description_records_the_container_image(tmp_path, monkeypatch):
     ensure_dataset(tmp_path / "sif", {"raw": tmp_path})
     sif = json.loads((tmp_path / "sif" / "dataset_description.json").read_text())["GeneratedBy"][0]
     assert sif["Container"] == {"Type": "singularity", "Tag": "bidsglm/bidsglm:0.1.0"}
+
+
+def test_permission_hint_inside_the_image_names_the_docker_user_option(monkeypatch):
+    from bidsglm.container import permission_hint
+
+    monkeypatch.delenv("BIDSGLM_CONTAINER_IMAGE", raising=False)
+    assert permission_hint() == ""
+    monkeypatch.setenv("BIDSGLM_CONTAINER_IMAGE", "bidsglm/bidsglm:0.1.0")
+    for var in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER"):
+        monkeypatch.delenv(var, raising=False)
+    assert "--user $(id -u):$(id -g)" in permission_hint()
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/x.sif")
+    assert "--user" not in permission_hint() and "can write" in permission_hint()
