@@ -23,10 +23,15 @@ RUN python3 -m venv /opt/bidsglm \
     && /opt/bidsglm/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bidsglm ./bidsglm
-# Bytecode that never goes stale: unchecked-hash .pyc files do not depend on file
-# times, so they stay valid when the layer is copied and the root is read-only
-# (without them every process pays seconds to compile the stack in memory).
+# Then what is not needed at run time goes (pip, setuptools, the packages' own test
+# suites, the validator's source map: about 200 MB), and bytecode that never goes
+# stale is compiled: unchecked-hash .pyc files do not depend on file times, so they
+# stay valid when the layer is copied and the root is read-only (without them every
+# process pays seconds to compile the stack in memory).
 RUN /opt/bidsglm/bin/pip install --no-cache-dir --no-deps /src \
+    && /opt/bidsglm/bin/python -m pip uninstall -y -q pip setuptools \
+    && find /opt/bidsglm/lib -type d -name tests -prune -exec rm -rf {} + \
+    && find /opt/bidsglm/lib -name 'bids-validator.js.map' -delete \
     && /opt/bidsglm/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
        /opt/bidsglm/lib \
     && /opt/bidsglm/bin/bidsglm --version

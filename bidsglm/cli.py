@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .caches import configure_tool_caches
-from .design import DEFAULT_CONFOUNDS
+from .defaults import DEFAULT_CONFOUNDS
 from .errors import EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
 from .logs import configure_logging
 

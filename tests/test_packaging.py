@@ -173,3 +173,12 @@ def test_package_installs_from_the_repository_and_runs_the_demo(tmp_path):
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["GeneratedBy"][0]["Version"] == __version__
     assert len(list(out.rglob("*_stat-z_statmap.nii.gz"))) == 3  # two runs and the subject
+
+
+def test_version_and_help_load_no_numerical_stack():
+    """`bidsglm --version` must start fast (containers, every worker): the command
+    line imports numpy, pandas and numba only when a level runs."""
+    code = ("import sys, bidsglm.cli; heavy = {'numpy', 'pandas', 'numba', 'nilearn', 'scipy'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
