@@ -10,6 +10,7 @@
 #
 #   sudo apt-get install podman runc debootstrap     # Debian packages
 #   bash scripts/container-check.sh [WORK_DIR]
+#   IMAGE=localhost/bidsglm:mine bash scripts/container-check.sh [WORK_DIR]   # check a built image
 #
 # No image registry is needed: when the pinned python base image is not in
 # local storage, a Debian bookworm base with Python 3.11 is made with
@@ -18,7 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/bidsglm-container-XXXXXX)}
-IMAGE=localhost/bidsglm:check
+BUILD=1
+if [ -n "${IMAGE:-}" ]; then BUILD=0; else IMAGE=localhost/bidsglm:check; fi
 BASE=localhost/bidsglm-base:bookworm
 # vfs storage works without overlay support in the kernel; cgroupfs without systemd
 # (runc: crun refuses hybrid cgroup hierarchies such as this sandbox's)
@@ -29,38 +31,39 @@ echo "work folder: $WORK"
 
 command -v podman >/dev/null || { echo "podman is not installed (apt-get install podman runc)"; exit 69; }
 
-base_args=()
-if ! "${PODMAN[@]}" image exists python:3.11.11-slim-bookworm 2>/dev/null; then
-    if ! "${PODMAN[@]}" image exists "$BASE"; then
-        command -v debootstrap >/dev/null || { echo "debootstrap is not installed"; exit 69; }
-        echo "== making a local Debian bookworm base image with Python 3.11 (debootstrap)"
-        rootfs="$WORK/rootfs"
-        debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,passwd \
-            bookworm "$rootfs" http://deb.debian.org/debian > "$WORK/debootstrap.log"
-        # the host's certificate bundle, for pip behind the same TLS set-up as the host
-        cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
-        rm -rf "$rootfs/var/cache/apt/archives"/*.deb
-        tar -C "$rootfs" -c . | "${PODMAN[@]}" import --change 'CMD ["python3"]' - "$BASE"
-        rm -rf "$rootfs"
-    fi
-    base_args=(--build-arg "BASE_IMAGE=$BASE")
-fi
-
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
-echo "== building $IMAGE"
-t0=$(now)
-vcs_ref=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-"${PODMAN[@]}" build --pull=never --isolation=chroot --network=host "${base_args[@]}" \
-    --build-arg VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' bidsglm/__init__.py)" \
-    --build-arg VCS_REF="$vcs_ref" \
-    -t "$IMAGE" . > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
-echo "built in $(since "$t0") s"
+if [ "$BUILD" = 1 ]; then
+    base_args=()
+    if ! "${PODMAN[@]}" image exists python:3.11.11-slim-bookworm 2>/dev/null; then
+        if ! "${PODMAN[@]}" image exists "$BASE"; then
+            command -v debootstrap >/dev/null || { echo "debootstrap is not installed"; exit 69; }
+            echo "== making a local Debian bookworm base image with Python 3.11 (debootstrap)"
+            rootfs="$WORK/rootfs"
+            debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,passwd \
+                bookworm "$rootfs" http://deb.debian.org/debian > "$WORK/debootstrap.log"
+            # the host's certificate bundle, for pip behind the same TLS set-up as the host
+            cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+            rm -rf "$rootfs/var/cache/apt/archives"/*.deb
+            tar -C "$rootfs" -c . | "${PODMAN[@]}" import --change 'CMD ["python3"]' - "$BASE"
+            rm -rf "$rootfs"
+        fi
+        base_args=(--build-arg "BASE_IMAGE=$BASE")
+    fi
+
+    echo "== building $IMAGE"
+    t0=$(now)
+    vcs_ref=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    "${PODMAN[@]}" build --pull=never --isolation=chroot --network=host "${base_args[@]}" \
+        --build-arg VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' bidsglm/__init__.py)" \
+        --build-arg VCS_REF="$vcs_ref" \
+        -t "$IMAGE" . > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+    echo "built in $(since "$t0") s"
+fi
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 echo "image size: $((size / 1000000)) MB (target < 1000 MB)"
-"${PODMAN[@]}" image inspect --format '{{index .Labels "org.opencontainers.image.revision"}}' "$IMAGE" \
-    | grep -qx "$vcs_ref" && echo "revision label: $vcs_ref"
+echo "revision label: $("${PODMAN[@]}" image inspect --format '{{index .Labels "org.opencontainers.image.revision"}}' "$IMAGE")"
 
 # A host folder standing in for a cluster node's /tmp, shared by both users.
 HOST_TMP="$WORK/node-tmp"
