@@ -215,3 +215,34 @@ def test_shipped_kernels_load_without_compiling(tmp_path):
     hits, misses, where = proc.stdout.split()
     assert int(hits) > 0 and int(misses) == 0
     assert where.startswith(str(tmp_path / "users"))
+
+
+def test_tool_caches_where_home_is_not_writable(fresh, monkeypatch):
+    monkeypatch.setenv("HOME", str(fresh / "no-home"))  # does not exist: not writable
+    for var in ("MPLCONFIGDIR", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MPLCONFIGDIR", str(fresh / "mine"))  # the user's own setting is kept
+    caches.configure_tool_caches()
+    assert os.environ["MPLCONFIGDIR"] == str(fresh / "mine")
+    assert os.environ["XDG_CACHE_HOME"] == str(fresh / "base" / f"bidsglm-{os.geteuid()}" / __version__ / "xdg")
+
+
+def test_validator_cache_is_per_user_or_in_the_work_dir(fresh, monkeypatch, tmp_path):
+    """A fixed /tmp/deno failed for the second user of a node."""
+    from bidsglm import validation
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen["DENO_DIR"] = env.get("DENO_DIR")
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"issues": {"issues": []}}', stderr="")
+
+    monkeypatch.setattr(validation.subprocess, "run", fake_run)
+    monkeypatch.setattr(validation, "validator_command", lambda: "bids-validator-deno")
+    monkeypatch.setenv("DENO_DIR", "")
+    monkeypatch.delenv("DENO_DIR")
+    validation.validate_dataset(tmp_path)
+    assert seen["DENO_DIR"] == str(fresh / "base" / f"bidsglm-{os.geteuid()}" / __version__ / "deno")
+    validation.validate_dataset(tmp_path, tmp_path / "work")
+    assert seen["DENO_DIR"] == str(tmp_path / "work" / "deno")
