@@ -86,32 +86,36 @@ print('bidsglm --version: ' + ', '.join(f'{t:.2f}' for t in times) + ' s')"
 echo "== demo dataset"
 mkdir -p "$WORK/demo"
 chmod 777 "$WORK/demo"
-"${run[@]}" -v "$WORK/demo:/demo" --entrypoint bidsglm-demo "$IMAGE" /demo/data --subjects 3
+# 8 subjects: more than ds000102's first six (their sex codes once failed validation), and
+# 256 sign flips, so the permutation run is a real one; 6 mm keeps it quick
+"${run[@]}" -v "$WORK/demo:/demo" --entrypoint bidsglm-demo "$IMAGE" /demo/data --subjects 8 --voxel-size 6
 
-levels() {  # USER OUT: both levels as USER (uid:gid), into OUT
+levels() {  # USER OUT [participant options]: both levels as USER (uid:gid), into OUT
     local user=$1 out=$2
+    shift 2
     mkdir -p "$out" && chown "$user" "$out"
     "${run[@]}" --user "$user" -v "$WORK/demo/data:/data:ro" -v "$out:/out" "$IMAGE" /data /out participant \
-        --n-cpus 2 --contrast "IncongruentMinusCongruent=incongruent_correct - congruent_correct"
+        --n-cpus 2 --contrast "IncongruentMinusCongruent=incongruent_correct - congruent_correct" "$@"
     t0=$(now)
     "${run[@]}" --user "$user" -v "$WORK/demo/data:/data:ro" -v "$out:/out" "$IMAGE" /data /out group \
-        --permutations 200 --tfce --random-seed 1 --n-cpus 2
-    echo "first group run as $user (200 permutations, TFCE): $(since "$t0") s"
-    for f in dataset_description.json sub-01.html group/report.html; do
+        --permutations 1000 --tfce --random-seed 1 --n-cpus 2
+    echo "first group run as $user (all 256 sign flips, TFCE): $(since "$t0") s"
+    for f in dataset_description.json group/report.html; do
         test -s "$out/$f" || { echo "missing: $out/$f"; exit 1; }
     done
 }
 echo "== user 1000 (the image's user): participant and group levels"
 levels 1000:1000 "$WORK/out-1000"
+test -s "$WORK/out-1000/sub-01.html" || { echo "missing: sub-01.html"; exit 1; }
 echo "== user 2345, same node /tmp: participant and group levels"
-levels 2345:2345 "$WORK/out-2345"
+levels 2345:2345 "$WORK/out-2345" --no-reports
 ls -ld "$HOST_TMP"/bidsglm-* || true
 
 echo "== the same group run compiling the kernels (no shipped cache, empty numba cache)"
 t0=$(now)
 "${run[@]}" --user 2345:2345 -e BIDSGLM_NUMBA_SHIPPED= -e NUMBA_CACHE_DIR=/tmp/compile-check-$$ \
     -v "$WORK/demo/data:/data:ro" -v "$WORK/out-2345:/out" "$IMAGE" /data /out group \
-    --permutations 200 --tfce --random-seed 1 --n-cpus 2 -q
+    --permutations 1000 --tfce --random-seed 1 --n-cpus 2 --no-reports 2>&1 | grep -E "permutations in|group level done"
 echo "group run compiling the kernels: $(since "$t0") s"
 
 echo "== provenance in dataset_description.json"
