@@ -115,7 +115,7 @@ def descriptor(parser: argparse.ArgumentParser | None = None) -> dict:
         "author": "bidsglm developers",
         "url": __url__,
         "command-line": " ".join(["bidsglm"] + [_value_key(a) for a in positionals + options]),
-        "container-image": {"type": "docker", "image": IMAGE, "index": "docker://"},
+        "container-image": {"type": "docker", "image": IMAGE},  # docker.io, the default index
         "inputs": [_input(parser, a) for a in positionals + options],
         "groups": groups,
         "output-files": [
