@@ -138,3 +138,30 @@ def configure_tool_caches() -> None:
             path = user_cache_dir(tool)
             if path is not None:
                 os.environ[var] = str(path)
+
+
+def compile_kernels() -> None:
+    """Compile every permutation kernel, for the dtypes the group level uses, into
+    numba's cache (run at image build time with NUMBA_CACHE_DIR pointing at the
+    folder the image ships as BIDSGLM_NUMBA_SHIPPED)."""
+    import numpy as np
+
+    from .permutation import PermutationOptions, permutation_design, run_permutations
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    n = 8
+    designs = [permutation_design(np.ones((n, 1)), [1.0]),
+               permutation_design(np.c_[np.ones(n), rng.normal(size=n)], [[0.0, 1.0]], f_test=True)]
+    for dtype in (np.float64, np.float32):
+        Y = rng.normal(size=(n, int(mask.sum()))).astype(dtype)
+        for design in designs:
+            for tfce in (True, False):
+                run_permutations(Y, design, mask, PermutationOptions(20, seed=0, tfce=tfce))
+
+
+if __name__ == "__main__":  # python -m bidsglm.caches: compile the kernels into the cache
+    compile_kernels()
+    if not any(Path(os.environ.get("NUMBA_CACHE_DIR", ".")).rglob("*.nbi")):
+        sys.exit("bidsglm.caches: no kernel was written to NUMBA_CACHE_DIR")
