@@ -16,7 +16,8 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .design import DEFAULT_CONFOUNDS
+from .caches import configure_tool_caches
+from .defaults import DEFAULT_CONFOUNDS
 from .errors import EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
 from .logs import configure_logging
 
@@ -514,6 +515,7 @@ def main(argv=None) -> int:
             _keep_level(parser, level)
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    configure_tool_caches()  # per-user cache folders where HOME is not writable (containers)
     received: list = []
     previous = _install_signal_handlers(received)
     try:

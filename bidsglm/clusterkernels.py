@@ -14,30 +14,15 @@ it lives for, so one sort and one pass give what per-threshold labelling
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .caches import configure_numba
 
-def _writable_numba_cache() -> None:
-    """numba's on-disk cache (``cache=True``) needs a writable folder: the package's
-    __pycache__, else NUMBA_CACHE_DIR. An installed package can be read-only (a
-    container run with --read-only), so point numba at the temporary folder then;
-    without any writable folder numba refuses to compile cached functions."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    try:
-        cache = Path(__file__).parent / "__pycache__"
-        cache.mkdir(exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache):
-            pass
-    except OSError:
-        os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"bidsglm-numba-{os.getuid()}")
-
-
-_writable_numba_cache()
+# a cache folder this user can write (or none: then numba compiles in memory), chosen
+# before numba is imported since numba reads NUMBA_CACHE_DIR then
+CACHE = configure_numba(Path(__file__).parent)
 import numba  # noqa: E402  (reads NUMBA_CACHE_DIR when imported)
 
 CONNECTIVITIES = (6, 18, 26)
@@ -75,7 +60,7 @@ def neighbour_table(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
     return table
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def _find(parent, i):
     root = i
     while parent[root] != root:
@@ -87,7 +72,7 @@ def _find(parent, i):
     return root
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def cluster_roots(values, neighbours, threshold, two_sided):
     """(V,) cluster id (a member voxel's index) of voxels above ``threshold``
     (or below -threshold when ``two_sided``; signs never join), -1 elsewhere."""
@@ -115,7 +100,7 @@ def cluster_roots(values, neighbours, threshold, two_sided):
     return parent
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def max_cluster_size_mass(values, neighbours, threshold, two_sided):
     """Largest cluster size and largest mass (sum of |value| - threshold) of a map."""
     roots = cluster_roots(values, neighbours, threshold, two_sided)
@@ -136,7 +121,7 @@ def max_cluster_size_mass(values, neighbours, threshold, two_sided):
     return best_size, best_mass
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def _tfce_positive(values, neighbours, E, H, dh, out, sign, write):
     """TFCE of the positive part of ``values``: adds sign * TFCE to ``out`` when
     ``write``; returns the largest TFCE value.
@@ -210,7 +195,7 @@ def _tfce_positive(values, neighbours, E, H, dh, out, sign, write):
     return best
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def _power_sum(m, H):
     """sum_{i=1..m} i^H (closed form for H = 2, the standard)."""
     if m <= 0:
@@ -223,7 +208,7 @@ def _power_sum(m, H):
     return total
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def tfce_map(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
     """(V,) TFCE of a map; with ``two_sided`` the negative part gets negative TFCE."""
     out = np.zeros(values.shape[0], dtype=np.float64)
@@ -233,7 +218,7 @@ def tfce_map(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def tfce_max(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
     """Largest |TFCE| of a map (what the permutation null needs), without the map."""
     unused = np.empty(0, dtype=np.float64)
@@ -243,7 +228,7 @@ def tfce_max(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
     return best
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=CACHE, parallel=True)
 def batch_maxima(stats, neighbours, cluster_threshold, two_sided, with_tfce, E, H, dh):
     """Per map (row of ``stats``): largest cluster size and mass at
     ``cluster_threshold`` and, when ``with_tfce``, largest |TFCE|."""
@@ -276,7 +261,7 @@ def tile_residuals(E: np.ndarray, ss_total: np.ndarray):
     return tiles, ss
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=CACHE, parallel=True, fastmath=True)
 def batch_statistics(A, tiles, ss_tiles, rows, k, dof, f_test, two_sided, keep, v):
     """t or F of a batch of rearrangements, the product and the statistic fused per tile.
 

@@ -84,6 +84,16 @@ def demo_grid(voxel_size: float):
     return mask, affine
 
 
+# the values BIDS allows in participants.tsv's sex column (the schema's levels)
+BIDS_SEX = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O"}
+
+
+def bids_sex(value) -> str:
+    """A source dataset's sex/gender code as a BIDS value; codes BIDS does not define
+    (ds000102 has 'D' for two participants) become n/a rather than a validation error."""
+    return BIDS_SEX.get(str(value).strip().lower(), "n/a")
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -190,7 +200,7 @@ def make_demo(root: Path, n_subjects: int = 4, voxel_size: float = 4.0, amplitud
         sub = f"{s + 1:02d}"
         source = shipped[s % len(shipped)]
         info = participants.loc[source]
-        rows.append({"participant_id": f"sub-{sub}", "sex": info["gender"], "age": info["age"]})
+        rows.append({"participant_id": f"sub-{sub}", "sex": bids_sex(info["gender"]), "age": info["age"]})
         for run in (1, 2):
             stem = f"sub-{sub}_task-{TASK}_run-{run}"
             events_file = events_dir / f"{source}_task-{TASK}_run-{run}_events.tsv"

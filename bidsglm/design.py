@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .defaults import DEFAULT_CONFOUNDS  # noqa: F401  (re-exported; cli.py imports it without pandas)
 from .errors import DataError, ModelError
 
-DEFAULT_CONFOUNDS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 _WILDCARD = re.compile(r"[*?\[]")
 
 

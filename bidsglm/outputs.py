@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import __url__, __version__
+from .container import generated_by_container
 from .errors import OutputError, UsageError
 
 BIDS_VERSION = "1.10.0"
@@ -340,6 +341,7 @@ def ensure_dataset(output_dir: Path, links: dict[str, Path]) -> None:
                 "Version": __version__,
                 "CodeURL": __url__,
                 "Description": "Run-level GLMs with AR(1) prewhitening and subject-level fixed effects",
+                **generated_by_container(),  # image name (and digest) when run inside the image
             }
         ],
         "SourceDatasets": [source_dataset(root, output_dir) for root in links.values()],

@@ -7,9 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from .caches import user_cache_dir
 from .errors import DataError, UsageError
 
 
@@ -31,7 +31,10 @@ def validate_dataset(bids_dir: Path, work_dir: Path | None = None) -> list[str]:
         )
     env = dict(os.environ)
     # deno caches modules; HOME may be read-only in containers
-    env.setdefault("DENO_DIR", str(Path(work_dir or tempfile.gettempdir()) / "deno"))
+    if "DENO_DIR" not in env:  # a per-user folder: a shared /tmp/deno fails for the second user
+        deno = Path(work_dir) / "deno" if work_dir else user_cache_dir("deno")
+        if deno is not None:
+            env["DENO_DIR"] = str(deno)
     proc = subprocess.run(
         [exe, "--format", "json", str(bids_dir)],
         capture_output=True, text=True, env=env, check=False,
