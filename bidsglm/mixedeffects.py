@@ -26,7 +26,7 @@ import numpy as np
 from . import clusterkernels  # noqa: F401  (sets up numba's cache folder before numba is imported)
 import numba  # noqa: E402
 
-from .statistics import TINY, ContrastResult, t_contrast
+from .statistics import ContrastResult, t_contrast
 
 METHODS = ("REML", "ML")
 TOLERANCE = 1e-8  # on the tau^2 step, relative to tau^2 + the voxel's mean input variance
@@ -55,12 +55,14 @@ class MixedFit:
         """Wald t for a (P,) vector or (1, P) row; Wald F (divided by its rows) for (k, P)
         rows, or for one row when ``f_test``. Both referred to ``dof`` error degrees of freedom."""
         c = np.atleast_2d(np.asarray(c, dtype=np.float64))
+        if c.shape[0] > 1 and np.linalg.matrix_rank(c) < c.shape[0]:
+            # redundant rows: test the row space (F is the same for any basis of it)
+            _, s, vt = np.linalg.svd(c, full_matrices=False)
+            c = vt[: int(np.sum(s > s.max() * 1e-10))]
         effect = c @ self.beta  # (k, V)
         var = np.einsum("kp,vpq,lq->vkl", c, self.cov, c)  # (V, k, k)
         if c.shape[0] == 1 and not f_test:
             return t_contrast(effect[0], var[:, 0, 0], self.dof)
-        if np.linalg.matrix_rank(c) < c.shape[0]:
-            raise ValueError("F contrast rows must be linearly independent")
         solved = np.linalg.solve(var, effect.T[:, :, None])[:, :, 0]  # (V, k)
         stat = np.einsum("vk,vk->v", effect.T, solved) / c.shape[0]
         return ContrastResult(effect, np.ones_like(stat), stat, float(self.dof), "F", c.shape[0])

@@ -124,6 +124,9 @@ def test_f_contrast_is_the_wald_test():
     one_row = fit.contrast(np.array([[0.0, 1.0]]), f_test=True)
     np.testing.assert_allclose(one_row.stat, fit.contrast(np.array([0.0, 1.0])).stat ** 2, rtol=1e-10)
     np.testing.assert_allclose(res.p, stats.f.sf(res.stat, 2, 12), rtol=1e-8)
+    redundant = fit.contrast(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), f_test=True)
+    np.testing.assert_allclose(redundant.stat, res.stat, rtol=1e-9)  # same row space, same F
+    assert redundant.dim == 2
 
 
 def test_refuses_bad_inputs():
