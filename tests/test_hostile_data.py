@@ -278,8 +278,20 @@ OPTION_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("options,message", OPTION_REFUSALS, ids=[" ".join(o) for o, _ in OPTION_REFUSALS])
-@pytest.mark.parametrize("level", ["participant", "group"])
+def _levels_of(flag: str) -> list[str]:
+    """The levels an option is accepted at (the other level refuses it before its value is checked)."""
+    from bidsglm.cli import build_parser, option_levels
+
+    level = option_levels(build_parser())[flag]
+    return ["participant", "group"] if level == "common" else [level]
+
+
+OPTION_CASES = [(level, options, message) for options, message in OPTION_REFUSALS
+                for level in _levels_of(options[0])]
+
+
+@pytest.mark.parametrize("level,options,message", OPTION_CASES,
+                         ids=[f"{level} {' '.join(o)}" for level, o, _ in OPTION_CASES])
 def test_bad_option_values_are_usage_errors(tmp_path, capsys, options, message, level):
     try:
         code = main([str(tmp_path / "bids"), str(tmp_path / "out"), level, "-q", *options])
