@@ -62,9 +62,26 @@ def _chunks(n: int, size: int = CHUNK):
         yield slice(start, min(start + size, n))
 
 
+# Singular values below this fraction of the largest count as zero, in the rank (degrees of
+# freedom) and in every pseudo-inverse alike. Columns that are linear combinations of others up
+# to rounding (e.g. a parametric modulator built from two others) leave a singular value near
+# 1e-13 of the largest: kept, it multiplies the data by 1e13 along a direction of pure noise,
+# and the residual sums that the AR(1) estimate is made of lose every digit (rho of 900 was
+# seen). Real designs, whatever their units, stay far above this (condition numbers < 1e8).
+RANK_RTOL = 1e-10
+
+
+def design_pinv(A: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse with the rank tolerance of design_rank (RANK_RTOL)."""
+    return scipy.linalg.pinv(np.asarray(A, dtype=np.float64), atol=0.0, rtol=RANK_RTOL)
+
+
 def design_rank(X: np.ndarray) -> int:
-    eps = np.abs(X).sum() * np.finfo(np.float64).eps
-    return int(np.linalg.matrix_rank(X, eps))
+    X = np.asarray(X, dtype=np.float64)
+    if X.size == 0:
+        return 0
+    s = np.linalg.svd(X, compute_uv=False)
+    return int((s > RANK_RTOL * s[0]).sum())
 
 
 def check_design(X: np.ndarray, columns: list[str]) -> None:
@@ -87,7 +104,7 @@ def is_estimable(c: np.ndarray, X: np.ndarray) -> bool:
     """Every row of c is a combination of the rows of X, so c @ beta does not depend
     on which solution the pseudo-inverse picked."""
     c = np.atleast_2d(c)
-    projected = c @ scipy.linalg.pinv(X) @ X
+    projected = c @ design_pinv(X) @ X
     return bool(np.allclose(projected, c, atol=1e-8 * max(1.0, np.abs(c).max())))
 
 
@@ -236,7 +253,7 @@ class RunGLM:
         self.rhos_, self.group_ = np.unique(self.ar1_, return_inverse=True)
         self.covs_ = []  # (P, P) normalised covariance of beta, one per AR value
         for rho in self.rhos_:
-            pinv = scipy.linalg.pinv(whiten_ar1(X, rho) if rho != 0 else X)
+            pinv = design_pinv(whiten_ar1(X, rho) if rho != 0 else X)
             self.covs_.append(pinv @ pinv.T)
         self.beta_, rss = self._whitened_fits(m, p)
         self.dispersion_ = rss / (n - p)
@@ -263,7 +280,7 @@ class RunGLM:
         The residual sums come from the moments: with r = y - X b,
         sum r_t r_(t-1) = S1 - b'(X_next + X_prev)'y + b'K b, K = sum x_t x_(t-1)'."""
         n, p = X.shape
-        pinv = scipy.linalg.pinv(X)
+        pinv = design_pinv(X)
         b = (pinv @ pinv.T) @ m.xy[:p]  # OLS fit, as pinv(X) @ y
         K = X[1:].T @ X[:-1]
         r_sum = m.total - X.sum(axis=0) @ b

@@ -19,7 +19,7 @@ from scipy.linalg import sqrtm
 
 from .design import ContrastSpec
 from .errors import ModelError
-from .firstlevel import design_rank, is_estimable  # noqa: F401 - is_estimable: used by group planning
+from .firstlevel import design_pinv, design_rank, is_estimable  # noqa: F401 - is_estimable: used by group planning
 from .statistics import ContrastResult, f_contrast, t_contrast
 
 INTERCEPT = "mean"
@@ -206,7 +206,7 @@ def fit_ols(Y: np.ndarray, X: np.ndarray) -> GroupFit:
         raise ValueError(f"{Y.shape[0]} maps for a design with {X.shape[0]} rows")
     rank = design_rank(X)
     dof = X.shape[0] - rank
-    pinv = scipy.linalg.pinv(X)
+    pinv = design_pinv(X)
     beta = pinv @ Y
     resid = Y - X @ beta
     dispersion = np.einsum("nv,nv->v", resid, resid) / max(dof, 1)
