@@ -500,3 +500,31 @@ def test_interrupt_in_the_reports_keeps_the_maps(capsys, bids, tmp_path, monkeyp
     assert list(out.rglob("*_stat-z_statmap.nii.gz")) and (out / "dataset_description.json").is_file()
     assert not list(out.glob(outputs.SESSION_PREFIX + "*"))
     assert tree(root) == before
+
+
+def test_ctrl_c_with_worker_processes(bids, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: bidsglm and its joblib workers
+    (--n-cpus 2) while runs are being fitted and written. Exit 130; the workers' files are gone."""
+    root, before = bids
+    out = tmp_path / "glm"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bidsglm", str(root), str(out), "participant", "--skip-bids-validation",
+         "--n-cpus", "2", "--contrast", "congruent_correct", "--no-reports"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    err = ""
+    while "fitting" not in err:  # a worker has started on a run
+        line = proc.stderr.readline()
+        if not line:
+            break
+        err += line
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    err += rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if " ERROR: " in line]
+    assert len(errors) == 1 and "interrupted" in errors[0], err
+    assert not os.path.lexists(out)
+    assert tree(root) == before
