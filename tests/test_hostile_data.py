@@ -193,6 +193,17 @@ def test_constant_bold_refused(demo_copy, tmp_path, capsys, value):
     assert not list((tmp_path / "out").rglob("sub-01_task-flanker_*statmap*"))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_bold_inside_the_mask_refused(demo_copy, tmp_path, capsys, value):
+    def one_bad(data, mask):
+        data[tuple(np.argwhere(mask)[100]) + (9,)] = value
+    _rewrite_bold(demo_copy, one_bad)
+    assert _participant(demo_copy, tmp_path / "out") == 65
+    line = _one_error_line(capsys)
+    assert "preproc_bold.nii.gz: volume 10: 1 non-finite value(s) (NaN or infinite) inside the brain mask" in line
+    assert not list((tmp_path / "out").rglob("sub-01_task-flanker_*statmap*"))
+
+
 def test_bold_mostly_constant_refused(demo_copy, tmp_path, capsys):
     def half_flat(data, mask):
         flat = np.zeros(mask.shape, bool)
@@ -205,15 +216,14 @@ def test_bold_mostly_constant_refused(demo_copy, tmp_path, capsys):
 
 
 def test_a_few_broken_voxels_are_left_out_and_recorded(demo_copy, tmp_path, capsys):
-    """A voxel NaN throughout (read as 0, as nilearn does) and a constant voxel inside the mask:
-    left out of the run's mask with one warning, recorded; every map written is finite with a
-    positive variance."""
+    """A voxel zero throughout and a constant voxel inside the mask: left out of the run's mask
+    with one warning, recorded; every map written is finite with a positive variance."""
     voxels = []
 
     def break_two(data, mask):
         ijk = np.argwhere(mask)
         a, b = tuple(ijk[len(ijk) // 3]), tuple(ijk[2 * len(ijk) // 3])
-        data[a] = np.nan
+        data[a] = 0.0
         data[b] = 900.0
         voxels.extend([a, b])
     _rewrite_bold(demo_copy, break_two)
