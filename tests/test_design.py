@@ -134,3 +134,12 @@ def test_repeated_contrast_names_and_labels_refused():
         check_unique_names(["a", "b", "a"], "--contrast")
     with pytest.raises(UsageError, match="'a - b' and 'a_minus_b' would both be written as contrast-aMinusB"):
         check_unique_names(["a - b", "a_minus_b"], "--contrast")
+
+
+def test_condition_named_like_a_design_column_refused():
+    """nilearn would fail on duplicate column names (an internal error before): a model error."""
+    conf = pd.DataFrame({"trans_x": np.linspace(0, 1, 50)})
+    for name in ("constant", "drift_1", "trans_x"):
+        events = pd.DataFrame({"onset": [0.0, 20.0], "duration": [1.0, 1.0], "trial_type": [name, "a"]})
+        with pytest.raises(ModelError, match=name):
+            build_design(events, conf, 50, 2.0, DesignSettings())
