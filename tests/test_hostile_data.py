@@ -528,3 +528,27 @@ def test_group_contrast_named_like_a_default_refused(group_copy, capsys):
     line = _one_error_line(capsys)
     assert "group contrast 'mean' (--group-contrast" in line and "name of a default contrast" in line
     assert not list(group_copy.glob("group/*_statmap.nii.gz"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.floats(-1e6, 1e6), st.floats(0, 1e6),
+                               st.sampled_from(["a", "b", "constant", "x y", "é", "1", "drift_1"])),
+                     min_size=1, max_size=8),
+       hrf=st.sampled_from(["glover", "spm + derivative", "glover + derivative + dispersion"]),
+       high_pass=st.floats(1e-4, 0.3))
+def test_any_event_timing_gives_a_checked_design_or_a_model_error(rows, hrf, high_pass):
+    """Onsets anywhere (before, inside, long after the scan), any durations, odd condition names:
+    a design that passes every check, or a typed error; never an internal error."""
+    from bidsglm.design import DesignSettings, build_design
+    from bidsglm.firstlevel import check_design
+
+    events = pd.DataFrame(rows, columns=["onset", "duration", "trial_type"])
+    confounds = pd.DataFrame({"trans_x": np.linspace(0, 1, 40)})
+    try:
+        design = build_design(events, confounds, 40, 2.0, DesignSettings(hrf_model=hrf, high_pass=high_pass))
+        check_design(design.to_numpy(), [str(c) for c in design.columns])
+    except BidsGlmError as exc:
+        assert exc.exit_code == 65
+        return
+    assert np.isfinite(design.to_numpy()).all()
+    assert all("\n" not in note for note in design.attrs["notes"])
