@@ -9,6 +9,7 @@ nilearn user gets.
 from __future__ import annotations
 
 import ast
+import csv
 import fnmatch
 import hashlib
 import re
@@ -26,7 +27,9 @@ _WILDCARD = re.compile(r"[*?\[]")
 
 def _read_tsv(path: Path) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
+        # BIDS tables have no quoting: a stray " must not join lines (events silently lost)
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str,
+                            quoting=csv.QUOTE_NONE)
     except pd.errors.EmptyDataError as exc:
         raise DataError("file is empty", path) from exc
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:

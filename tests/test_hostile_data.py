@@ -552,3 +552,10 @@ def test_any_event_timing_gives_a_checked_design_or_a_model_error(rows, hrf, hig
         return
     assert np.isfinite(design.to_numpy()).all()
     assert all("\n" not in note for note in design.attrs["notes"])
+
+
+def test_stray_quote_does_not_join_event_lines(tmp_path):
+    """BIDS tables have no quoting: a '"' in a cell stays a character, no events are lost."""
+    path = tmp_path / "events.tsv"
+    path.write_text('onset\tduration\ttrial_type\tstim\n1\t1\ta\t"pic.png\n5\t1\tb\tx"\n9\t1\ta\ty\n')
+    assert read_events(path)["trial_type"].tolist() == ["a", "b", "a"]
