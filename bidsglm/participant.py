@@ -362,22 +362,14 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
 
     result = RunResult(run, dof=glm.dof_, dropped=prep.dropped)
     columns = list(prep.design.columns)
-    maps = {}
-    for con in prep.contrasts:  # every map checked before any is written
+    _check_contrast_maps(glm, prep.contrasts, columns, run.bold)
+    for con in prep.contrasts:
         if con.test == "F":
             res = glm.contrast(con.matrix(columns))
             values = {"F": res.stat, "z": res.z, "p": res.p}
         else:
             res = glm.contrast(con.vector(columns))
             values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
-        values = {stat: values[stat] for stat in contrast_stats(con)}
-        try:
-            check_statistic_maps(values)
-        except DataError as exc:
-            raise DataError(f"contrast '{con.name}': {exc.problem}", run.bold) from exc
-        maps[con.name] = values
-    for con in prep.contrasts:
-        values = maps[con.name]
         paths = {}
         for stat in contrast_stats(con):
             path = statmap_path(output_dir, run.entities, labels[con.name], stat)
@@ -420,6 +412,20 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     log.info("%s: wrote %d contrasts (%.1f s in all)", run.label, len(prep.contrasts),
              time.perf_counter() - t0)
     return result
+
+
+def _check_contrast_maps(glm: RunGLM, contrasts: list[ContrastSpec], columns: list[str], bold: Path) -> None:
+    """Every contrast's maps finite with a positive variance before any map is written. Effect,
+    variance and statistic only: finite statistics give finite z and p. O(P x V) per contrast,
+    recomputed when writing rather than held in memory."""
+    for con in contrasts:
+        res = glm.contrast(con.matrix(columns) if con.test == "F" else con.vector(columns))
+        values = {"F": res.stat} if con.test == "F" else \
+            {"effect": res.effect, "variance": res.variance, "t": res.stat}
+        try:
+            check_statistic_maps(values)
+        except DataError as exc:
+            raise DataError(f"contrast '{con.name}': {exc.problem}", bold) from exc
 
 
 def _unmatched_confounds(requested, used: list[str]) -> list[str]:
