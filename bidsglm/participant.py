@@ -33,7 +33,7 @@ from .design import (
 )
 from .discovery import RunInputs
 from .errors import DataError, ModelError
-from .firstlevel import RunGLM, check_design, check_statistic_maps, design_rank, is_estimable, mean_scaling
+from .firstlevel import RunGLM, check_design, check_estimable, check_statistic_maps, design_rank, mean_scaling
 from .fixedeffects import DegenerateRunError, fixed_effects
 from .images import (
     check_same_grid,
@@ -125,7 +125,7 @@ def check_run_design(prep: "PreparedRun") -> None:
         column = next((c for c in columns if f"'{c}'" in exc.problem), None)
         hint = ""
         if "zero in every volume" in exc.problem and column not in prep.confound_columns:
-            hint = " (no event of this condition falls within the scan)"
+            hint = " (no event of this condition within the scan, or a column that is n/a in every row)"
         elif "no residual degrees of freedom" in exc.problem:
             drifts = sum(c.startswith("drift") or c.startswith("cosine") for c in columns)
             hint = (f" ({len(prep.confound_columns)} confounds, {drifts} drift terms: use fewer confounds "
@@ -133,10 +133,10 @@ def check_run_design(prep: "PreparedRun") -> None:
         raise ModelError(exc.problem + hint, _design_source(prep, column)) from exc
     if design_rank(X) < X.shape[1]:
         for con in prep.contrasts:
-            if not is_estimable(con.matrix(columns), X):
-                raise ModelError(f"contrast '{con.name}' is not estimable: the design's columns are linearly "
-                                 f"dependent (duplicate regressors?) and its weights on "
-                                 f"{', '.join(con.conditions)} are not identified", prep.inputs.events)
+            try:
+                check_estimable(con.matrix(columns), X, columns, con.name)
+            except ModelError as exc:
+                raise ModelError(exc.problem, prep.inputs.events) from exc
 
 
 @dataclass
