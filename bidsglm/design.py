@@ -9,6 +9,7 @@ nilearn user gets.
 from __future__ import annotations
 
 import ast
+import csv
 import fnmatch
 import hashlib
 import re
@@ -26,7 +27,9 @@ _WILDCARD = re.compile(r"[*?\[]")
 
 def _read_tsv(path: Path) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
+        # BIDS tables have no quoting: a stray " must not join lines (events silently lost)
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str,
+                            quoting=csv.QUOTE_NONE)
     except pd.errors.EmptyDataError as exc:
         raise DataError("file is empty", path) from exc
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -186,6 +189,14 @@ class DesignSettings:
     min_onset: float = -24.0
 
 
+def _nilearn_design(make, *args, **kwargs) -> pd.DataFrame:
+    """nilearn's design matrix; its refusals (ValueError) are a model error, not a crash."""
+    try:
+        return make(*args, **kwargs)
+    except ValueError as exc:
+        raise ModelError(f"the design matrix cannot be built: {' '.join(str(exc).split())}") from exc
+
+
 def frame_times(n_volumes: int, tr: float, slice_time_ref: float) -> np.ndarray:
     """Acquisition time of each volume, as nilearn computes it."""
     start = slice_time_ref * tr
@@ -210,6 +221,10 @@ def build_design(
     clash = set(events["trial_type"]) & set(confounds.columns)
     if clash:
         raise ModelError(f"condition(s) {', '.join(sorted(clash))} have the same name as confound columns")
+    reserved = sorted(c for c in set(events["trial_type"]) if c == "constant" or re.fullmatch(r"drift_\d+", c))
+    if reserved:
+        raise ModelError(f"condition name(s) {', '.join(reserved)} are those of the design's intercept or drift "
+                         "columns; rename them in the events (column 'trial_type')")
     nyquist = 0.5 / tr
     if settings.drift_model == "cosine" and settings.high_pass >= nyquist:
         raise ModelError(f"high-pass cut-off {settings.high_pass:g} Hz is not below the Nyquist frequency "
@@ -217,7 +232,8 @@ def build_design(
                          "degree of freedom (lower --high-pass, e.g. 1/128)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        design = make_first_level_design_matrix(
+        design = _nilearn_design(
+            make_first_level_design_matrix,
             frame_times(n_volumes, tr, settings.slice_time_ref),
             events,
             hrf_model=settings.hrf_model,

@@ -115,8 +115,8 @@ def check_estimable(c: np.ndarray, X: np.ndarray, columns: list[str], name: str)
     if design_rank(X) == X.shape[1] or is_estimable(c, X):
         return
     used = [columns[j] for j in np.flatnonzero(np.atleast_2d(c).any(axis=0))]
-    raise ModelError(f"contrast '{name}' is not estimable: the design is rank deficient (columns "
-                     f"linearly dependent) and its weights on {', '.join(used)} are not identified")
+    raise ModelError(f"contrast '{name}' is not estimable: the design's columns are linearly dependent "
+                     f"(duplicate regressors?) and its weights on {', '.join(used)} are not identified")
 
 
 def check_statistic_maps(values: dict[str, np.ndarray]) -> None:

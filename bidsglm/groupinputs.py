@@ -9,6 +9,7 @@ run maps.
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,7 +379,8 @@ def read_participants(output_dir: Path) -> tuple[pd.DataFrame, Path]:
                         "from BIDS_DIR); rerun the participant level", output_dir)
     check_rectangular(path)
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False,
+                            quoting=csv.QUOTE_NONE)  # BIDS tables have no quoting
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse as a tab-separated table ({exc})", path) from exc
     if "participant_id" not in table.columns:

@@ -19,7 +19,7 @@ from scipy.linalg import sqrtm
 
 from .design import ContrastSpec
 from .errors import ModelError
-from .firstlevel import design_pinv, design_rank, is_estimable  # noqa: F401 - is_estimable: used by group planning
+from .firstlevel import design_pinv, design_rank, is_estimable  # noqa: F401 - is_estimable re-exported (group planning)
 from .statistics import ContrastResult, f_contrast, t_contrast
 
 INTERCEPT = "mean"

@@ -109,12 +109,17 @@ def _padded_box(mask: np.ndarray, sigmas: np.ndarray) -> tuple[slice, ...]:
 
 def _smooth_and_gather(vol: np.ndarray, sigmas: np.ndarray, inner: np.ndarray,
                        lines: np.ndarray | None = None) -> np.ndarray:
-    """Zero non-finite values, smooth along each axis in turn (as nilearn), take in-mask voxels.
+    """Zero non-finite values outside the mask (refused inside it), smooth along each axis in turn
+    (as nilearn), take in-mask voxels.
 
     The last pass filters only the lines along the last axis that hold mask
     voxels (``lines``, a 2D mask over the first two axes); each line is
     filtered independently, so the values are those of filtering them all."""
     if not np.isfinite(vol).all():
+        # outside the brain mask they are read as 0 (as nilearn); inside it they are bad data
+        bad = int((~np.isfinite(vol[inner])).sum())
+        if bad:
+            raise DataError(f"{bad} non-finite value(s) (NaN or infinite) inside the brain mask")
         np.nan_to_num(vol, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     last = max((a for a, s in enumerate(sigmas) if s > 0), default=None)
     for axis, s in enumerate(sigmas):
@@ -221,7 +226,10 @@ def stream_masked_timeseries(path: Path, mask: np.ndarray, fwhm: float | None):
         vol = np.array(vol, dtype=vol.dtype if vol.dtype.kind == "f" else np.float32)
         if out is None:
             out = np.empty((shape[3], int(inner.sum())), dtype=vol.dtype.newbyteorder("="))
-        out[t] = _smooth_and_gather(vol, sigmas, inner, lines)
+        try:
+            out[t] = _smooth_and_gather(vol, sigmas, inner, lines)
+        except DataError as exc:
+            raise DataError(f"volume {t + 1}: {exc.problem}", path) from exc
     return out, affine
 
 

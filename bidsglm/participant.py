@@ -33,7 +33,7 @@ from .design import (
 )
 from .discovery import RunInputs
 from .errors import DataError, ModelError
-from .firstlevel import RunGLM, check_design, check_statistic_maps, design_rank, is_estimable, mean_scaling
+from .firstlevel import RunGLM, check_design, check_estimable, check_statistic_maps, design_rank, mean_scaling
 from .fixedeffects import DegenerateRunError, fixed_effects
 from .images import (
     check_same_grid,
@@ -125,7 +125,7 @@ def check_run_design(prep: "PreparedRun") -> None:
         column = next((c for c in columns if f"'{c}'" in exc.problem), None)
         hint = ""
         if "zero in every volume" in exc.problem and column not in prep.confound_columns:
-            hint = " (no event of this condition falls within the scan)"
+            hint = " (no event of this condition within the scan, or a column that is n/a in every row)"
         elif "no residual degrees of freedom" in exc.problem:
             drifts = sum(c.startswith("drift") or c.startswith("cosine") for c in columns)
             hint = (f" ({len(prep.confound_columns)} confounds, {drifts} drift terms: use fewer confounds "
@@ -133,10 +133,10 @@ def check_run_design(prep: "PreparedRun") -> None:
         raise ModelError(exc.problem + hint, _design_source(prep, column)) from exc
     if design_rank(X) < X.shape[1]:
         for con in prep.contrasts:
-            if not is_estimable(con.matrix(columns), X):
-                raise ModelError(f"contrast '{con.name}' is not estimable: the design's columns are linearly "
-                                 f"dependent (duplicate regressors?) and its weights on "
-                                 f"{', '.join(con.conditions)} are not identified", prep.inputs.events)
+            try:
+                check_estimable(con.matrix(columns), X, columns, con.name)
+            except ModelError as exc:
+                raise ModelError(exc.problem, prep.inputs.events) from exc
 
 
 @dataclass
@@ -364,22 +364,14 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
 
     result = RunResult(run, dof=glm.dof_, dropped=prep.dropped)
     columns = list(prep.design.columns)
-    maps = {}
-    for con in prep.contrasts:  # every map checked before any is written
+    _check_contrast_maps(glm, prep.contrasts, columns, run.bold)
+    for con in prep.contrasts:
         if con.test == "F":
             res = glm.contrast(con.matrix(columns))
             values = {"F": res.stat, "z": res.z, "p": res.p}
         else:
             res = glm.contrast(con.vector(columns))
             values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
-        values = {stat: values[stat] for stat in contrast_stats(con)}
-        try:
-            check_statistic_maps(values)
-        except DataError as exc:
-            raise DataError(f"contrast '{con.name}': {exc.problem}", run.bold) from exc
-        maps[con.name] = values
-    for con in prep.contrasts:
-        values = maps[con.name]
         paths = {}
         for stat in contrast_stats(con):
             path = statmap_path(output_dir, run.entities, labels[con.name], stat)
@@ -425,6 +417,20 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     log.info("%s: wrote %d contrasts (%.1f s in all)", run.label, len(prep.contrasts),
              time.perf_counter() - t0)
     return result
+
+
+def _check_contrast_maps(glm: RunGLM, contrasts: list[ContrastSpec], columns: list[str], bold: Path) -> None:
+    """Every contrast's maps finite with a positive variance before any map is written. Effect,
+    variance and statistic only: finite statistics give finite z and p. O(P x V) per contrast,
+    recomputed when writing rather than held in memory."""
+    for con in contrasts:
+        res = glm.contrast(con.matrix(columns) if con.test == "F" else con.vector(columns))
+        values = {"F": res.stat} if con.test == "F" else \
+            {"effect": res.effect, "variance": res.variance, "t": res.stat}
+        try:
+            check_statistic_maps(values)
+        except DataError as exc:
+            raise DataError(f"contrast '{con.name}': {exc.problem}", bold) from exc
 
 
 def _unmatched_confounds(requested, used: list[str]) -> list[str]:

@@ -109,3 +109,37 @@ def test_real_confounds_files():
             np.testing.assert_allclose(table[col].to_numpy()[valid], raw[col].to_numpy()[valid])
         comp = read_confounds(path, ["a_comp_cor_0[0-5]"], len(raw))
         assert list(comp.columns) == [c for c in raw.columns if c in {f"a_comp_cor_0{i}" for i in range(6)}]
+
+
+def test_contrast_expressions_are_bounded_and_never_evaluated():
+    """Overflow, division by zero, powers, calls, attributes, booleans, huge or deeply nested
+    text: a ModelError (exit 65) naming the contrast, never an internal error or evaluation."""
+    cases = {"1e400*a": "overflows", "a/0": "division by zero", "a*1e300*1e300": "overflows",
+             "a**999999": "only +, -", "__import__('os').getcwd()": "only +, -", "a.real": "only +, -",
+             "True*a": "only +, -", "1e-13*a": "outside", "1" * 5000 + "*a": "characters long",
+             "-" * 1990 + "a": "cannot parse", "(" * 300 + "a" + ")" * 300: "cannot parse",
+             "a\x00": "cannot parse", "1e300*a + 1e300*a - 1e300*a": "outside"}
+    for text, message in cases.items():
+        with pytest.raises(ModelError, match="contrast 'x'") as info:
+            parse_contrast("x", text)
+        assert message in info.value.message, (text[:40], info.value.message[:200])
+
+
+def test_repeated_contrast_names_and_labels_refused():
+    from bidsglm.design import check_unique_names
+    from bidsglm.errors import UsageError
+
+    check_unique_names(["a", "b", "aMinusB2"], "--contrast")
+    with pytest.raises(UsageError, match="--contrast: contrast name 'a' is given more than once"):
+        check_unique_names(["a", "b", "a"], "--contrast")
+    with pytest.raises(UsageError, match="'a - b' and 'a_minus_b' would both be written as contrast-aMinusB"):
+        check_unique_names(["a - b", "a_minus_b"], "--contrast")
+
+
+def test_condition_named_like_a_design_column_refused():
+    """nilearn would fail on duplicate column names (an internal error before): a model error."""
+    conf = pd.DataFrame({"trans_x": np.linspace(0, 1, 50)})
+    for name in ("constant", "drift_1", "trans_x"):
+        events = pd.DataFrame({"onset": [0.0, 20.0], "duration": [1.0, 1.0], "trial_type": [name, "a"]})
+        with pytest.raises(ModelError, match=name):
+            build_design(events, conf, 50, 2.0, DesignSettings())

@@ -194,3 +194,20 @@ def test_too_few_inputs_and_unknown_columns_are_model_errors():
         check_enough_inputs(pd.DataFrame({"mean": [1.0, 1.0], "age": [-1.0, 1.0]}), "test")
     with pytest.raises(ModelError, match="unknown condition"):
         contrast_rows([parse_contrast("x", "IniFF - Nope")], ["IniFF", "DelFF"])
+
+
+def test_numeric_covariate_with_a_typo_is_refused_not_coded_as_categories():
+    from bidsglm.groupmodels import code_covariates
+
+    table = pd.DataFrame({"age": ["21", "2O", "25", "30"], "sex": ["M", "F", "M", "F"]},
+                         index=["01", "02", "03", "04"])
+    with pytest.raises(ModelError, match=r"column 'age', line 3 \(sub-02\): '2O' is not a number"):
+        code_covariates(table, ["age"], ["01", "02", "03", "04"], "participants.tsv")
+    table.loc["02", "age"] = "inf"
+    with pytest.raises(ModelError, match="'inf' is not a finite number"):
+        code_covariates(table, ["age"], ["01", "02", "03", "04"], "participants.tsv")
+    design, _ = code_covariates(table, ["sex"], ["01", "02", "03", "04"], "participants.tsv")
+    assert list(design.columns) == ["mean", "sex_M"]  # a text column stays categorical
+    table["age"] = np.nan
+    with pytest.raises(ModelError, match="no included subject has a value in column"):
+        code_covariates(table, ["age"], ["01", "02", "03", "04"], "participants.tsv")

@@ -193,6 +193,17 @@ def test_constant_bold_refused(demo_copy, tmp_path, capsys, value):
     assert not list((tmp_path / "out").rglob("sub-01_task-flanker_*statmap*"))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_bold_inside_the_mask_refused(demo_copy, tmp_path, capsys, value):
+    def one_bad(data, mask):
+        data[tuple(np.argwhere(mask)[100]) + (9,)] = value
+    _rewrite_bold(demo_copy, one_bad)
+    assert _participant(demo_copy, tmp_path / "out") == 65
+    line = _one_error_line(capsys)
+    assert "preproc_bold.nii.gz: volume 10: 1 non-finite value(s) (NaN or infinite) inside the brain mask" in line
+    assert not list((tmp_path / "out").rglob("sub-01_task-flanker_*statmap*"))
+
+
 def test_bold_mostly_constant_refused(demo_copy, tmp_path, capsys):
     def half_flat(data, mask):
         flat = np.zeros(mask.shape, bool)
@@ -205,15 +216,14 @@ def test_bold_mostly_constant_refused(demo_copy, tmp_path, capsys):
 
 
 def test_a_few_broken_voxels_are_left_out_and_recorded(demo_copy, tmp_path, capsys):
-    """A voxel NaN throughout (read as 0, as nilearn does) and a constant voxel inside the mask:
-    left out of the run's mask with one warning, recorded; every map written is finite with a
-    positive variance."""
+    """A voxel zero throughout and a constant voxel inside the mask: left out of the run's mask
+    with one warning, recorded; every map written is finite with a positive variance."""
     voxels = []
 
     def break_two(data, mask):
         ijk = np.argwhere(mask)
         a, b = tuple(ijk[len(ijk) // 3]), tuple(ijk[2 * len(ijk) // 3])
-        data[a] = np.nan
+        data[a] = 0.0
         data[b] = 900.0
         voxels.extend([a, b])
     _rewrite_bold(demo_copy, break_two)
@@ -530,3 +540,34 @@ def test_group_contrast_named_like_a_default_refused(group_copy, capsys):
     line = _one_error_line(capsys)
     assert "group contrast 'mean' (--group-contrast" in line and "name of a default contrast" in line
     assert not list(group_copy.glob("group/*_statmap.nii.gz"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.floats(-1e6, 1e6), st.floats(0, 1e6),
+                               st.sampled_from(["a", "b", "constant", "x y", "é", "1", "drift_1"])),
+                     min_size=1, max_size=8),
+       hrf=st.sampled_from(["glover", "spm + derivative", "glover + derivative + dispersion"]),
+       high_pass=st.floats(1e-4, 0.3))
+def test_any_event_timing_gives_a_checked_design_or_a_model_error(rows, hrf, high_pass):
+    """Onsets anywhere (before, inside, long after the scan), any durations, odd condition names:
+    a design that passes every check, or a typed error; never an internal error."""
+    from bidsglm.design import DesignSettings, build_design
+    from bidsglm.firstlevel import check_design
+
+    events = pd.DataFrame(rows, columns=["onset", "duration", "trial_type"])
+    confounds = pd.DataFrame({"trans_x": np.linspace(0, 1, 40)})
+    try:
+        design = build_design(events, confounds, 40, 2.0, DesignSettings(hrf_model=hrf, high_pass=high_pass))
+        check_design(design.to_numpy(), [str(c) for c in design.columns])
+    except BidsGlmError as exc:
+        assert exc.exit_code == 65
+        return
+    assert np.isfinite(design.to_numpy()).all()
+    assert all("\n" not in note for note in design.attrs["notes"])
+
+
+def test_stray_quote_does_not_join_event_lines(tmp_path):
+    """BIDS tables have no quoting: a '"' in a cell stays a character, no events are lost."""
+    path = tmp_path / "events.tsv"
+    path.write_text('onset\tduration\ttrial_type\tstim\n1\t1\ta\t"pic.png\n5\t1\tb\tx"\n9\t1\ta\ty\n')
+    assert read_events(path)["trial_type"].tolist() == ["a", "b", "a"]
