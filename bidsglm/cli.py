@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="confound columns from fMRIPrep's confounds table; shell wildcards allowed "
                           "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
                           "(default: the six motion parameters)")
-    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=6.0, metavar="MM",
-                     help="Gaussian smoothing FWHM in mm, 0 for none (default: %(default)s)")
+    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=None, metavar="MM",
+                     help="Gaussian smoothing FWHM in mm, 0 for none (default: 6 on volumes; 0 on surfaces "
+                          "and grayordinates (--space fsLR, fsaverage*, fsnative), where smoothing is not "
+                          "implemented and a value > 0 is refused)")
     mod.add_argument("--hrf-model", default="glover",
                      choices=["glover", "spm", "glover + derivative", "spm + derivative",
                               "glover + derivative + dispersion", "spm + derivative + dispersion"],

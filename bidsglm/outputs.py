@@ -18,9 +18,10 @@ import pandas as pd
 
 from . import __url__, __version__
 from .errors import UsageError
+from .surfaces import map_path
 
 BIDS_VERSION = "1.10.0"
-OUTPUT_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res")
+OUTPUT_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "hemi", "space", "res", "den")
 STATS_T = ("effect", "variance", "t", "z", "p")
 STATS_F = ("F", "z", "p")
 
@@ -30,10 +31,14 @@ BIDSIGNORE = """\
 # (contrast-, stat-, _statmap, _design) that the BIDS schema does not define yet.
 # Folders are named without a trailing slash: the validator ignores "group" but not "group/".
 *_statmap.nii.gz
+*_statmap.dscalar.nii
+*_statmap.shape.gii
 *_statmap.json
 *_design.tsv
 *_design.json
 *_mask.nii.gz
+*_mask.dscalar.nii
+*_mask.shape.gii
 *_mask.json
 *.html
 group
@@ -82,11 +87,15 @@ def func_dir(output_dir: Path, entities: dict) -> Path:
 
 def statmap_path(output_dir: Path, entities: dict, contrast_label: str, stat: str) -> Path:
     name = f"{entity_prefix(entities)}_contrast-{contrast_label}_stat-{stat}_statmap.nii.gz"
-    return func_dir(output_dir, entities) / name
+    return map_path(func_dir(output_dir, entities) / name, entities.get("space"))  # surfaces: .dscalar.nii ...
 
 
 def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name.split(".")[0] + ".json")
+    """A GIfTI pair's sidecar leaves hemi- out: by BIDS inheritance it describes both files."""
+    stem = path.name.split(".")[0]
+    if path.name.endswith(".gii"):
+        stem = stem.replace("_hemi-L_", "_").replace("_hemi-R_", "_")
+    return path.with_name(stem + ".json")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

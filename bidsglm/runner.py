@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .design import contrast_labels, parse_contrast_option, read_events
 from .discovery import SpaceSpec, discover_runs, find_derivatives
+from .surfaces import space_kind
 from .outputs import copy_participants_table, dataset_links, ensure_dataset
 from .participant import (
     ModelSettings,
@@ -19,13 +20,22 @@ from .participant import (
 
 log = logging.getLogger("bidsglm")
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
+VOLUME_SMOOTHING_FWHM = 6.0
+
+
+def default_smoothing(args) -> float:
+    """--smoothing-fwhm, or its default: 6 mm on volumes, none on surfaces (not implemented there)."""
+    if getattr(args, "smoothing_fwhm", None) is not None:
+        return args.smoothing_fwhm
+    space = (getattr(args, "space", None) or DEFAULT_SPACE).partition(":")[0]
+    return 0.0 if space_kind(space) != "volume" else VOLUME_SMOOTHING_FWHM
 
 
 def settings_from_args(args) -> ModelSettings:
     confounds = tuple(c for c in args.confounds if c.lower() != "none")
     return ModelSettings(
         confounds=confounds,
-        smoothing_fwhm=args.smoothing_fwhm or None,
+        smoothing_fwhm=default_smoothing(args) or None,
         hrf_model=args.hrf_model,
         drift_model=None if args.drift_model == "none" else args.drift_model,
         high_pass=args.high_pass,

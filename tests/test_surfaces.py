@@ -1,0 +1,223 @@
+"""Surfaces and grayordinates: CIFTI dtseries and GIfTI pairs at both levels.
+
+The test data are built here with nibabel, with the structure of fMRIPrep's outputs:
+a ``space-fsLR_den-91k_bold.dtseries.nii`` whose brain models are a left and a right
+cortex (vertex subsets of a mesh: the medial wall is left out, as in the real file's
+29,696 of 32,492 left vertices) followed by subcortical voxel structures on a 2 mm grid,
+a series axis in seconds; and ``hemi-L|R_space-fsaverage5_bold.func.gii`` pairs of
+10,242 vertices per hemisphere (one data array per volume). Meshes are tiny (a grid
+of triangles) where no mesh is needed. Signal follows condition ``A`` in a known patch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidsglm.cli import main
+from bidsglm import surfaces
+
+TR = 2.0
+N_VOL = 80
+N_SIDE = 24  # grid mesh of N_SIDE x N_SIDE vertices per hemisphere
+MEDIAL = np.arange(40)  # vertices left out of the CIFTI cortex models (a "medial wall")
+VOX_SHAPE = (6, 6, 6)
+VOX_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
+PATCH = np.arange(300, 330)  # elements carrying the signal (left cortex)
+
+
+def grid_faces(n: int) -> np.ndarray:
+    idx = np.arange(n * n).reshape(n, n)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+    return np.vstack([np.c_[a, b, c], np.c_[b, d, c]])
+
+
+def cifti_models(n_vertex: int = N_SIDE * N_SIDE, medial=MEDIAL, extra_voxel: bool = False):
+    keep = np.setdiff1d(np.arange(n_vertex), medial)
+    left = nib.cifti2.BrainModelAxis.from_surface(keep, n_vertex, "CortexLeft")
+    right = nib.cifti2.BrainModelAxis.from_surface(keep, n_vertex, "CortexRight")
+    thal = np.zeros(VOX_SHAPE, bool)
+    thal[1:4, 1:4, 1:3] = True
+    if extra_voxel:
+        thal[5, 5, 5] = True
+    put = np.zeros(VOX_SHAPE, bool)
+    put[3:5, 2:5, 3:6] = True
+    vox_l = nib.cifti2.BrainModelAxis.from_mask(thal, "ThalamusLeft", VOX_AFFINE)
+    vox_r = nib.cifti2.BrainModelAxis.from_mask(put, "PutamenRight", VOX_AFFINE)
+    return left + right + vox_l + vox_r
+
+
+def events_table() -> pd.DataFrame:
+    onsets_a = np.arange(10, N_VOL * TR - 20, 40.0)
+    onsets_b = onsets_a + 20
+    rows = [(o, 10.0, "A") for o in onsets_a] + [(o, 10.0, "B") for o in onsets_b]
+    return pd.DataFrame(rows, columns=["onset", "duration", "trial_type"]).sort_values("onset")
+
+
+def task_signal() -> np.ndarray:
+    frame = np.arange(N_VOL) * TR
+    box = np.zeros(N_VOL)
+    for onset in events_table().query("trial_type == 'A'")["onset"]:
+        box[(frame >= onset) & (frame < onset + 10)] = 1
+    hrf = np.exp(-((np.arange(0, 30, TR) - 6) ** 2) / 8)
+    return np.convolve(box, hrf)[:N_VOL]
+
+
+def simulate_series(rng, n_elements: int, amplitude: float = 2.0) -> np.ndarray:
+    data = 100 + rng.normal(0, 1, (N_VOL, n_elements))
+    data[:, PATCH] += amplitude * task_signal()[:, None]
+    return data.astype(np.float32)
+
+
+def confounds(rng) -> pd.DataFrame:
+    cols = {n: np.cumsum(rng.normal(0, 0.02, N_VOL)) for n in
+            ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")}
+    cols["framewise_displacement"] = np.r_[np.nan, np.abs(rng.normal(0.1, 0.03, N_VOL - 1))]
+    return pd.DataFrame(cols)
+
+
+def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed=0, step=TR,
+                 n_vertex: int | None = None, models_for=None) -> Path:
+    """A raw dataset with events and a derivatives/fmriprep folder of CIFTI or GIfTI runs.
+
+    ``models_for(sub, run)`` may return other brain models for one run (a bad input)."""
+    rng = np.random.default_rng(seed)
+    (root / "dataset_description.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "surf", "BIDSVersion": "1.8.0"}))
+    pd.DataFrame({"participant_id": [f"sub-{s}" for s in subjects],
+                  "age": np.arange(len(subjects)) + 20.0}).to_csv(root / "participants.tsv", sep="\t", index=False)
+    (root / "task-test_bold.json").write_text(json.dumps({"RepetitionTime": TR}))
+    fmriprep = root / "derivatives" / "fmriprep"
+    fmriprep.mkdir(parents=True)
+    (fmriprep / "dataset_description.json").write_text(json.dumps(
+        {"Name": "fMRIPrep", "BIDSVersion": "1.8.0", "DatasetType": "derivative"}))
+    for sub in subjects:
+        raw, out = root / f"sub-{sub}" / "func", fmriprep / f"sub-{sub}" / "func"
+        raw.mkdir(parents=True)
+        out.mkdir(parents=True)
+        for run in runs:
+            stem = f"sub-{sub}_task-test_run-{run}"
+            events_table().to_csv(raw / f"{stem}_events.tsv", sep="\t", index=False)
+            confounds(rng).to_csv(out / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False,
+                                  na_rep="n/a")
+            if kind == "cifti":
+                models = (models_for and models_for(sub, run)) or cifti_models()
+                series = nib.cifti2.SeriesAxis(0, step, N_VOL, "SECOND")
+                img = nib.Cifti2Image(simulate_series(rng, len(models)), header=(series, models))
+                img.nifti_header.set_intent("ConnDenseSeries")
+                name = f"{stem}_space-fsLR_den-91k_bold"
+                nib.save(img, out / f"{name}.dtseries.nii")
+                (out / f"{name}.json").write_text(json.dumps({"RepetitionTime": TR}))
+            else:
+                n = n_vertex or surfaces.SHIPPED_MESHES["fsaverage5"]
+                data = simulate_series(rng, 2 * n)
+                for hemi, part in (("L", data[:, :n]), ("R", data[:, n:])):
+                    darrays = [nib.gifti.GiftiDataArray(v, intent="NIFTI_INTENT_TIME_SERIES",
+                                                        datatype="NIFTI_TYPE_FLOAT32") for v in part]
+                    nib.save(nib.gifti.GiftiImage(darrays=darrays),
+                             out / f"{stem}_hemi-{hemi}_space-fsaverage5_bold.func.gii")
+    return root
+
+
+def run_cli(capsys, *args):
+    code = main([*map(str, args), "--skip-bids-validation"])  # the raw dataset has no BOLD files
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if " ERROR: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def nilearn_z(Y: np.ndarray, design: pd.DataFrame, weights: dict, noise_model: str) -> np.ndarray:
+    """nilearn's first-level fit on the same (time x elements) matrix: mean scaling, run_glm."""
+    from nilearn.glm.contrasts import compute_contrast
+    from nilearn.glm.first_level import mean_scaling, run_glm
+
+    Ys, _ = mean_scaling(Y.astype(np.float64))
+    labels, results = run_glm(Ys, design.to_numpy(), noise_model=noise_model, n_jobs=1)
+    con = np.array([weights.get(c, 0.0) for c in design.columns])
+    return compute_contrast(labels, results, con, stat_type="t").z_score()
+
+
+# --- CIFTI ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifti_out(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("cifti") / "bids", "cifti", subjects=("01", "02", "03", "04"))
+    out = root.parent / "out"
+    code = main([str(root), str(out), "participant", "--space", "fsLR:den-91k", "--contrast", "AvsB=A-B",
+                 "--noise-model", "ols", "--skip-bids-validation"])  # OLS: exact null distribution (white noise)
+    assert code == 0
+    return root, out
+
+
+def test_cifti_run_maps_match_nilearn(cifti_out):
+    root, out = cifti_out
+    func = out / "sub-01" / "func"
+    z_path = func / "sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii"
+    assert z_path.is_file()
+    side = json.loads((func / "sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.json").read_text())
+    assert side["RepetitionTime"] == TR and side["SmoothingFWHM"] is None
+    img = nib.load(z_path)
+    bold = nib.load(root / "derivatives/fmriprep/sub-01/func/sub-01_task-test_run-1_space-fsLR_den-91k_bold.dtseries.nii")
+    assert img.header.get_axis(1) == bold.header.get_axis(1)  # brain models copied from the input
+    design = pd.read_csv(func / "sub-01_task-test_run-1_design.tsv", sep="\t")
+    expected = nilearn_z(np.asarray(bold.get_fdata()), design, side["Contrast"]["Weights"], "ols")
+    np.testing.assert_allclose(img.get_fdata()[0], expected, atol=1e-4)
+
+
+def test_cifti_patch_found_nulls_at_nominal_rate(cifti_out):
+    _, out = cifti_out
+    z = nib.load(out / "sub-01/func/sub-01_task-test_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii").get_fdata()[0]
+    assert (z[PATCH] > 3.1).all()
+    null = np.delete(z, PATCH)
+    rate = np.mean(null > 1.6449)  # one-sided p < 0.05
+    # binomial: 5 % of ~1.1k elements, 4.5 standard deviations either side
+    sd = np.sqrt(0.05 * 0.95 / null.size)
+    assert abs(rate - 0.05) < 4.5 * sd, rate
+
+
+def test_cifti_fixed_effects_precision_weighted(cifti_out):
+    _, out = cifti_out
+    func = out / "sub-02" / "func"
+
+    def read(run, stat):
+        ent = f"sub-02_task-test{'_run-' + str(run) if run else ''}_space-fsLR_den-91k"
+        return nib.load(func / f"{ent}_contrast-avsB_stat-{stat}_statmap.dscalar.nii").get_fdata()[0]
+
+    eff = np.array([read(r, "effect") for r in (1, 2)])
+    var = np.array([read(r, "variance") for r in (1, 2)])
+    w = 1 / var
+    np.testing.assert_allclose(read(None, "effect"), (eff * w).sum(0) / w.sum(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(read(None, "variance"), 1 / w.sum(0), rtol=1e-5)
+
+
+def test_cifti_series_step_checked_against_sidecar(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "cifti", subjects=("01",), runs=(1,), step=1.5)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR")
+    assert code == 65
+    assert "CIFTI series axis (1.5 s) differs" in one_error_line(err)
+    assert not list((tmp_path / "out").rglob("*_statmap*"))
+
+
+def test_cifti_brain_models_differing_between_runs_refused(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "cifti", subjects=("01",),
+                        models_for=lambda sub, run: cifti_models(extra_voxel=True) if run == 2 else None)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR")
+    assert code == 65
+    assert "must share brain models" in one_error_line(err)
+
+
+def test_smoothing_refused_on_surfaces(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "cifti", subjects=("01",), runs=(1,))
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR",
+                        "--smoothing-fwhm", "4")
+    assert code == 64
+    assert "smoothing on surfaces/grayordinates" in one_error_line(err)
