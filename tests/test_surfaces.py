@@ -140,7 +140,7 @@ def nilearn_z(Y: np.ndarray, design: pd.DataFrame, weights: dict, noise_model: s
     from nilearn.glm.contrasts import compute_contrast
     from nilearn.glm.first_level import mean_scaling, run_glm
 
-    Ys, _ = mean_scaling(Y.astype(np.float64))
+    Ys, _ = mean_scaling(np.asarray(Y, dtype=np.float32))  # float32, as the data (and a masker) give
     labels, results = run_glm(Ys, design.to_numpy(), noise_model=noise_model, n_jobs=1)
     con = np.array([weights.get(c, 0.0) for c in design.columns])
     return compute_contrast(labels, results, con, stat_type="t").z_score()
@@ -221,3 +221,53 @@ def test_smoothing_refused_on_surfaces(tmp_path, capsys):
                         "--smoothing-fwhm", "4")
     assert code == 64
     assert "smoothing on surfaces/grayordinates" in one_error_line(err)
+
+
+# --- GIfTI pairs ----------------------------------------------------------------------
+
+GIFTI_ENT = "space-fsaverage5"
+
+
+@pytest.fixture(scope="module")
+def gifti_out(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("gifti") / "bids", "gifti", subjects=("01", "02", "03"),
+                        runs=(1,), seed=1)
+    out = root.parent / "out"
+    code = main([str(root), str(out), "participant", "--space", "fsaverage5", "--contrast", "AvsB=A-B",
+                 "--skip-bids-validation"])  # default AR(1) model
+    assert code == 0
+    return root, out
+
+
+def test_gifti_pair_fitted_as_one_run_matches_nilearn(gifti_out):
+    root, out = gifti_out
+    func = out / "sub-01" / "func"
+    base = f"sub-01_task-test_run-1_hemi-%s_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.shape.gii"
+    z = np.concatenate([nib.load(func / (base % h)).darrays[0].data for h in "LR"])
+    side = json.loads((func / f"sub-01_task-test_run-1_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.json").read_text())
+    src = root / "derivatives/fmriprep/sub-01/func"
+    Y = np.hstack([np.stack([d.data for d in nib.load(src / f"sub-01_task-test_run-1_hemi-{h}_{GIFTI_ENT}_bold.func.gii").darrays])
+                   for h in "LR"])
+    design = pd.read_csv(func / "sub-01_task-test_run-1_design.tsv", sep="\t")
+    np.testing.assert_allclose(z, nilearn_z(Y, design, side["Contrast"]["Weights"], "ar1"), atol=1e-4)
+    assert (z[PATCH] > 3.1).all()
+    # the subject map of a single run is that run's map, per hemisphere
+    sub = func / f"sub-01_task-test_hemi-R_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.shape.gii"
+    np.testing.assert_array_equal(nib.load(sub).darrays[0].data, z[10242:])
+
+
+@pytest.mark.parametrize("problem", ["vertex count", "missing hemisphere"])
+def test_bad_gifti_pairs_refused(tmp_path, capsys, problem):
+    root = make_dataset(tmp_path / "bids", "gifti", subjects=("01",), runs=(1,))
+    right = root / f"derivatives/fmriprep/sub-01/func/sub-01_task-test_run-1_hemi-R_{GIFTI_ENT}_bold.func.gii"
+    if problem == "missing hemisphere":
+        right.unlink()
+    else:
+        img = nib.load(right)
+        nib.save(nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(d.data[:-2], datatype="NIFTI_TYPE_FLOAT32")
+                                               for d in img.darrays]), right)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsaverage5")
+    assert code == 65
+    line = one_error_line(err)
+    assert ("differ in vertex count" in line) if problem == "vertex count" else ("found 0 hemi-R" in line)
+    assert not list((tmp_path / "out").rglob("*_statmap*"))
