@@ -287,10 +287,11 @@ def _signed_for_max(stat: np.ndarray, design: PermutationDesign, two_sided: bool
 
 
 def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
-                     options: PermutationOptions, label: str = "") -> PermutationResult:
-    """Y : (N, V) inputs in the mask (bool 3D array with V voxels)."""
+                     options: PermutationOptions, label: str = "", neighbours=None) -> PermutationResult:
+    """Y : (N, V) inputs in the mask (bool 3D array with V voxels); ``neighbours``: a table as
+    clusterkernels.neighbour_table gives (default: the mask's face neighbours)."""
     two_sided = options.two_sided and not design.f_test
-    neighbours = ck.neighbour_table(mask)
+    neighbours = ck.neighbour_table(mask) if neighbours is None else neighbours
     E, ss64, stat = residuals_and_observed(Y, design)
     threshold = cluster_forming_threshold(options.cluster_forming_p, design, two_sided)
     observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .errors import DataError, UsageError
 
@@ -202,7 +203,15 @@ def read_map(path: Path) -> tuple[np.ndarray, Geometry]:
 
 def map_path(path: Path, space: str | None) -> Path:
     """The name a map gets in ``space``, from the volume path's ``...nii.gz`` name."""
-    kind = space_kind(space)
+    return path_for_kind(path, space_kind(space))
+
+
+def path_for_grid(path: Path, grid) -> Path:
+    """As ``map_path``, for a map on ``grid`` (an affine, or a surface Geometry)."""
+    return path_for_kind(path, grid.kind if isinstance(grid, Geometry) else "volume")
+
+
+def path_for_kind(path: Path, kind: str) -> Path:
     name = Path(path).name
     if kind == "volume" or not name.endswith(".nii.gz"):
         return Path(path)
@@ -303,6 +312,12 @@ def template_mesh(geom: Geometry) -> Mesh | None:
                 f"{geom.space} midthickness (mean of nilearn's pial and white surfaces)")
 
 
+def no_neighbours(mask: np.ndarray) -> np.ndarray:
+    """A (V, 6) neighbour table without neighbours, for the permutation kernels on surfaces: their
+    union-find takes 3 earlier face neighbours of a voxel grid, so only voxel-wise maxima are used."""
+    return np.full((int(mask.sum()), 6), -1, dtype=np.int32)
+
+
 def restrict_neighbours(table: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A neighbour table over all elements -> one over the elements in ``mask`` (renumbered)."""
     index = np.full(len(mask) + 1, -1, dtype=np.int32)  # index[-1] (for -1 entries) stays -1
@@ -310,7 +325,7 @@ def restrict_neighbours(table: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return index[table[mask]]
 
 
-def components(values: np.ndarray, neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
+def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
     """(V,) component label (>= 1) of the elements in ``above``, 0 elsewhere (scipy's connected
     components on the graph of neighbour pairs both in ``above``)."""
     import scipy.sparse as sp
@@ -343,3 +358,60 @@ def read_run_series(bold: Path, partner: Path, space: str) -> tuple[np.ndarray, 
     if kind_of_path(bold) == "cifti":
         return read_cifti_series(bold)
     return read_gifti_pair(bold, partner, space)
+
+
+# --- group-level inference on surfaces ------------------------------------------------
+
+def cluster_refusal(geom: Geometry) -> str:
+    """Why clusters cannot be formed on this geometry ('' when a shipped mesh allows them)."""
+    if geom.kind == "gifti" and SHIPPED_MESHES.get(geom.space) == geom.hemi_sizes[0]:
+        return ""
+    what = ("CIFTI grayordinates (no fsLR mesh ships offline to connect cortical vertices)"
+            if geom.kind == "cifti" else f"{geom.space or 'this surface'} (no template mesh ships offline)")
+    return f"cluster inference is not available on {what}; voxel-wise inference works"
+
+
+def threshold_elements(z: np.ndarray, mask: np.ndarray, threshold: float, cluster_extent: int,
+                       two_sided: bool, mesh: Mesh | None) -> np.ndarray:
+    """z where it passes the height threshold (and lies in a mesh cluster of at least ``cluster_extent``
+    vertices); 0 elsewhere."""
+    z = np.where(mask, z, 0.0)
+    out = np.zeros_like(z)
+    for sign in (1, -1) if two_sided else (1,):
+        above = mask & (sign * z >= threshold)
+        if cluster_extent > 1:
+            labels = components(mesh.neighbours, above)
+            sizes = np.bincount(labels, minlength=labels.max() + 1)
+            keep = sizes >= cluster_extent
+            keep[0] = False
+            above = keep[labels]
+        out[above] = z[above]
+    return out
+
+
+def clusters_table(kept: np.ndarray, stat: np.ndarray, stat_name: str, mesh: Mesh, geom: Geometry,
+                   p_values: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per cluster of non-zero ``kept`` on the mesh (signs apart), largest |peak| first: the
+    peak vertex, its hemisphere and midthickness coordinates, size in vertices and mm^2."""
+    rows = []
+    n_left = geom.hemi_sizes[0]
+    for sign in (1, -1):
+        labels = components(mesh.neighbours, sign * kept > 0)
+        for lab in range(1, labels.max() + 1):
+            members = np.flatnonzero(labels == lab)
+            peak = members[np.argmax(np.abs(kept[members]))]
+            row = {"hemisphere": "L" if peak < n_left else "R",
+                   "vertex": int(peak if peak < n_left else peak - n_left),
+                   "x": mesh.coords[peak, 0], "y": mesh.coords[peak, 1], "z": mesh.coords[peak, 2],
+                   "peak_z": float(kept[peak]), f"peak_{stat_name}": float(stat[peak]),
+                   "cluster_size_vertices": int(members.size),
+                   "cluster_size_mm2": float(mesh.areas[members].sum())}
+            if p_values is not None:
+                row["p_fwe"] = float(p_values[peak])
+            rows.append(row)
+    columns = ["cluster_id", "hemisphere", "vertex", "x", "y", "z", "peak_z", f"peak_{stat_name}",
+               "cluster_size_vertices", "cluster_size_mm2"] + (["p_fwe"] if p_values is not None else [])
+    rows.sort(key=lambda r: -abs(r["peak_z"]))
+    for i, r in enumerate(rows, 1):
+        r["cluster_id"] = i
+    return pd.DataFrame(rows, columns=columns)

@@ -68,9 +68,17 @@ def task_signal() -> np.ndarray:
     return np.convolve(box, hrf)[:N_VOL]
 
 
-def simulate_series(rng, n_elements: int, amplitude: float = 2.0) -> np.ndarray:
+def gifti_patch() -> np.ndarray:
+    """30 neighbouring vertices of the left fsaverage5 hemisphere (nearest to vertex 300 on the sphere)."""
+    from nilearn import datasets
+
+    sphere = np.asarray(datasets.load_fsaverage("fsaverage5")["sphere"].parts["left"].coordinates)
+    return np.sort(np.argsort(np.linalg.norm(sphere - sphere[300], axis=1))[:30])
+
+
+def simulate_series(rng, n_elements: int, amplitude: float = 2.0, patch=PATCH) -> np.ndarray:
     data = 100 + rng.normal(0, 1, (N_VOL, n_elements))
-    data[:, PATCH] += amplitude * task_signal()[:, None]
+    data[:, patch] += amplitude * task_signal()[:, None]
     return data.astype(np.float32)
 
 
@@ -115,7 +123,7 @@ def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed
                 (out / f"{name}.json").write_text(json.dumps({"RepetitionTime": TR}))
             else:
                 n = n_vertex or surfaces.SHIPPED_MESHES["fsaverage5"]
-                data = simulate_series(rng, 2 * n)
+                data = simulate_series(rng, 2 * n, patch=gifti_patch())
                 for hemi, part in (("L", data[:, :n]), ("R", data[:, n:])):
                     darrays = [nib.gifti.GiftiDataArray(v, intent="NIFTI_INTENT_TIME_SERIES",
                                                         datatype="NIFTI_TYPE_FLOAT32") for v in part]
@@ -250,7 +258,7 @@ def test_gifti_pair_fitted_as_one_run_matches_nilearn(gifti_out):
                    for h in "LR"])
     design = pd.read_csv(func / "sub-01_task-test_run-1_design.tsv", sep="\t")
     np.testing.assert_allclose(z, nilearn_z(Y, design, side["Contrast"]["Weights"], "ar1"), atol=1e-4)
-    assert (z[PATCH] > 3.1).all()
+    assert (z[gifti_patch()] > 3.1).all()
     # the subject map of a single run is that run's map, per hemisphere
     sub = func / f"sub-01_task-test_hemi-R_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.shape.gii"
     np.testing.assert_array_equal(nib.load(sub).darrays[0].data, z[10242:])
@@ -271,3 +279,90 @@ def test_bad_gifti_pairs_refused(tmp_path, capsys, problem):
     line = one_error_line(err)
     assert ("differ in vertex count" in line) if problem == "vertex count" else ("found 0 hemi-R" in line)
     assert not list((tmp_path / "out").rglob("*_statmap*"))
+
+
+# --- group level ----------------------------------------------------------------------
+
+def subject_effects(out: Path, ent: str, subjects, kind: str) -> np.ndarray:
+    rows = []
+    for sub in subjects:
+        func = out / f"sub-{sub}" / "func"
+        if kind == "cifti":
+            rows.append(nib.load(func / f"sub-{sub}_task-test_{ent}_contrast-avsB_stat-effect_statmap.dscalar.nii").get_fdata()[0])
+        else:
+            rows.append(np.concatenate([nib.load(func / f"sub-{sub}_task-test_hemi-{h}_{ent}_contrast-avsB_stat-effect_statmap.shape.gii").darrays[0].data for h in "LR"]))
+    return np.array(rows)
+
+
+def test_cifti_group_one_sample_and_voxelwise_permutations(cifti_out, capsys):
+    from scipy import stats
+
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--height-control", "fdr",
+                        "--permutations", "100", "--random-seed", "1")
+    assert code == 0, err
+    group = out / "group"
+    ent = "task-test_space-fsLR_den-91k_contrast-avsB"
+    t = nib.load(group / f"{ent}_stat-t_statmap.dscalar.nii").get_fdata()[0]
+    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    t_ref = stats.ttest_1samp(Y, 0).statistic
+    np.testing.assert_allclose(t, t_ref, rtol=1e-4)
+    # 4 subjects: all 16 sign flips; voxel-wise FWE p = share of flips whose max |t| reaches |t|
+    flips = np.array(np.meshgrid(*[[1, -1]] * 4)).reshape(4, -1).T
+    null_max = np.array([np.abs(stats.ttest_1samp(f[:, None] * Y, 0).statistic).max() for f in flips])
+    p_ref = (null_max[None, :] >= np.abs(t_ref)[:, None] * (1 - 1e-9)).mean(axis=1)
+    logp = nib.load(group / f"{ent}_stat-logp_desc-voxelFWE_statmap.dscalar.nii").get_fdata()[0]
+    np.testing.assert_allclose(logp, -np.log10(p_ref), atol=1e-4)
+    assert not list(group.glob("*clustersizeFWE*"))  # no cluster inference on CIFTI
+    thr = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())
+    assert "not available on CIFTI" in thr["ClusterTable"]
+
+
+def test_cifti_cluster_options_refused(cifti_out, capsys):
+    _, out = cifti_out
+    for extra, words in ((["--cluster-extent", "5"], "cluster inference needs a template mesh"),
+                         (["--permutations", "10", "--tfce"], "--tfce is not available on surfaces")):
+        code, err = run_cli(capsys, out.parent / "bids", out / "x", "group", "--space", "fsLR", *extra)
+        assert code in (64, 65)
+        assert words in one_error_line(err)
+
+
+def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
+    import scipy.sparse as sp
+    from nilearn import datasets
+    from scipy.sparse.csgraph import connected_components
+
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5",
+                        "--height-control", "fpr", "--alpha", "0.01", "--cluster-extent", "3")
+    assert code == 0, err
+    group = out / "group"
+    ent = "task-test_space-fsaverage5_contrast-avsB"
+    kept = np.concatenate([nib.load(group / f"{ent.replace('task-test_', 'task-test_hemi-' + h + '_')}"
+                                            f"_stat-z_desc-thresholded_statmap.shape.gii").darrays[0].data for h in "LR"])
+    table = pd.read_csv(group / f"{ent}_clusters.tsv", sep="\t")
+    assert len(table) >= 1 and table.loc[0, "hemisphere"] == "L" and table.loc[0, "vertex"] in gifti_patch()
+    # reference: from the z map and the recorded height threshold, connected components (scipy) of the
+    # positive and negative supra-threshold vertices per hemisphere; components below 3 vertices dropped
+    z = np.concatenate([nib.load(group / f"{ent.replace('task-test_', 'task-test_hemi-' + h + '_')}"
+                                         f"_stat-z_statmap.shape.gii").darrays[0].data for h in "LR"])
+    threshold = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())["Threshold"]
+    fs = datasets.load_fsaverage("fsaverage5")
+    sizes, expected = [], np.zeros(z.size, bool)
+    for offset, part in ((0, "left"), (10242, "right")):
+        faces = np.asarray(fs["pial"].parts[part].faces)
+        edges = np.vstack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+        values = z[offset:offset + 10242]
+        for sign in (1, -1):
+            above = sign * values >= threshold
+            e = edges[above[edges[:, 0]] & above[edges[:, 1]]]
+            graph = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(10242, 10242))
+            _, labels = connected_components(graph, directed=False)
+            counts = np.bincount(labels, weights=above)
+            big = above & (counts[labels] >= 3)
+            expected[offset:offset + 10242] |= big
+            sizes += [int(c) for c in counts if c >= 3]
+    np.testing.assert_array_equal(kept != 0, expected)
+    assert sorted(sizes) == sorted(table["cluster_size_vertices"])
+    assert expected.sum() < (np.abs(z) >= threshold).sum()  # the extent removed small clusters
+    assert (table["cluster_size_mm2"] > 0).all()
