@@ -79,8 +79,8 @@ class SpaceSpec:
         res = den = None
         if rest:
             key, _, value = rest.partition("-")
-            if key not in ("res", "den") or not value:
-                raise UsageError(f"--space {text!r}: expected SPACE, SPACE:res-N or SPACE:den-N")
+            if key not in ("res", "den") or not value or (key == "den" and space_kind(name) == "volume"):
+                raise UsageError(f"--space {text!r}: expected SPACE, SPACE:res-N or (surfaces) SPACE:den-N")
             res, den = (value, None) if key == "res" else (None, value)
         if not re.fullmatch(r"[A-Za-z0-9]+", name):
             raise UsageError(f"--space {text!r}: a space label is alphanumeric")
