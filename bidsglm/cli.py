@@ -273,6 +273,16 @@ def _run_level(args, bids_dir: Path, output_dir: Path) -> list[str] | None:
     return run_participant_level(args, bids_dir, output_dir)
 
 
+def _surface_results(args, output_dir: Path) -> bool:
+    from .surfacereports import has_surface_maps
+    from .surfaces import space_kind
+
+    if args.space:
+        return space_kind(args.space.partition(":")[0]) != "volume"
+    folder = output_dir / "group" if args.analysis_level == "group" else output_dir
+    return folder.is_dir() and not next(folder.rglob("*_statmap.nii.gz"), None) and has_surface_maps(folder)
+
+
 def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> None:
     """The HTML reports of this level, from what OUTPUT_DIR holds."""
     from . import reports
@@ -290,6 +300,14 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
         paths = [reports.group_report(output_dir, folder) for folder in dataset_node_folders(output_dir, model)]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
+    elif _surface_results(args, output_dir):  # maps and tables only; figures on surfaces not drawn yet
+        from . import surfacereports
+
+        if args.analysis_level == "group":
+            paths = [surfacereports.group_report(output_dir / "group")]
+        else:
+            subjects = subjects or reports.subjects_with_results(output_dir, args.participant_label)
+            paths = [surfacereports.participant_report(output_dir, s) for s in subjects]
     elif args.analysis_level == "group":
         paths = [reports.group_report(output_dir)]
     else:

@@ -366,3 +366,15 @@ def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
     assert sorted(sizes) == sorted(table["cluster_size_vertices"])
     assert expected.sum() < (np.abs(z) >= threshold).sum()  # the extent removed small clusters
     assert (table["cluster_size_mm2"] > 0).all()
+
+
+def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5", "--reports-only")
+    assert code == 0, err
+    page = (out / "group" / "report.html").read_text()
+    assert "contrast-avsB_stat-z_statmap.shape.gii" in page and "clusters.tsv" in page
+    code, err = run_cli(capsys, out.parent / "bids", out, "participant", "--space", "fsaverage5",
+                        "--reports-only")
+    assert code == 0, err
+    assert "stat-t_statmap.shape.gii" in (out / "sub-01.html").read_text()
