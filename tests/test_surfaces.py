@@ -370,7 +370,8 @@ def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
 
 def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
     _, out = gifti_out
-    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5", "--reports-only")
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5",
+                        "--height-control", "fpr", "--alpha", "0.01")
     assert code == 0, err
     page = (out / "group" / "report.html").read_text()
     assert "contrast-avsB_stat-z_statmap.shape.gii" in page and "clusters.tsv" in page
