@@ -322,9 +322,11 @@ def test_cifti_cluster_options_refused(cifti_out, capsys):
     _, out = cifti_out
     for extra, words in ((["--cluster-extent", "5"], "cluster inference needs a template mesh"),
                          (["--permutations", "10", "--tfce"], "--tfce is not available on surfaces")):
-        code, err = run_cli(capsys, out.parent / "bids", out / "x", "group", "--space", "fsLR", *extra)
-        assert code in (64, 65)
+        before = sorted(out.rglob("*"))
+        code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", *extra)
+        assert code == 64
         assert words in one_error_line(err)
+        assert sorted(out.rglob("*")) == before  # refused before anything is written
 
 
 def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
