@@ -123,7 +123,7 @@ def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed
                 (out / f"{name}.json").write_text(json.dumps({"RepetitionTime": TR}))
             else:
                 n = n_vertex or surfaces.SHIPPED_MESHES["fsaverage5"]
-                data = simulate_series(rng, 2 * n, patch=gifti_patch())
+                data = simulate_series(rng, 2 * n, patch=gifti_patch() if n == 10242 else PATCH)
                 for hemi, part in (("L", data[:, :n]), ("R", data[:, n:])):
                     darrays = [nib.gifti.GiftiDataArray(v, intent="NIFTI_INTENT_TIME_SERIES",
                                                         datatype="NIFTI_TYPE_FLOAT32") for v in part]
@@ -161,7 +161,7 @@ def cifti_out(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("cifti") / "bids", "cifti", subjects=("01", "02", "03", "04"))
     out = root.parent / "out"
     code = main([str(root), str(out), "participant", "--space", "fsLR:den-91k", "--contrast", "AvsB=A-B",
-                 "--noise-model", "ols", "--skip-bids-validation"])  # OLS: exact null distribution (white noise)
+                 "--contrast", "A=A", "--contrast", "B=B", "--noise-model", "ols", "--skip-bids-validation"])  # OLS: exact null distribution (white noise)
     assert code == 0
     return root, out
 
@@ -381,3 +381,33 @@ def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
                         "--reports-only")
     assert code == 0, err
     assert "stat-t_statmap.shape.gii" in (out / "sub-01.html").read_text()
+
+
+def test_cifti_group_repeated_measures_anova(cifti_out, capsys):
+    """Two conditions: the repeated-measures F equals the squared paired t (scipy)."""
+    from scipy import stats
+
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--group-model", "anova",
+                        "--conditions", "A", "B")
+    assert code == 0, err
+    F = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-effectOfCondition_stat-F_statmap.dscalar.nii")
+    subjects = ("01", "02", "03", "04")
+    effects = {}
+    for name in ("A", "B"):
+        rows = []
+        for sub in subjects:
+            for side in (out / f"sub-{sub}" / "func").glob(f"sub-{sub}_task-test_space-fsLR_den-91k_contrast-*_stat-effect_statmap.json"):
+                if json.loads(side.read_text())["Contrast"]["Name"] == name:
+                    rows.append(nib.load(str(side).replace(".json", ".dscalar.nii")).get_fdata()[0])
+        effects[name] = np.array(rows)
+    assert effects["A"].shape == effects["B"].shape == (4, F.shape[1])
+    t = stats.ttest_rel(effects["A"], effects["B"]).statistic
+    np.testing.assert_allclose(F.get_fdata()[0], t**2, rtol=1e-4)
+
+
+def test_gifti_not_matching_the_template_mesh_refused(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "gifti", subjects=("01",), runs=(1,), n_vertex=642)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsaverage5")
+    assert code == 65
+    assert "642 vertices per hemisphere, but fsaverage5 has 10242" in one_error_line(err)
