@@ -411,3 +411,18 @@ def test_gifti_not_matching_the_template_mesh_refused(tmp_path, capsys):
     code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsaverage5")
     assert code == 65
     assert "642 vertices per hemisphere, but fsaverage5 has 10242" in one_error_line(err)
+
+
+def test_cifti_group_covariate(cifti_out, capsys):
+    """One-sample model with a mean-centred covariate: the mean's t against a numpy least-squares fit."""
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--covariates", "age")
+    assert code == 0, err
+    t = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-t_statmap.dscalar.nii").get_fdata()[0]
+    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    age = np.arange(4) + 20.0
+    X = np.c_[np.ones(4), age - age.mean()]
+    beta, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    sigma2 = ((Y - X @ beta) ** 2).sum(0) / (4 - 2)
+    se = np.sqrt(sigma2 * np.linalg.inv(X.T @ X)[0, 0])
+    np.testing.assert_allclose(t, beta[0] / se, rtol=1e-4)
