@@ -223,6 +223,11 @@ def _check_model_options(args) -> None:
 def _check_args(args) -> None:
     if getattr(args, "model", None) is not None:
         _check_model_options(args)
+        from .surfaces import space_kind
+
+        if space_kind((args.space or "").partition(":")[0]) != "volume":
+            raise UsageError(f"--model with --space {args.space}: BIDS Stats Models run on volumes only for now; "
+                             "surfaces and grayordinates run without --model")
     if args.n_cpus < 1:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:

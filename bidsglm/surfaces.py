@@ -344,13 +344,6 @@ def no_neighbours(mask: np.ndarray) -> np.ndarray:
     return np.full((int(mask.sum()), 6), -1, dtype=np.int32)
 
 
-def restrict_neighbours(table: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A neighbour table over all elements -> one over the elements in ``mask`` (renumbered)."""
-    index = np.full(len(mask) + 1, -1, dtype=np.int32)  # index[-1] (for -1 entries) stays -1
-    index[:-1][mask] = np.arange(int(mask.sum()), dtype=np.int32)
-    return index[table[mask]]
-
-
 def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
     """(V,) component label (>= 1) of the elements in ``above``, 0 elsewhere (scipy's connected
     components on the graph of neighbour pairs both in ``above``)."""

@@ -426,3 +426,11 @@ def test_cifti_group_covariate(cifti_out, capsys):
     sigma2 = ((Y - X @ beta) ** 2).sum(0) / (4 - 2)
     se = np.sqrt(sigma2 * np.linalg.inv(X.T @ X)[0, 0])
     np.testing.assert_allclose(t, beta[0] / se, rtol=1e-4)
+
+
+def test_stats_model_on_surfaces_refused(tmp_path, capsys):
+    model = tmp_path / "model.json"
+    model.write_text("{}")
+    code, err = run_cli(capsys, tmp_path, tmp_path / "out", "participant", "--space", "fsLR", "--model", model)
+    assert code == 64
+    assert "BIDS Stats Models run on volumes only" in one_error_line(err)
