@@ -108,6 +108,7 @@ class PreparedRun:
     dropped: dict  # contrast name -> reason
     confound_columns: list
     fd_mean: float | None = None  # mean framewise displacement (mm), for group exclusions
+    geometry: Geometry | None = None  # surfaces: the elements' layout (brain models, hemispheres)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
     ``events`` may be passed when the caller has already read them."""
     if kind_of_path(run.bold) != "volume":
         check_smoothing(run.entities.get("space", ""), settings.smoothing_fwhm)
-        n_volumes, step, _ = run_series_info(run.bold, run.mask, run.entities.get("space", ""))
+        n_volumes, step, geometry = run_series_info(run.bold, run.mask, run.entities.get("space", ""))
         if n_volumes < 2:
             raise DataError(f"a surface run needs several volumes, got {n_volumes}", run.bold)
         tr = repetition_time(run, None, settings.allow_tr_mismatch, step, "CIFTI series axis")
@@ -171,6 +172,7 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
                         mask_hdr.get_data_shape(), mask_hdr.get_best_affine())
         tr = repetition_time(run, bold_hdr, settings.allow_tr_mismatch)
         n_volumes = int(shape[3])
+        geometry = None
     if settings.slice_time_ref is not None:
         str_ref = settings.slice_time_ref
     else:
@@ -193,7 +195,22 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
         else:
             usable.append(con)
     return PreparedRun(run, tr, n_volumes, str_ref, design, usable, dropped, list(confounds.columns),
-                       mean_framewise_displacement(run.confounds))
+                       mean_framewise_displacement(run.confounds), geometry)
+
+
+def check_surface_geometries(prepared: list[PreparedRun]) -> None:
+    """Before any fit: a subject's surface runs must share their elements (brain models, vertex
+    counts), or their maps could not be combined."""
+    first: dict[tuple, PreparedRun] = {}
+    for prep in prepared:
+        if prep.geometry is None:
+            continue
+        key = (prep.inputs.subject, prep.inputs.entities.get("ses"))
+        ref = first.setdefault(key, prep)
+        if not prep.geometry.same_as(ref.geometry):
+            raise DataError(f"this run's {prep.geometry.describe()} differ from {ref.inputs.label}'s "
+                            f"{ref.geometry.describe()}; runs of a subject must share brain models",
+                            prep.inputs.bold)
 
 
 def model_contrasts(runs_events: dict[str, set], requested: list[ContrastSpec] | None, task: str) -> list[ContrastSpec]:

@@ -12,6 +12,7 @@ from .surfaces import space_kind
 from .outputs import copy_participants_table, dataset_links, ensure_dataset
 from .participant import (
     ModelSettings,
+    check_surface_geometries,
     fit_run,
     model_contrasts,
     prepare_run,
@@ -78,6 +79,7 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
         contrasts = model_contrasts(conditions, requested, task)
         labels = contrast_labels([c.name for c in contrasts])
         prepared = [prepare_run(r, settings, contrasts, events[r.label]) for r in task_runs]
+        check_surface_geometries(prepared)
         plans.append((task, contrasts, labels, prepared))
 
     links = dataset_links(bids_dir, derivatives)

@@ -221,6 +221,7 @@ def test_cifti_brain_models_differing_between_runs_refused(tmp_path, capsys):
     code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR")
     assert code == 65
     assert "must share brain models" in one_error_line(err)
+    assert not list((tmp_path / "out").rglob("*_statmap*"))  # refused before any fit
 
 
 def test_smoothing_refused_on_surfaces(tmp_path, capsys):
