@@ -46,7 +46,9 @@ from .groupmodels import (
 from .images import nifti_bytes, unmask
 from .surfaces import (
     SHIPPED_MESHES,
+    SURFACE_TFCE_E,
     Geometry,
+    tfce_neighbours,
     space_kind,
     clusters_table as surface_clusters_table,
     cluster_refusal,
@@ -430,7 +432,7 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     designs = model.permutation_designs or [None] * len(model.contrasts)
     permuted = [None if design is None else
                 run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ",
-                                 neighbours=no_neighbours(mask) if isinstance(affine, Geometry) else None)
+                                 **_surface_permutation_args(affine, mask, settings))
                 for (con, _), design in zip(model.contrasts, designs)]
     del Y
     written = []
@@ -520,13 +522,23 @@ def _check_surface_options(maps: list[SubjectMap], settings: GroupSettings) -> N
     kind = space_kind(space)
     if kind == "volume":
         return
-    if settings.permutations is not None and settings.permutations.tfce:
-        raise UsageError(f"--tfce is not available on surfaces/grayordinates (--space {space}); "
-                         "--permutations without --tfce gives voxel-wise (vertex-wise) FWE p-values")
+    if settings.permutations is not None and settings.permutations.tfce and not (
+            kind == "gifti" and space in SHIPPED_MESHES):
+        raise UsageError(f"--tfce on --space {space}: TFCE needs a template mesh, which ships offline for "
+                         f"{', '.join(SHIPPED_MESHES)} only; --permutations without --tfce gives vertex-wise "
+                         "FWE p-values")
     if settings.thresholding.cluster_extent > 1 and not (kind == "gifti" and space in SHIPPED_MESHES):
         raise UsageError(f"--cluster-extent on --space {space}: cluster inference needs a template mesh, "
                          f"which ships offline for {', '.join(SHIPPED_MESHES)} only; use voxel-wise "
                          "thresholds (--cluster-extent 0)")
+
+
+def _surface_permutation_args(grid, mask, settings) -> dict:
+    """Surfaces: the mesh table for TFCE (fsaverage5), or none (vertex-wise maxima only)."""
+    if not isinstance(grid, Geometry):
+        return {}
+    table = tfce_neighbours(grid, mask) if settings.permutations.tfce else None
+    return {"neighbours": no_neighbours(mask) if table is None else table, "tfce_extent": SURFACE_TFCE_E}
 
 
 def _write_map(path: Path, values: np.ndarray, mask: np.ndarray, grid) -> Path:
@@ -622,12 +634,15 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     }
     p_maps = {"voxel": result.p_voxel, "clustersize": result.p_cluster_size,
               "clustermass": result.p_cluster_mass}
-    if isinstance(affine, Geometry):  # the cluster kernels work on voxel grids only (see surfaces.py)
+    if isinstance(affine, Geometry):  # the cluster-size kernels work on voxel grids only (see surfaces.py)
         p_maps = {"voxel": result.p_voxel}
-        common["ClusterConnectivity"] = "none (voxel-wise inference only on surfaces)"
+        common["ClusterConnectivity"] = "none (no cluster-size/mass inference on surfaces)"
     if result.p_tfce is not None:
         p_maps["tfce"] = result.p_tfce
         tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1, "Connectivity": "faces (6-neighbour)"}}
+        if isinstance(affine, Geometry):
+            tfce_info = {"TFCE": {"E": SURFACE_TFCE_E, "H": 2.0, "dh": 0.1,
+                                  "Connectivity": "vertices sharing a triangle edge (fsaverage5 mesh)"}}
         path = _write_map(group_dir / f"{base}_stat-tfce_statmap.nii.gz", result.tfce, mask, affine)
         atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
                                                "the t map is negative)", **common, **tfce_info})

@@ -344,6 +344,21 @@ def no_neighbours(mask: np.ndarray) -> np.ndarray:
     return np.full((int(mask.sum()), 6), -1, dtype=np.int32)
 
 
+SURFACE_TFCE_E = 1.0  # TFCE extent exponent on surfaces (Smith & Nichols 2009: E 1, H 2 for 2D)
+
+
+def tfce_neighbours(geom: Geometry, mask: np.ndarray) -> np.ndarray | None:
+    """(V_mask, 6) mesh neighbour table over the masked elements, renumbered, for the TFCE kernel
+    (which reads 6 neighbours per element: meshes of degree <= 6, as fsaverage5); None otherwise."""
+    mesh = template_mesh(geom)
+    if mesh is None or mesh.neighbours.shape[1] > 6:
+        return None
+    table = np.pad(mesh.neighbours, ((0, 0), (0, 6 - mesh.neighbours.shape[1])), constant_values=-1)
+    index = np.full(len(mask) + 1, -1, dtype=np.int32)  # index[-1] (for -1 entries) stays -1
+    index[:-1][mask] = np.arange(int(mask.sum()), dtype=np.int32)
+    return index[table[mask]]
+
+
 def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
     """(V,) component label (>= 1) of the elements in ``above``, 0 elsewhere (scipy's connected
     components on the graph of neighbour pairs both in ``above``)."""

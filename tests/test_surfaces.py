@@ -322,7 +322,7 @@ def test_cifti_group_one_sample_and_voxelwise_permutations(cifti_out, capsys):
 def test_cifti_cluster_options_refused(cifti_out, capsys):
     _, out = cifti_out
     for extra, words in ((["--cluster-extent", "5"], "cluster inference needs a template mesh"),
-                         (["--permutations", "10", "--tfce"], "--tfce is not available on surfaces")):
+                         (["--permutations", "10", "--tfce"], "TFCE needs a template mesh")):
         before = sorted(out.rglob("*"))
         code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", *extra)
         assert code == 64
@@ -435,3 +435,46 @@ def test_stats_model_on_surfaces_refused(tmp_path, capsys):
     code, err = run_cli(capsys, tmp_path, tmp_path / "out", "participant", "--space", "fsLR", "--model", model)
     assert code == 64
     assert "BIDS Stats Models run on volumes only" in one_error_line(err)
+
+
+def test_gifti_tfce_on_the_mesh_matches_connected_components(gifti_out, capsys):
+    """TFCE (E 1, H 2, dh 0.1) on fsaverage5 against its definition, computed with scipy's connected
+    components of the mesh at every height: TFCE(v) = sum over h <= t(v) of extent(v, h)^E h^H dh."""
+    import scipy.sparse as sp
+    from nilearn import datasets
+    from scipy import stats
+    from scipy.sparse.csgraph import connected_components
+
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5", "--permutations", "20",
+                        "--tfce", "--random-seed", "3")
+    assert code == 0, err
+    group = out / "group"
+
+    def read(name):
+        return np.concatenate([nib.load(group / name.replace("task-test_", f"task-test_hemi-{h}_")).darrays[0].data
+                               for h in "LR"])
+
+    ent = "task-test_space-fsaverage5_contrast-avsB"
+    tfce = read(f"{ent}_stat-tfce_statmap.shape.gii")
+    mask = read("task-test_space-fsaverage5_contrast-avsB_mask.shape.gii") > 0
+    t = stats.ttest_1samp(subject_effects(out, "space-fsaverage5", ("01", "02", "03"), "gifti"), 0).statistic
+    t = np.where(mask, t, 0.0)
+    fs = datasets.load_fsaverage("fsaverage5")
+    edges = np.vstack([np.vstack([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]) + off for off, f in
+                       ((0, np.asarray(fs["pial"].parts["left"].faces)),
+                        (10242, np.asarray(fs["pial"].parts["right"].faces)))])
+    expected = np.zeros(t.size)
+    for sign in (1, -1):
+        values = sign * t
+        for i in range(1, int(values.max() / 0.1) + 1):
+            h = i * 0.1
+            above = mask & (values >= h)
+            e = edges[above[edges[:, 0]] & above[edges[:, 1]]]
+            graph = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(t.size, t.size))
+            _, labels = connected_components(graph, directed=False)
+            extent = np.bincount(labels, weights=above)[labels]
+            expected[above] += sign * extent[above] * h**2 * 0.1
+    np.testing.assert_allclose(tfce, expected, rtol=1e-4, atol=1e-3)
+    assert np.abs(tfce[gifti_patch()]).min() > np.percentile(np.abs(tfce[mask]), 99)
+    assert (group / f"{ent}_stat-logp_desc-tfceFWE_statmap.json").is_file()
