@@ -478,3 +478,14 @@ def test_gifti_tfce_on_the_mesh_matches_connected_components(gifti_out, capsys):
     np.testing.assert_allclose(tfce, expected, rtol=1e-4, atol=1e-3)
     assert np.abs(tfce[gifti_patch()]).min() > np.percentile(np.abs(tfce[mask]), 99)
     assert (group / f"{ent}_stat-logp_desc-tfceFWE_statmap.json").is_file()
+
+
+def test_cifti_group_run_exclusion_recomputes_fixed_effects(cifti_out, capsys):
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--exclude-run", "sub-01_run-2")
+    assert code == 0, err
+    effect = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-effect_statmap.dscalar.nii")
+    run1 = nib.load(out / "sub-01/func/sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-effect_statmap.dscalar.nii")
+    others = subject_effects(out, "space-fsLR_den-91k", ("02", "03", "04"), "cifti")
+    expected = np.vstack([run1.get_fdata()[0], others]).mean(axis=0)  # sub-01 = its one remaining run
+    np.testing.assert_allclose(effect.get_fdata()[0], expected, rtol=1e-5, atol=1e-6)
