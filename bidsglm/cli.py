@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="confound columns from fMRIPrep's confounds table; shell wildcards allowed "
                           "('motion_outlier*', 'a_comp_cor_0[0-5]'); 'none' for no confounds "
                           "(default: the six motion parameters)")
-    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=6.0, metavar="MM",
-                     help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} "
-                          "(default: %(default)s)")
+    mod.add_argument("--smoothing-fwhm", type=_positive_float, default=None, metavar="MM",
+                     help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} (default: 6 on "
+                          "volumes; 0 on surfaces and grayordinates (--space fsLR, fsaverage*, fsnative), where "
+                          "smoothing is not implemented and a value > 0 is refused)")
     mod.add_argument("--hrf-model", default="glover",
                      choices=["glover", "spm", "glover + derivative", "spm + derivative",
                               "glover + derivative + dispersion", "spm + derivative + dispersion"],
@@ -272,6 +273,11 @@ def _check_model_options(args) -> None:
 def _check_args(args) -> None:
     if getattr(args, "model", None) is not None:
         _check_model_options(args)
+        from .surfaces import space_kind
+
+        if space_kind((args.space or "").partition(":")[0]) != "volume":
+            raise UsageError(f"--model with --space {args.space}: BIDS Stats Models run on volumes only for now; "
+                             "surfaces and grayordinates run without --model")
     if args.n_cpus < 1:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
@@ -360,6 +366,16 @@ def _run_level(args, bids_dir: Path, output_dir: Path) -> list[str] | None:
     return run_participant_level(args, bids_dir, output_dir)
 
 
+def _surface_results(args, output_dir: Path) -> bool:
+    from .surfacereports import has_surface_maps
+    from .surfaces import space_kind
+
+    if args.space:
+        return space_kind(args.space.partition(":")[0]) != "volume"
+    folder = output_dir / "group" if args.analysis_level == "group" else output_dir
+    return folder.is_dir() and not next(folder.rglob("*_statmap.nii.gz"), None) and has_surface_maps(folder)
+
+
 def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> None:
     """The HTML reports of this level, from what OUTPUT_DIR holds."""
     from . import reports
@@ -381,6 +397,14 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
         paths = [reports.group_report(output_dir, folder) for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
+    elif _surface_results(args, output_dir):  # maps and tables only; figures on surfaces not drawn yet
+        from . import surfacereports
+
+        if args.analysis_level == "group":
+            paths = [surfacereports.group_report(output_dir / "group")]
+        else:
+            subjects = subjects or reports.subjects_with_results(output_dir, args.participant_label)
+            paths = [surfacereports.participant_report(output_dir, s) for s in subjects]
     elif args.analysis_level == "group":
         check_planned_folders([output_dir / "group"])
         paths = [reports.group_report(output_dir)]

@@ -249,15 +249,27 @@ def main(argv=None) -> int:
                         "(default 4)")
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the simulated noise: the same seed gives the same dataset (default 42)")
+    p.add_argument("--surface", choices=["cifti", "gifti"], default=None,
+                   help="also write surface BOLD: fsaverage5 GIfTI pairs or a small CIFTI dtseries "
+                        "(see README, 'Surfaces and grayordinates')")
     args = p.parse_args(argv)
     desc = args.output / "dataset_description.json"
     if desc.is_file() and "bidsglm demo" in desc.read_text():
         print(f"demo dataset already present in {args.output}; reusing it")
+        pattern = {"cifti": "*.dtseries.nii", "gifti": "*.func.gii"}.get(args.surface)
+        if pattern and not next((args.output / "derivatives").rglob(pattern), None):
+            from .demosurface import add_surface_runs
+
+            add_surface_runs(args.output, args.surface)
         return 0
     if args.output.exists() and any(args.output.iterdir()):
         print(f"bidsglm-demo: {args.output} exists and is not empty", file=sys.stderr)
         return 64
     make_demo(args.output, args.subjects, args.voxel_size, seed=args.seed)
+    if args.surface:
+        from .demosurface import add_surface_runs
+
+        add_surface_runs(args.output, args.surface)
     print(f"demo dataset written to {args.output}")
     return 0
 

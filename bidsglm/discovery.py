@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, UsageError
+from .surfaces import space_kind
+
+SURFACE_EXT = {"cifti": ".dtseries.nii", "gifti": ".func.gii"}
 
 # Entities that identify one acquisition (one run); order is BIDS order.
 RUN_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo")
 NATIVE_SPACE = "native"
 _NIFTI_EXT = (".nii.gz", ".nii")
+_SURFACE_BOLD = ("_bold.dtseries.nii", "_bold.func.gii")  # fMRIPrep's surface outputs (no desc-)
 
 
 @dataclass(frozen=True)
@@ -67,19 +71,20 @@ class SpaceSpec:
 
     name: str
     res: str | None = None
+    den: str | None = None  # surface density (fsLR:den-91k)
 
     @classmethod
     def parse(cls, text: str) -> "SpaceSpec":
         name, _, rest = text.partition(":")
-        res = None
+        res = den = None
         if rest:
             key, _, value = rest.partition("-")
-            if key != "res" or not value:
-                raise UsageError(f"--space {text!r}: expected SPACE or SPACE:res-N")
-            res = value
+            if key not in ("res", "den") or not value or (key == "den" and space_kind(name) == "volume"):
+                raise UsageError(f"--space {text!r}: expected SPACE, SPACE:res-N or (surfaces) SPACE:den-N")
+            res, den = (value, None) if key == "res" else (None, value)
         if not re.fullmatch(r"[A-Za-z0-9]+", name):
             raise UsageError(f"--space {text!r}: a space label is alphanumeric")
-        return cls(name, res)
+        return cls(name, res, den)
 
     @property
     def is_native(self) -> bool:
@@ -91,19 +96,19 @@ class SpaceSpec:
             return f.get("space") in (None, "run")
         if f.get("space") != self.name:
             return False
-        return self.res is None or f.get("res") == self.res
+        return (self.res is None or f.get("res") == self.res) and (self.den is None or f.get("den") == self.den)
 
     def __str__(self) -> str:
-        return self.name + (f":res-{self.res}" if self.res else "")
+        return self.name + (f":res-{self.res}" if self.res else "") + (f":den-{self.den}" if self.den else "")
 
 
 @dataclass
 class RunInputs:
     """Everything needed to model one run. Paths are absolute."""
 
-    entities: dict  # sub, ses, task, acq, run, ... (+ space, res for outputs)
-    bold: Path
-    mask: Path
+    entities: dict  # sub, ses, task, acq, run, ... (+ space, res, den for outputs)
+    bold: Path  # surfaces: the CIFTI dtseries, or a GIfTI pair's hemi-L file
+    mask: Path  # surfaces have no mask file: the dtseries itself, or the pair's hemi-R file
     confounds: Path
     events: Path
     bold_sidecar: dict = field(default_factory=dict)
@@ -199,7 +204,7 @@ def _walk_files(root: Path):
 
 def _holds_preproc_bold(root: Path) -> bool:
     for path in _walk_files(root):
-        if "_desc-preproc_bold.nii" in path.name:
+        if "_desc-preproc_bold.nii" in path.name or path.name.endswith(_SURFACE_BOLD):
             return True
     return False
 
@@ -325,13 +330,19 @@ def discover_runs(
         and selected(f)
     ]
     bolds = [f for f in bolds_any_space if space.matches(f) and f.get("space") != "run"]
+    kind = space_kind(space.name)
+    if kind != "volume":
+        surface_bolds = [f for f in deriv_files if f.suffix == "bold" and f.get("desc") in (None, "preproc")
+                         and f.extension == SURFACE_EXT[kind] and selected(f) and space.matches(f)]
+        bolds_any_space = bolds_any_space + surface_bolds
+        bolds = surface_bolds
     if not bolds:
         spaces = sorted({f.get("space") or NATIVE_SPACE for f in bolds_any_space})
         where = ", ".join(str(d) for d in derivatives)
         hint = f"; spaces present: {', '.join(spaces)}" if spaces else ""
         task_hint = f" for task(s) {', '.join(wanted_tasks)}" if wanted_tasks else ""
         raise DataError(
-            f"no preprocessed BOLD (*_desc-preproc_bold.nii[.gz]) in space '{space}'"
+            f"no preprocessed BOLD ({_bold_pattern(kind)}) in space '{space}'"
             f"{task_hint} for the selected participants{hint}",
             where,
         )
@@ -342,6 +353,10 @@ def discover_runs(
 
     runs = []
     for key, cands in sorted(by_run.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+        if kind == "gifti":  # the two hemispheres of a run are fitted together
+            runs.append(_match_run(_hemisphere_pair(cands, space), key, space, deriv_files, raw_files,
+                                   bids_dir, mask=_hemisphere_pair(cands, space, "R").path))
+            continue
         if len(cands) > 1:
             names = ", ".join(c.path.name for c in cands)
             raise DataError(
@@ -354,8 +369,25 @@ def discover_runs(
     return runs
 
 
-def _match_run(bold, key, space, deriv_files, raw_files, bids_dir) -> RunInputs:
+def _bold_pattern(kind: str) -> str:
+    return {"cifti": "*_bold.dtseries.nii", "gifti": "*_hemi-L|R_*_bold.func.gii"}.get(
+        kind, "*_desc-preproc_bold.nii[.gz]")
+
+
+def _hemisphere_pair(cands: list[BidsFile], space: SpaceSpec, hemi: str = "L") -> BidsFile:
+    """The hemi-L (or hemi-R) file of a run's GIfTI pair; a missing or doubled hemisphere is refused."""
+    found = [c for c in cands if c.get("hemi") == hemi]
+    if len(found) != 1:
+        names = ", ".join(c.path.name for c in cands)
+        raise DataError(f"expected one hemi-L and one hemi-R GIfTI in space '{space}' for this run, "
+                        f"found {len(found)} hemi-{hemi} ({names})", cands[0].path)
+    return found[0]
+
+
+def _match_run(bold, key, space, deriv_files, raw_files, bids_dir, mask: Path | None = None) -> RunInputs:
     same_dir = [f for f in deriv_files if f.path.parent == bold.path.parent]
+    if mask is None and space_kind(space.name) == "cifti":
+        mask = bold.path  # a dtseries holds only its brain models' grayordinates
     masks = [
         f for f in same_dir
         if f.suffix == "mask" and f.get("desc") == "brain" and f.extension in _NIFTI_EXT
@@ -365,7 +397,8 @@ def _match_run(bold, key, space, deriv_files, raw_files, bids_dir) -> RunInputs:
     if space.is_native and len(masks) > 1:
         # both spellings present: prefer the one without space-
         masks = [m for m in masks if m.get("space") is None] or masks
-    mask = _pick_one(masks, "brain mask (*_desc-brain_mask.nii.gz)", bold.path)
+    if mask is None:
+        mask = _pick_one(masks, "brain mask (*_desc-brain_mask.nii.gz)", bold.path)
 
     confounds = [
         f for f in same_dir
@@ -392,6 +425,8 @@ def _match_run(bold, key, space, deriv_files, raw_files, bids_dir) -> RunInputs:
         sidecar.update(read_json(f.path))
         sidecar_files.append(f.path)
     deriv_json = bold.path.with_name(bold.path.name.split(".")[0] + ".json")
+    if not deriv_json.is_file() and bold.get("hemi"):  # a pair's sidecar may leave hemi- out
+        deriv_json = deriv_json.with_name(deriv_json.name.replace(f"_hemi-{bold.get('hemi')}", ""))
     if deriv_json.is_file():
         sidecar.update(read_json(deriv_json))
         sidecar_files.append(deriv_json)
@@ -401,6 +436,8 @@ def _match_run(bold, key, space, deriv_files, raw_files, bids_dir) -> RunInputs:
         entities["space"] = bold.get("space")
         if bold.get("res"):
             entities["res"] = bold.get("res")
+        if bold.get("den"):
+            entities["den"] = bold.get("den")
     return RunInputs(
         entities=entities,
         bold=bold.path.resolve(),

@@ -55,6 +55,21 @@ from .clusterkernels import CONNECTIVITY_NAMES, TFCE_CONNECTIVITY_NAMES
 from .images import nifti_bytes, unmask
 from .mixedeffects import fit_mixed
 from .sphericity import NAMES as SPHERICITY_NAMES, corrected_f_tails, epsilon
+from .surfaces import (
+    SHIPPED_MESHES,
+    SURFACE_TFCE_E,
+    Geometry,
+    tfce_neighbours,
+    space_kind,
+    clusters_table as surface_clusters_table,
+    cluster_refusal,
+    map_files,
+    no_neighbours,
+    path_for_grid,
+    same_grid,
+    template_mesh,
+    threshold_elements,
+)
 from .inference import (
     clusters_table,
     default_alpha,
@@ -404,9 +419,9 @@ def _read_inputs(output_dir: Path, model: PlannedModel) -> tuple[np.ndarray, np.
     masks, affine = [], None
     for m in model.inputs:
         mask, aff = map_mask(output_dir, m)
-        if affine is not None and (mask.shape != masks[0].shape or not np.allclose(aff, affine, atol=1e-4)):
-            raise DataError(f"map is on a different grid from sub-{model.inputs[0].subject}'s; group "
-                            "models need every subject in one template space", m.effect)
+        if affine is not None and (mask.shape != masks[0].shape or not same_grid(aff, affine)):
+            raise DataError(f"map is on a different grid (or brain models) from sub-{model.inputs[0].subject}'s; "
+                            "group models need every subject in one template space", m.effect)
         masks.append(mask)
         affine = aff if affine is None else affine
     mask = np.logical_and.reduce(masks)
@@ -492,7 +507,8 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     # permutations before any file: an interrupted run leaves no file of this model
     designs = model.permutation_designs or [None] * len(model.contrasts)
     permuted = [None if design is None else
-                run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ")
+                run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ",
+                                 **_surface_permutation_args(affine, mask, settings))
                 for (con, _), design in zip(model.contrasts, designs)]
     del Y
     computed = [_contrast_values(model, con, weights, fit, settings, subject_by_condition, perm is not None)
@@ -501,7 +517,7 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     design_table = model.design.reset_index()
     atomic_write_tsv(group_dir / f"{_design_name(model)}.tsv", design_table)
     mask_path = group_dir / f"{_design_name(model).removesuffix('_design')}_mask.nii.gz"
-    atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), affine))
+    _write_map(mask_path, np.ones(int(mask.sum())), mask, affine)
     mni = model.space.get("space", "").startswith("MNI")
     if mixed:
         written.append(_write_tau2(group_dir, model, fit, mask, affine))
@@ -509,8 +525,7 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
         stat = "F" if con.is_f else "t"
         base = f"{_prefix(model)}_contrast-{con.label}"
         for s in stats_written:
-            path = group_dir / f"{base}_stat-{s}_statmap.nii.gz"
-            atomic_write_bytes(path, nifti_bytes(unmask(values[s], mask), affine))
+            path = _write_map(group_dir / f"{base}_stat-{s}_statmap.nii.gz", values[s], mask, affine)
             atomic_write_json(sidecar_path(path), _sidecar(model, con, weights, s, fit.dof, output_dir,
                                                            dict(extra)))
             written.append(path)
@@ -674,6 +689,9 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
     th = settings.thresholding
     two_sided = th.two_sided and not is_f  # an F test has one tail
     threshold = height_threshold(z_in_mask, th.height_control, th.alpha, two_sided)
+    if isinstance(affine, Geometry):
+        return _surface_threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, threshold,
+                                            stat, two_sided, th)
     kept = threshold_map(z_volume, mask, threshold, th.cluster_extent, two_sided, th.connectivity)
     info = {
         "Description": "z map thresholded at the height threshold and cluster extent below; 0 elsewhere",
@@ -710,6 +728,84 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
                     "none (atlas labels need an MNI space)" if settings.atlases else "none"),
     })
     return len(clusters), threshold
+
+
+def _check_surface_options(maps: list[SubjectMap], settings: GroupSettings) -> None:
+    """Before anything is fitted: what surfaces do not support is refused (voxel-wise inference works)."""
+    space = maps[0].entities.get("space") if maps else None
+    kind = space_kind(space)
+    if kind == "volume":
+        return
+    if settings.permutations is not None and settings.permutations.tfce and not (
+            kind == "gifti" and space in SHIPPED_MESHES):
+        raise UsageError(f"--tfce on --space {space}: TFCE needs a template mesh, which ships offline for "
+                         f"{', '.join(SHIPPED_MESHES)} only; --permutations without --tfce gives vertex-wise "
+                         "FWE p-values")
+    if settings.thresholding.cluster_extent > 1 and not (kind == "gifti" and space in SHIPPED_MESHES):
+        raise UsageError(f"--cluster-extent on --space {space}: cluster inference needs a template mesh, "
+                         f"which ships offline for {', '.join(SHIPPED_MESHES)} only; use voxel-wise "
+                         "thresholds (--cluster-extent 0)")
+
+
+def _surface_permutation_args(grid, mask, settings) -> dict:
+    """Surfaces: the mesh table for TFCE (fsaverage5), or none (vertex-wise maxima only)."""
+    if not isinstance(grid, Geometry):
+        return {}
+    table = tfce_neighbours(grid, mask) if settings.permutations.tfce else None
+    return {"neighbours": no_neighbours(mask) if table is None else table, "tfce_extent": SURFACE_TFCE_E}
+
+
+def _write_map(path: Path, values: np.ndarray, mask: np.ndarray, grid) -> Path:
+    """Write in-mask values as a map on ``grid`` (an affine, or a surface Geometry); returns the path
+    (surfaces: renamed .dscalar.nii, or the hemi-L .shape.gii of a pair)."""
+    path = path_for_grid(path, grid)
+    full = unmask(values, mask)
+    if isinstance(grid, Geometry):
+        for target, data in map_files(path, full, grid):
+            atomic_write_bytes(target, data)
+    else:
+        atomic_write_bytes(path, nifti_bytes(full, grid))
+    return path
+
+
+def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom, threshold, stat, two_sided,
+                                 th) -> tuple[int, float]:
+    """Thresholded surface map; clusters and their table on a shipped template mesh only."""
+    mesh = template_mesh(geom)
+    if th.cluster_extent > 1 and mesh is None:  # checked before fitting; kept as a guard
+        raise UsageError(f"--cluster-extent: {cluster_refusal(geom)}")
+    kept = threshold_elements(z_full, mask, threshold, th.cluster_extent, two_sided, mesh)
+    path = _write_map(group_dir / f"{base}_stat-z_desc-thresholded_statmap.nii.gz", kept[mask], mask, geom)
+    info = {
+        "Description": "z map thresholded at the height threshold and cluster extent below; 0 elsewhere",
+        "HeightControl": th.height_control, "Alpha": th.alpha, "TwoSided": two_sided,
+        "Threshold": threshold if np.isfinite(threshold) else None, "ThresholdStatistic": "z",
+        "ClusterExtent": th.cluster_extent,
+        "ClusterConnectivity": f"vertices sharing a triangle edge ({mesh.name})" if mesh else "none",
+        "VerticesInMask": int(mask.sum()),
+    }
+    if mesh is None:
+        info["ClusterTable"] = cluster_refusal(geom)
+        atomic_write_json(sidecar_path(path), info)
+        return int((kept != 0).sum()), threshold
+    table = surface_clusters_table(kept, stat_full, stat, mesh, geom)
+    info["NumberOfClusters"] = len(table)
+    atomic_write_json(sidecar_path(path), info)
+    table_path = group_dir / f"{base}_clusters.tsv"
+    atomic_write_tsv(table_path, table)
+    atomic_write_json(table_path.with_suffix(".json"), {
+        **{k: info[k] for k in ("HeightControl", "Alpha", "TwoSided", "Threshold", "ClusterExtent",
+                                "ClusterConnectivity")},
+        "cluster_id": "Cluster number, largest |peak z| first",
+        "hemisphere": "Hemisphere of the peak vertex (L, R)",
+        "vertex": "Peak vertex index in its hemisphere's template mesh",
+        "x": "Peak x (mm) on the template midthickness; y and z likewise",
+        "peak_z": "z at the peak", f"peak_{stat}": f"{stat} at the peak",
+        "cluster_size_vertices": "Vertices in the cluster",
+        "cluster_size_mm2": "Cluster area in mm^2 on the template midthickness (a third of each triangle "
+                            "per vertex)",
+    })
+    return len(table), threshold
 
 
 # --- permutation inference -------------------------------------------------------------
@@ -754,12 +850,17 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     }
     p_maps = {"voxel": result.p_voxel, "clustersize": result.p_cluster_size,
               "clustermass": result.p_cluster_mass}
+    if isinstance(affine, Geometry):  # the cluster-size kernels work on voxel grids only (see surfaces.py)
+        p_maps = {"voxel": result.p_voxel}
+        common["ClusterConnectivity"] = "none (no cluster-size/mass inference on surfaces)"
     if result.p_tfce is not None:
         p_maps["tfce"] = result.p_tfce
         tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1,
                               "Connectivity": TFCE_CONNECTIVITY_NAMES[options.connectivity]}}
-        path = group_dir / f"{base}_stat-tfce_statmap.nii.gz"
-        atomic_write_bytes(path, nifti_bytes(unmask(result.tfce, mask), affine))
+        if isinstance(affine, Geometry):
+            tfce_info = {"TFCE": {"E": SURFACE_TFCE_E, "H": 2.0, "dh": 0.1,
+                                  "Connectivity": "vertices sharing a triangle edge (fsaverage5 mesh)"}}
+        path = _write_map(group_dir / f"{base}_stat-tfce_statmap.nii.gz", result.tfce, mask, affine)
         atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
                                                "the t map is negative)", **common, **tfce_info})
         common.update(tfce_info)
@@ -770,21 +871,31 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     for kind, p in p_maps.items():
         significant = p < settings.fwe_alpha
         logp = np.where(p < 1, -np.log10(p), 0.0)
-        path = group_dir / f"{base}_stat-logp_desc-{kind}FWE_statmap.nii.gz"
-        atomic_write_bytes(path, nifti_bytes(unmask(logp, mask), affine))
+        path = _write_map(group_dir / f"{base}_stat-logp_desc-{kind}FWE_statmap.nii.gz", logp, mask, affine)
         atomic_write_json(sidecar_path(path), {
             "Description": f"-log10 FWE-corrected p-value, {_FWE_KINDS[kind]} inference", **common})
-        masked = group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz"
-        atomic_write_bytes(masked, nifti_bytes(unmask(np.where(significant, result.stat, 0.0), mask), affine))
+        masked = _write_map(group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz",
+                            np.where(significant, result.stat, 0.0), mask, affine)
         atomic_write_json(sidecar_path(masked), {
             "Description": f"{stat} where the FWE-corrected p ({_FWE_KINDS[kind]}) is below "
                            f"{settings.fwe_alpha}; 0 elsewhere", "VoxelsSignificant": int(significant.sum()),
             **common})
         p_volume = unmask(p, mask)
-        clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine,
-                                 connectivity=options.connectivity)
-        table = clusters_table(clusters, affine, stat_volume, stat, label_fn)
-        table.insert(5, "p_fwe", [float(p_volume[tuple(ijk)]) for c in clusters for ijk in c.peaks])
+        if isinstance(affine, Geometry):  # clusters on a shipped mesh, else no table
+            mesh = template_mesh(affine)
+            kept = np.where(unmask(significant, mask) > 0, z_volume, 0.0)
+            table = None if mesh is None else surface_clusters_table(kept, stat_volume, stat, mesh, affine,
+                                                                     p_volume)
+            n_clusters = 0 if table is None else len(table)
+        else:
+            clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine,
+                                     connectivity=options.connectivity)
+            table = clusters_table(clusters, affine, stat_volume, stat, label_fn)
+            table.insert(5, "p_fwe", [float(p_volume[tuple(ijk)]) for c in clusters for ijk in c.peaks])
+            n_clusters = len(clusters)
+        written += [path, masked]
+        if table is None:
+            continue
         table_path = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
         atomic_write_tsv(table_path, table)
         atomic_write_json(table_path.with_suffix(".json"), {
@@ -795,8 +906,7 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
             **{k: common[k] for k in ("Rearrangement", "NumberOfRearrangements", "TwoSided",
                                       "ClusterFormingThreshold", "ClusterConnectivity", "FWEAlpha")}})
         log.info("contrast-%s: %d voxel(s), %d cluster(s) FWE-significant (%s, p < %g)", con.label,
-                 int(significant.sum()), len(clusters), kind, settings.fwe_alpha)
-        written += [path, masked]
+                 int(significant.sum()), n_clusters, kind, settings.fwe_alpha)
     return written
 
 
@@ -823,6 +933,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     if contrast_names is not None:
         maps = [m for m in maps if m.name in contrast_names or m.label in contrast_names]
     attach_run_records(inputs_dir, maps)
+    _check_surface_options(maps, settings)
     maps, exclusions = apply_exclusions(maps, args.exclude_participant_label, run_rules, args.exclude_fd_mean)
     left_out = {strip_prefix(s, "sub") for s in args.exclude_participant_label or ()}  # on purpose, listed
     by_contrast = {(e.participant[4:], e.contrast) for e in exclusions if e.contrast}

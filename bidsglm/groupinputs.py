@@ -21,9 +21,13 @@ import pandas as pd
 from .discovery import SpaceSpec, parse_bids_name, read_json, strip_prefix
 from .errors import DataError, UsageError
 from .fixedeffects import DegenerateRunError, fixed_effects
-from .outputs import entity_prefix, func_dir, statmap_path
+from .outputs import entity_prefix, func_dir, sidecar_path, statmap_path
+from .surfaces import kind_of_path, map_path, read_map
 
-SPACE_KEYS = ("space", "res")
+SPACE_KEYS = ("space", "res", "den")
+# subject effect maps: volumes, CIFTI, and GIfTI pairs (found by their hemi-L file)
+_EFFECT_PATTERNS = ("*_stat-effect_statmap.nii.gz", "*_stat-effect_statmap.dscalar.nii",
+                    "*_hemi-L_*_stat-effect_statmap.shape.gii")
 
 
 @dataclass
@@ -79,18 +83,19 @@ def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, pa
     wanted_ses = {strip_prefix(s, "ses") for s in sessions} if sessions else None
     wanted_tasks = {strip_prefix(t, "task") for t in tasks} if tasks else None
     found = []
-    for path in sorted(output_dir.glob("sub-*/**/func/*_stat-effect_statmap.nii.gz")):
+    paths = sorted(p for pattern in _EFFECT_PATTERNS for p in output_dir.glob(f"sub-*/**/func/{pattern}"))
+    for path in paths:
         parsed = parse_bids_name(path)
         if parsed is None or ("run" in parsed.entities) != run_maps or "contrast" not in parsed.entities:
             continue
-        ent = {k: v for k, v in parsed.entities.items() if k not in ("contrast", "stat")}
+        ent = {k: v for k, v in parsed.entities.items() if k not in ("contrast", "stat", "hemi")}
         if wanted_subs is not None and ent.get("sub") not in wanted_subs:
             continue
         if wanted_ses is not None and ent.get("ses") not in wanted_ses:
             continue
         if wanted_tasks is not None and ent.get("task") not in wanted_tasks:
             continue
-        sidecar = read_json(path.with_name(path.name.replace(".nii.gz", ".json")))
+        sidecar = read_json(sidecar_path(path))
         label = parsed.entities["contrast"]
         name = sidecar.get("Contrast", {}).get("Name", label)
         found.append(SubjectMap(ent, label, name, path))
@@ -216,6 +221,9 @@ def _run_exclusion(record: RunRecord, run_rules, fd_cutoff) -> str:
 # --- reading maps -------------------------------------------------------------------
 
 def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Values and grid: a volume and its affine, or surface elements and their Geometry."""
+    if kind_of_path(path) != "volume":
+        return read_map(path)
     try:
         img = nib.load(str(path))
         return np.asanyarray(img.dataobj), img.affine
@@ -224,7 +232,8 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def subject_mask_path(output_dir: Path, entities: dict) -> Path:
-    return func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
+    return map_path(func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz",
+                    entities.get("space"))
 
 
 def map_mask(output_dir: Path, m: SubjectMap) -> tuple[np.ndarray, np.ndarray]:

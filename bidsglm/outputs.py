@@ -35,9 +35,10 @@ import pandas as pd
 from . import __url__, __version__
 from .container import generated_by_container
 from .errors import OutputError, UsageError
+from .surfaces import map_path
 
 BIDS_VERSION = "1.10.0"
-OUTPUT_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res")
+OUTPUT_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "hemi", "space", "res", "den")
 STATS_T = ("effect", "variance", "t", "z", "p")
 STATS_F = ("F", "z", "p")
 
@@ -50,11 +51,16 @@ BIDSIGNORE = """\
 # and their sidecars) is left to the validator.
 # Statistical maps and design matrices: contrast-, stat- entities, _statmap and _design suffixes.
 *_statmap.nii.gz
+*_statmap.dscalar.nii
+*_statmap.shape.gii
 *_statmap.json
 *_design.tsv
 *_design.json
 # HTML reports (sub-<label>.html), the mean BOLD image of BOLD-space runs that they draw
 # maps over (a 3D _boldref in BOLD space is not in the schema), and run logs
+# surface and grayordinate masks: not in the schema either
+*_mask.dscalar.nii
+*_mask.shape.gii
 *.html
 *_boldref.nii.gz
 logs
@@ -104,11 +110,15 @@ def func_dir(output_dir: Path, entities: dict) -> Path:
 
 def statmap_path(output_dir: Path, entities: dict, contrast_label: str, stat: str) -> Path:
     name = f"{entity_prefix(entities)}_contrast-{contrast_label}_stat-{stat}_statmap.nii.gz"
-    return func_dir(output_dir, entities) / name
+    return map_path(func_dir(output_dir, entities) / name, entities.get("space"))  # surfaces: .dscalar.nii ...
 
 
 def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name.split(".")[0] + ".json")
+    """A GIfTI pair's sidecar leaves hemi- out: by BIDS inheritance it describes both files."""
+    stem = path.name.split(".")[0]
+    if path.name.endswith(".gii"):
+        stem = stem.replace("_hemi-L_", "_").replace("_hemi-R_", "_")
+    return path.with_name(stem + ".json")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

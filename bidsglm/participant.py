@@ -43,6 +43,19 @@ from .images import (
     stream_masked_timeseries,
     unmask,
 )
+from .surfaces import (
+    Geometry,
+    check_smoothing,
+    kind_of_path,
+    map_files,
+    map_path,
+    pair_paths,
+    read_map,
+    read_run_series,
+    run_series_info,
+    same_grid,
+    usable_elements,
+)
 from .outputs import (
     STATS_F,
     STATS_T,
@@ -96,6 +109,7 @@ class PreparedRun:
     confound_columns: list
     fd_mean: float | None = None  # mean framewise displacement (mm), for group exclusions
     notes: list = field(default_factory=list)  # warnings about the inputs, one line each (logged, recorded)
+    geometry: Geometry | None = None  # surfaces: the elements' layout (brain models, hemispheres)
 
     def __post_init__(self):
         """Whichever front door built it (command line or Stats Model), a prepared run's design
@@ -151,7 +165,10 @@ class RunResult:
 
 # --- checking inputs -------------------------------------------------------
 
-def repetition_time(run: RunInputs, header, allow_mismatch: bool) -> float:
+def repetition_time(run: RunInputs, header, allow_mismatch: bool, header_tr: float | None = None,
+                    where: str = "NIfTI header") -> float:
+    """RepetitionTime from the sidecar, checked against the NIfTI header (or ``header_tr``: a CIFTI
+    series step)."""
     sidecar_tr = run.bold_sidecar.get("RepetitionTime")
     if sidecar_tr is None:
         raise DataError("no RepetitionTime in the BOLD sidecar JSON (raw or derivative)", run.bold)
@@ -161,13 +178,14 @@ def repetition_time(run: RunInputs, header, allow_mismatch: bool) -> float:
         raise DataError(f"RepetitionTime {sidecar_tr!r} is not a number", run.bold_sidecar_files[-1]) from exc
     if not sidecar_tr > 0:
         raise DataError(f"RepetitionTime {sidecar_tr} must be positive", run.bold_sidecar_files[-1])
-    zooms = header.get_zooms()
+    zooms = header.get_zooms() if header is not None else ()
     if len(zooms) > 3 and zooms[3] > 0:
         unit = header.get_xyzt_units()[1]
         header_tr = float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+    if header_tr is not None and header_tr > 0:
         if abs(header_tr - sidecar_tr) > TR_TOLERANCE and not allow_mismatch:
             raise DataError(
-                f"TR in the NIfTI header ({header_tr:g} s) differs from RepetitionTime in the "
+                f"TR in the {where} ({header_tr:g} s) differs from RepetitionTime in the "
                 f"sidecar ({sidecar_tr:g} s); fix the data or pass --allow-tr-mismatch to use the sidecar",
                 run.bold,
             )
@@ -180,15 +198,23 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
 
     Reads only headers and tables, so it is cheap to do for every run first.
     ``events`` may be passed when the caller has already read them."""
-    bold_hdr = read_header(run.bold)
-    shape = bold_hdr.get_data_shape()
-    if len(shape) != 4 or shape[3] < 2:
-        raise DataError(f"preprocessed BOLD must be 4D with several volumes, got shape {shape}", run.bold)
-    mask_hdr = read_header(run.mask)
-    check_same_grid(run.bold, shape, bold_hdr.get_best_affine(), run.mask,
-                    mask_hdr.get_data_shape(), mask_hdr.get_best_affine())
-    tr = repetition_time(run, bold_hdr, settings.allow_tr_mismatch)
-    n_volumes = int(shape[3])
+    if kind_of_path(run.bold) != "volume":
+        check_smoothing(run.entities.get("space", ""), settings.smoothing_fwhm)
+        n_volumes, step, geometry = run_series_info(run.bold, run.mask, run.entities.get("space", ""))
+        if n_volumes < 2:
+            raise DataError(f"a surface run needs several volumes, got {n_volumes}", run.bold)
+        tr = repetition_time(run, None, settings.allow_tr_mismatch, step, "CIFTI series axis")
+    else:
+        bold_hdr = read_header(run.bold)
+        shape = bold_hdr.get_data_shape()
+        if len(shape) != 4 or shape[3] < 2:
+            raise DataError(f"preprocessed BOLD must be 4D with several volumes, got shape {shape}", run.bold)
+        mask_hdr = read_header(run.mask)
+        check_same_grid(run.bold, shape, bold_hdr.get_best_affine(), run.mask,
+                        mask_hdr.get_data_shape(), mask_hdr.get_best_affine())
+        tr = repetition_time(run, bold_hdr, settings.allow_tr_mismatch)
+        n_volumes = int(shape[3])
+        geometry = None
     if settings.slice_time_ref is not None:
         str_ref = settings.slice_time_ref
     else:
@@ -218,7 +244,22 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
         else:
             usable.append(con)
     return PreparedRun(run, tr, n_volumes, str_ref, design, usable, dropped, list(confounds.columns),
-                       mean_framewise_displacement(run.confounds), notes)
+                       mean_framewise_displacement(run.confounds), notes, geometry)
+
+
+def check_surface_geometries(prepared: list[PreparedRun]) -> None:
+    """Before any fit: a subject's surface runs must share their elements (brain models, vertex
+    counts), or their maps could not be combined."""
+    first: dict[tuple, PreparedRun] = {}
+    for prep in prepared:
+        if prep.geometry is None:
+            continue
+        key = (prep.inputs.subject, prep.inputs.entities.get("ses"))
+        ref = first.setdefault(key, prep)
+        if not prep.geometry.same_as(ref.geometry):
+            raise DataError(f"this run's {prep.geometry.describe()} differ from {ref.inputs.label}'s "
+                            f"{ref.geometry.describe()}; runs of a subject must share brain models",
+                            prep.inputs.bold)
 
 
 def model_contrasts(runs_events: dict[str, set], requested: list[ContrastSpec] | None, task: str) -> list[ContrastSpec]:
@@ -256,8 +297,8 @@ def _map_sidecar(prep: PreparedRun, settings: ModelSettings, con: ContrastSpec, 
         "RepetitionTime": prep.tr,
         "SignalScaling": "percent signal change (voxel mean scaled to 100)",
         "Confounds": prep.confound_columns,
-        "Sources": [bids_uri(p, links) for p in (prep.inputs.bold, prep.inputs.mask,
-                                                 prep.inputs.confounds, prep.inputs.events)],
+        "Sources": [bids_uri(p, links) for p in dict.fromkeys((prep.inputs.bold, prep.inputs.mask,
+                                                               prep.inputs.confounds, prep.inputs.events))],
     }
 
 
@@ -291,7 +332,7 @@ def _inputs_signature(run: RunInputs) -> list:
 
 
 def _completion_record(prep: PreparedRun, output_dir: Path) -> Path:
-    return func_dir(output_dir, prep.inputs.entities) / f"{entity_prefix(prep.inputs.entities, drop=('space', 'res'))}_design.json"
+    return func_dir(output_dir, prep.inputs.entities) / f"{entity_prefix(prep.inputs.entities, drop=('space', 'res', 'den'))}_design.json"
 
 
 def _existing_result(prep, output_dir, fingerprint, labels) -> RunResult | None:
@@ -332,8 +373,13 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     t0 = time.perf_counter()
     log.info("%s: reading and smoothing %d volumes, then fitting %d contrast(s)", run.label,
              prep.n_volumes, len(prep.contrasts))
-    mask, mask_affine = load_mask(run.mask)
-    Y, _ = stream_masked_timeseries(run.bold, mask, settings.smoothing_fwhm)
+    if kind_of_path(run.bold) != "volume":  # surfaces: elements with usable series; grid = geometry
+        Y, mask_affine = read_run_series(run.bold, run.mask, run.entities.get("space", ""))
+        mask = usable_elements(Y)
+        Y = np.ascontiguousarray(Y[:, mask])
+    else:
+        mask, mask_affine = load_mask(run.mask)
+        Y, _ = stream_masked_timeseries(run.bold, mask, settings.smoothing_fwhm)
     log.info("%s: loaded and smoothed %d volumes x %d voxels (%.1f s)",
              run.label, Y.shape[0], Y.shape[1], time.perf_counter() - t0)
     # BOLD-space runs: their mean image is the anatomy the report draws their maps over
@@ -375,15 +421,16 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         paths = {}
         for stat in contrast_stats(con):
             path = statmap_path(output_dir, run.entities, labels[con.name], stat)
-            atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), mask_affine))
+            write_map(path, unmask(values[stat], mask), mask_affine)
             atomic_write_json(sidecar_path(path), {
                 **_map_sidecar(prep, settings, con, labels[con.name], stat, glm.dof_, links), **(extra_sidecar or {})})
             paths[stat] = path
         result.maps[con.name] = paths
 
     folder = func_dir(output_dir, run.entities)
-    mask_path = folder / f"{entity_prefix(run.entities)}_desc-brain_mask.nii.gz"
-    atomic_write_bytes(mask_path, nifti_bytes(mask.astype(np.float32), mask_affine))
+    mask_path = map_path(folder / f"{entity_prefix(run.entities)}_desc-brain_mask.nii.gz",
+                         run.entities.get("space"))
+    write_map(mask_path, mask.astype(np.float32), mask_affine)
     if mean_bold is not None:
         atomic_write_bytes(folder / f"{entity_prefix(run.entities)}_desc-mean_boldref.nii.gz",
                            nifti_bytes(unmask(mean_bold, mask), mask_affine))
@@ -449,10 +496,19 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
     entities = {k: v for k, v in first.entities.items() if k not in ("run", "echo")}
     masks, affines = [], []
     for r in results:
+        if kind_of_path(r.mask_path) != "volume":
+            values, geom = read_map(r.mask_path)
+            if affines and not geom.same_as(affines[0]):
+                raise DataError(f"this run's {geom.describe()} differ from {results[0].inputs.label}'s "
+                                f"{affines[0].describe()}; runs of a subject must share brain models",
+                                r.inputs.bold)
+            masks.append(values > 0)
+            affines.append(geom)
+            continue
         img = nib.load(str(r.mask_path))
         masks.append(np.asanyarray(img.dataobj) > 0)
         affines.append(img.affine)
-    if any(m.shape != masks[0].shape or not np.allclose(a, affines[0]) for m, a in zip(masks, affines)):
+    if any(m.shape != masks[0].shape or not same_grid(a, affines[0]) for m, a in zip(masks, affines)):
         log.warning("%s: runs are on different grids (native space?); no fixed effects written. "
                     "Use a template --space to combine runs.", " ".join(first.label.split()[:2]))
         return []
@@ -475,7 +531,7 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
                                        affines[0], stats)
         for stat in stats:
             path = statmap_path(output_dir, entities, labels[con.name], stat)
-            atomic_write_bytes(path, images[stat])
+            write_map(path, images[stat], affines[0])
             atomic_write_json(sidecar_path(path), {
                 "Description": f"{_STAT_WORDS[stat]} of contrast '{con.name}': "
                                "precision-weighted fixed effects across runs",
@@ -497,8 +553,9 @@ def subject_fixed_effects(results: list[RunResult], contrasts: list[ContrastSpec
             })
             written.append(path)
     mask_all = np.logical_and.reduce(masks)
-    mask_path = func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
-    atomic_write_bytes(mask_path, nifti_bytes(mask_all.astype(np.float32), affines[0]))
+    mask_path = map_path(func_dir(output_dir, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz",
+                         entities.get("space"))
+    write_map(mask_path, mask_all.astype(np.float32), affines[0])
     return written
 
 
@@ -509,7 +566,7 @@ def _fixed_effects_images(contributing: list[RunResult], name: str, masks: list[
     One run passes through unchanged (fixed effects of one run are that run's
     maps), so its files are copied rather than decompressed and recomputed."""
     if len(contributing) == 1:
-        return {stat: Path(contributing[0].maps[name][stat]).read_bytes() for stat in stats}
+        return {stat: Path(contributing[0].maps[name][stat]) for stat in stats}  # copied as it is
     mask = np.logical_and.reduce(masks)
     effects = np.stack([_read_masked(r.maps[name]["effect"], mask) for r in contributing])
     variances = np.stack([_read_masked(r.maps[name]["variance"], mask) for r in contributing])
@@ -521,10 +578,25 @@ def _fixed_effects_images(contributing: list[RunResult], name: str, masks: list[
     values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
     values = {stat: values[stat] for stat in stats}
     check_statistic_maps(values)
-    return {stat: nifti_bytes(unmask(values[stat], mask), affine) for stat in stats}
+    return {stat: unmask(values[stat], mask) for stat in stats}
 
 
 def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
     import nibabel as nib
 
+    if kind_of_path(path) != "volume":
+        return read_map(path)[0][mask].astype(np.float64)
     return np.asanyarray(nib.load(str(path)).dataobj)[mask].astype(np.float64)
+
+
+def write_map(path: Path, values, grid) -> None:
+    """Write a full map (volume or surface elements; a Path: copy that map's files) on ``grid`` (an
+    affine or a surface Geometry)."""
+    if isinstance(values, Path):
+        for source, target in zip(pair_paths(values), pair_paths(path)):
+            atomic_write_bytes(target, source.read_bytes())
+    elif isinstance(grid, Geometry):
+        for target, data in map_files(path, values, grid):
+            atomic_write_bytes(target, data)
+    else:
+        atomic_write_bytes(path, nifti_bytes(values, grid))

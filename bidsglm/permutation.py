@@ -289,21 +289,24 @@ def _signed_for_max(stat: np.ndarray, design: PermutationDesign, two_sided: bool
 
 
 def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
-                     options: PermutationOptions, label: str = "") -> PermutationResult:
-    """Y : (N, V) inputs in the mask (bool 3D array with V voxels).
+                     options: PermutationOptions, label: str = "", neighbours=None,
+                     tfce_extent: float = TFCE_E) -> PermutationResult:
+    """Y : (N, V) inputs in the mask (bool 3D array with V voxels); ``neighbours``: a table as
+    clusterkernels.neighbour_table gives (default: the mask's neighbours at options.connectivity);
+    ``tfce_extent``: TFCE's E (0.5 for volumes; 1 is the usual choice on surfaces).
 
     An interrupt (Ctrl-C) is taken between batches of permutations, never inside a
     (parallel) numba kernel, which it would crash."""
     with interrupts.deferred():
-        return _run_permutations(Y, design, mask, options, label)
+        return _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent)
 
 
-def _run_permutations(Y, design, mask, options, label) -> PermutationResult:
+def _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent) -> PermutationResult:
     two_sided = options.two_sided and not design.f_test
-    neighbours = ck.neighbour_table(mask, options.connectivity)
+    neighbours = ck.neighbour_table(mask, options.connectivity) if neighbours is None else neighbours
     E, ss64, stat = residuals_and_observed(Y, design)
     threshold = cluster_forming_threshold(options.cluster_forming_p, design, two_sided)
-    observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce)
+    observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce, tfce_extent)
 
     total = count_rearrangements(design)
     exhaustive = total <= options.n_permutations + 1
@@ -335,7 +338,7 @@ def _run_permutations(Y, design, mask, options, label) -> PermutationResult:
             null_stat.extend(maxima.tolist())
             if spatial:
                 sizes, masses, tfces = ck.batch_maxima(perm_stats, neighbours, threshold, two_sided,
-                                                       options.tfce, TFCE_E, TFCE_H, TFCE_DH)
+                                                       options.tfce, tfce_extent, TFCE_H, TFCE_DH)
                 null_size.extend(sizes.tolist())
                 null_mass.extend(masses.tolist())
                 null_tfce.extend(tfces.tolist())
@@ -368,7 +371,7 @@ def _run_permutations(Y, design, mask, options, label) -> PermutationResult:
         exhaustive=exhaustive, two_sided=two_sided, scheme=design.describe())
 
 
-def _observed_measures(stat, neighbours, threshold, two_sided, with_tfce) -> dict:
+def _observed_measures(stat, neighbours, threshold, two_sided, with_tfce, tfce_extent=TFCE_E) -> dict:
     """Cluster ids, per-voxel cluster size and mass, TFCE, and their maxima."""
     ids = ck.cluster_roots(stat, neighbours, threshold, two_sided)
     inside = ids >= 0
@@ -376,7 +379,7 @@ def _observed_measures(stat, neighbours, threshold, two_sided, with_tfce) -> dic
     masses = np.bincount(ids[inside], weights=np.abs(stat[inside]) - threshold, minlength=len(stat))
     size = np.where(inside, sizes[np.maximum(ids, 0)], 0)
     mass = np.where(inside, masses[np.maximum(ids, 0)], 0.0)
-    tfce = ck.tfce_map(stat, neighbours, two_sided, TFCE_E, TFCE_H, TFCE_DH) if with_tfce else None
+    tfce = ck.tfce_map(stat, neighbours, two_sided, tfce_extent, TFCE_H, TFCE_DH) if with_tfce else None
     return {
         "ids": ids, "size": size, "mass": mass, "tfce": tfce,
         "max_stat": float(np.max(np.abs(stat) if two_sided else stat)),

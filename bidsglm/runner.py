@@ -20,8 +20,10 @@ from .outputs import (
     func_dir,
     statmap_path,
 )
+from .surfaces import space_kind
 from .participant import (
     ModelSettings,
+    check_surface_geometries,
     fit_run,
     model_contrasts,
     prepare_run,
@@ -30,13 +32,22 @@ from .participant import (
 
 log = logging.getLogger("bidsglm")
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
+VOLUME_SMOOTHING_FWHM = 6.0
+
+
+def default_smoothing(args) -> float:
+    """--smoothing-fwhm, or its default: 6 mm on volumes, none on surfaces (not implemented there)."""
+    if getattr(args, "smoothing_fwhm", None) is not None:
+        return args.smoothing_fwhm
+    space = (getattr(args, "space", None) or DEFAULT_SPACE).partition(":")[0]
+    return 0.0 if space_kind(space) != "volume" else VOLUME_SMOOTHING_FWHM
 
 
 def settings_from_args(args) -> ModelSettings:
     confounds = tuple(c for c in args.confounds if c.lower() != "none")
     return ModelSettings(
         confounds=confounds,
-        smoothing_fwhm=args.smoothing_fwhm or None,
+        smoothing_fwhm=default_smoothing(args) or None,
         hrf_model=args.hrf_model,
         drift_model=None if args.drift_model == "none" else args.drift_model,
         high_pass=args.high_pass,
@@ -82,6 +93,7 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
         contrasts = model_contrasts(conditions, requested, task)
         labels = contrast_labels([c.name for c in contrasts])
         prepared = [prepare_run(r, settings, contrasts, events[r.label]) for r in task_runs]
+        check_surface_geometries(prepared)
         plans.append((task, contrasts, labels, prepared))
 
     links = dataset_links(bids_dir, derivatives)

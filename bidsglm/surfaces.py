@@ -1,0 +1,451 @@
+"""Surfaces and grayordinates: the format layer for CIFTI-2 and GIfTI data.
+
+fMRIPrep writes ``*_space-fsLR_den-91k_bold.dtseries.nii`` (CIFTI-2: both cortical
+surfaces without the medial wall, plus subcortical voxels) and
+``*_hemi-L|R_space-fsaverage5_bold.func.gii`` (one GIfTI per hemisphere). Here they
+become what the GLM, fixed effects and group models already take: a (time x elements)
+array, plus a ``Geometry`` saying how to write element values back (brain models
+copied from the input, or one file per hemisphere) and, where a template mesh ships
+offline, which elements neighbour each other.
+
+Everything else about a map path is the volume path's: writers take the name the
+volume path would use (``..._statmap.nii.gz``) and ``map_path`` turns it into
+``..._statmap.dscalar.nii`` or ``..._hemi-L_..._statmap.shape.gii`` (the hemi-R file
+beside it). A GIfTI pair's sidecar drops ``hemi-`` so that, by BIDS inheritance, it
+describes both hemisphere files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, UsageError
+
+CIFTI_SPACES = ("fsLR",)
+GIFTI_SPACES = ("fsaverage5", "fsaverage6", "fsaverage", "fsnative")
+HEMIS = ("L", "R")
+# template meshes that ship inside an installed package (nilearn), so clusters can be formed offline
+SHIPPED_MESHES = {"fsaverage5": 10242}
+_GIFTI_STRUCTURE = {"L": "CortexLeft", "R": "CortexRight"}
+
+
+def space_kind(space: str | None) -> str:
+    """'cifti', 'gifti' or 'volume' for a space label."""
+    if space in CIFTI_SPACES:
+        return "cifti"
+    if space in GIFTI_SPACES:
+        return "gifti"
+    return "volume"
+
+
+def kind_of_path(path: Path) -> str:
+    name = Path(path).name
+    if name.endswith((".dtseries.nii", ".dscalar.nii")):
+        return "cifti"
+    if name.endswith((".func.gii", ".shape.gii")):
+        return "gifti"
+    return "volume"
+
+
+def check_smoothing(space: str, fwhm: float | None) -> None:
+    """Volumetric smoothing does not apply on surfaces; surface smoothing is not implemented."""
+    if space_kind(space) != "volume" and fwhm:
+        raise UsageError(
+            f"--smoothing-fwhm {fwhm:g}: smoothing on surfaces/grayordinates (--space {space}) is not "
+            "implemented (volumetric smoothing does not apply there); pass --smoothing-fwhm 0 "
+            "(fMRIPrep's surface outputs are already resampled; smooth before bidsglm if you need it)")
+
+
+# --- geometry -------------------------------------------------------------------------
+
+@dataclass
+class Geometry:
+    """How the elements of a surface map are laid out.
+
+    cifti: ``brain_models`` (nibabel's BrainModelAxis, copied from the input into every map);
+    gifti: ``hemi_sizes`` (vertices in the left and right files; elements are left then right)."""
+
+    kind: str
+    n_elements: int
+    brain_models: object = None
+    hemi_sizes: tuple = ()
+    space: str = ""
+    _neighbours: np.ndarray | None = field(default=None, repr=False)
+
+    def same_as(self, other: "Geometry") -> bool:
+        if not isinstance(other, Geometry) or self.kind != other.kind or self.n_elements != other.n_elements:
+            return False
+        if self.kind == "cifti":
+            return self.brain_models == other.brain_models
+        return tuple(self.hemi_sizes) == tuple(other.hemi_sizes)
+
+    def describe(self) -> str:
+        if self.kind == "cifti":
+            names = sorted({n.replace("CIFTI_STRUCTURE_", "") for n in self.brain_models.name})
+            return f"{self.n_elements} grayordinates ({len(names)} structures)"
+        return f"{self.hemi_sizes[0]} + {self.hemi_sizes[1]} vertices (L + R)"
+
+
+def same_grid(a, b) -> bool:
+    """Volume affines or surface geometries describe the same elements."""
+    if isinstance(a, Geometry) or isinstance(b, Geometry):
+        return isinstance(a, Geometry) and a.same_as(b)
+    return np.allclose(a, b, atol=1e-4)
+
+
+# --- reading --------------------------------------------------------------------------
+
+def _load(path: Path):
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise DataError(f"not a readable CIFTI/GIfTI file ({exc})", path) from exc
+
+
+def cifti_series_info(path: Path) -> tuple[int, float | None, Geometry]:
+    """Volumes, series step in seconds (None if the axis is not in seconds) and geometry; header only."""
+    import nibabel as nib
+
+    img = _load(path)
+    if not isinstance(img, nib.Cifti2Image):
+        raise DataError("not a CIFTI-2 file", path)
+    series, models = img.header.get_axis(0), img.header.get_axis(1)
+    if not isinstance(series, nib.cifti2.SeriesAxis) or not isinstance(models, nib.cifti2.BrainModelAxis):
+        raise DataError("expected a dtseries: a series axis (rows) and brain models (columns)", path)
+    step = float(series.step) if series.unit.upper() == "SECOND" else None
+    return int(series.size), step, Geometry("cifti", len(models), brain_models=models)
+
+
+def read_cifti_series(path: Path) -> tuple[np.ndarray, Geometry]:
+    """(T, V) float32 data and the geometry of a dtseries."""
+    _, _, geom = cifti_series_info(path)
+    try:
+        data = np.asarray(_load(path).get_fdata(dtype=np.float32))
+    except Exception as exc:
+        raise DataError(f"cannot read CIFTI data ({exc})", path) from exc
+    return data, geom
+
+
+def _gifti_arrays(path: Path) -> np.ndarray:
+    """(T, V) of a func.gii (one data array per volume) or (1, V) of a shape.gii."""
+    import nibabel as nib
+
+    img = _load(path)
+    if not isinstance(img, nib.gifti.GiftiImage) or not img.darrays:
+        raise DataError("not a GIfTI file with data arrays", path)
+    arrays = [np.asarray(d.data) for d in img.darrays]
+    if any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
+        raise DataError("GIfTI data arrays are not vectors of one length (a mesh file, not data?)", path)
+    return np.stack(arrays).astype(np.float32)
+
+
+def gifti_partner(path: Path) -> Path:
+    """The hemi-R file of a hemi-L file (or the reverse)."""
+    name = path.name
+    if "_hemi-L_" in name:
+        return path.with_name(name.replace("_hemi-L_", "_hemi-R_"))
+    return path.with_name(name.replace("_hemi-R_", "_hemi-L_"))
+
+
+def read_gifti_pair(left: Path, right: Path, space: str = "") -> tuple[np.ndarray, Geometry]:
+    """(T, V_L + V_R) data of a hemisphere pair, left then right."""
+    yl, yr = _gifti_arrays(left), _gifti_arrays(right)
+    if yl.shape[0] != yr.shape[0]:
+        raise DataError(f"hemispheres differ in length: {yl.shape[0]} volumes in {left.name}, "
+                        f"{yr.shape[0]} here", right)
+    if yl.shape[1] != yr.shape[1] and space != "fsnative":
+        raise DataError(f"hemispheres differ in vertex count on template {space}: {yl.shape[1]} in "
+                        f"{left.name}, {yr.shape[1]} here", right)
+    expected = SHIPPED_MESHES.get(space)
+    if expected is not None and yl.shape[1] != expected:
+        raise DataError(f"{yl.shape[1]} vertices per hemisphere, but {space} has {expected}", left)
+    geom = Geometry("gifti", yl.shape[1] + yr.shape[1], hemi_sizes=(yl.shape[1], yr.shape[1]), space=space)
+    return np.hstack([yl, yr]), geom
+
+
+def usable_elements(Y: np.ndarray) -> np.ndarray:
+    """Elements with finite, non-constant time series: the surface "mask" (a constant element,
+    such as zeros outside the data, has no variance to test)."""
+    finite = np.isfinite(Y).all(axis=0)
+    varying = np.ptp(np.where(finite, Y, 0), axis=0) > 0
+    return finite & varying
+
+
+def read_map(path: Path) -> tuple[np.ndarray, Geometry]:
+    """(V,) values of a dscalar (first map) or of a GIfTI pair given by either hemisphere."""
+    if kind_of_path(path) == "cifti":
+        import nibabel as nib
+
+        img = _load(path)
+        models = img.header.get_axis(1)
+        if not isinstance(models, nib.cifti2.BrainModelAxis):
+            raise DataError("expected brain models on the columns of a CIFTI map", path)
+        values = np.asarray(img.get_fdata(dtype=np.float32))[0]
+        return values, Geometry("cifti", len(models), brain_models=models)
+    left = path if "_hemi-L_" in path.name else gifti_partner(path)
+    right = gifti_partner(left)
+    for p in (left, right):
+        if not p.is_file():
+            raise DataError("the other hemisphere of this map is missing", p)
+    space = re.search(r"_space-([A-Za-z0-9]+)", path.name)
+    Y, geom = read_gifti_pair(left, right, space.group(1) if space else "")
+    return Y[0], geom
+
+
+# --- writing --------------------------------------------------------------------------
+
+def map_path(path: Path, space: str | None) -> Path:
+    """The name a map gets in ``space``, from the volume path's ``...nii.gz`` name."""
+    return path_for_kind(path, space_kind(space))
+
+
+def path_for_grid(path: Path, grid) -> Path:
+    """As ``map_path``, for a map on ``grid`` (an affine, or a surface Geometry)."""
+    return path_for_kind(path, grid.kind if isinstance(grid, Geometry) else "volume")
+
+
+def path_for_kind(path: Path, kind: str) -> Path:
+    name = Path(path).name
+    if kind == "volume" or not name.endswith(".nii.gz"):
+        return Path(path)
+    stem = name[: -len(".nii.gz")]
+    if kind == "cifti":
+        return Path(path).with_name(stem + ".dscalar.nii")
+    if "_hemi-" not in stem:
+        stem = stem.replace("_space-", "_hemi-L_space-", 1) if "_space-" in stem else "hemi-L_" + stem
+    return Path(path).with_name(stem + ".shape.gii")
+
+
+def map_files(path: Path, values: np.ndarray, geom: Geometry, name: str = "") -> list[tuple[Path, bytes]]:
+    """(path, bytes) of each file of one map: one dscalar, or hemi-R then hemi-L (the hemi-L file is
+    written last, so its presence means the pair is complete)."""
+    import nibabel as nib
+
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    if values.size != geom.n_elements:
+        raise ValueError(f"{values.size} values for {geom.n_elements} elements")
+    if geom.kind == "cifti":
+        return [(path, _cifti_header_bytes(geom, name or "values") + values.astype("<f4").tobytes())]
+    left = path if "_hemi-L_" in path.name else gifti_partner(path)
+    n_left = geom.hemi_sizes[0]
+    out = []
+    for hemi, part, target in (("R", values[n_left:], gifti_partner(left)), ("L", values[:n_left], left)):
+        darray = nib.gifti.GiftiDataArray(part, intent="NIFTI_INTENT_NONE", datatype="NIFTI_TYPE_FLOAT32")
+        meta = nib.gifti.GiftiMetaData({"AnatomicalStructurePrimary": _GIFTI_STRUCTURE[hemi]})
+        out.append((target, nib.gifti.GiftiImage(darrays=[darray], meta=meta).to_bytes()))
+    return out
+
+
+_HEADERS: dict = {}  # (brain models fingerprint, map name) -> dscalar bytes before the data
+
+
+def _cifti_header_bytes(geom: Geometry, name: str) -> bytes:
+    """NIfTI-2 header and CIFTI XML of a one-map dscalar: serialising 91k brain models takes about
+    a second, and every map of a run (and of a study) shares them, so they are built once (hence one
+    map name, "values", for all: the file name says which statistic it is)."""
+    import hashlib
+
+    import nibabel as nib
+
+    models = geom.brain_models
+    digest = hashlib.sha1()
+    for array in (models.name, models.vertex, models.voxel, models.affine if models.affine is not None else 0):
+        digest.update(np.ascontiguousarray(np.asarray(array).astype(str) if np.asarray(array).dtype == object
+                                           else np.asarray(array)).tobytes())
+    digest.update(repr(sorted(models.nvertices.items())).encode())
+    key = (digest.hexdigest(), name)
+    if key not in _HEADERS:
+        img = nib.Cifti2Image(np.zeros((1, len(models)), np.float32),
+                              header=(nib.cifti2.ScalarAxis([name]), models))
+        img.nifti_header.set_intent("ConnDenseScalar")
+        full = img.to_bytes()
+        if len(_HEADERS) > 64:
+            _HEADERS.clear()
+        _HEADERS[key] = full[: len(full) - 4 * len(models)]
+    return _HEADERS[key]
+
+
+def pair_paths(path: Path) -> list[Path]:
+    """Every file of a map (a GIfTI map has two)."""
+    return [gifti_partner(path), path] if kind_of_path(path) == "gifti" else [path]
+
+
+# --- adjacency ------------------------------------------------------------------------
+
+def mesh_neighbour_table(faces: np.ndarray, n_vertices: int) -> np.ndarray:
+    """(V, D) int32 neighbours of each vertex (sharing a triangle edge), -1 padded."""
+    import scipy.sparse as sp
+
+    f = np.asarray(faces, dtype=np.int64)
+    i = np.concatenate([f[:, 0], f[:, 1], f[:, 2], f[:, 1], f[:, 2], f[:, 0]])
+    j = np.concatenate([f[:, 1], f[:, 2], f[:, 0], f[:, 0], f[:, 1], f[:, 2]])
+    adj = sp.csr_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n_vertices, n_vertices))
+    adj.sum_duplicates()
+    adj.sort_indices()
+    degree = np.diff(adj.indptr)
+    table = np.full((n_vertices, max(int(degree.max(initial=0)), 1)), -1, dtype=np.int32)
+    rows = np.repeat(np.arange(n_vertices), degree)
+    cols = np.arange(adj.indices.size) - np.repeat(adj.indptr[:-1], degree)
+    table[rows, cols] = adj.indices
+    return table
+
+
+def vertex_areas(coords: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """mm^2 per vertex: a third of the area of each triangle it belongs to."""
+    c = np.asarray(coords, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    tri = 0.5 * np.linalg.norm(np.cross(c[f[:, 1]] - c[f[:, 0]], c[f[:, 2]] - c[f[:, 0]]), axis=1)
+    return np.bincount(f.ravel(), weights=np.repeat(tri / 3, 3), minlength=len(c))
+
+
+@dataclass
+class Mesh:
+    """Both hemispheres of a template as one element set (left then right)."""
+
+    neighbours: np.ndarray  # (V, D) -1 padded
+    areas: np.ndarray  # (V,) mm^2 on the midthickness
+    coords: np.ndarray  # (V, 3) midthickness coordinates (mm)
+    name: str
+
+
+def template_mesh(geom: Geometry) -> Mesh | None:
+    """The shipped template mesh matching a GIfTI geometry, or None (CIFTI, fsnative, fsaverage6...)."""
+    if geom.kind != "gifti" or SHIPPED_MESHES.get(geom.space) != geom.hemi_sizes[0]:
+        return None
+    from nilearn import datasets
+
+    fs = datasets.load_fsaverage(geom.space)  # ships inside nilearn: no download
+    neighbours, areas, coords, offset = [], [], [], 0
+    for part in ("left", "right"):
+        pial, white = fs["pial"].parts[part], fs["white_matter"].parts[part]
+        mid = (np.asarray(pial.coordinates) + np.asarray(white.coordinates)) / 2
+        faces = np.asarray(pial.faces)
+        table = mesh_neighbour_table(faces, len(mid))
+        neighbours.append(np.where(table >= 0, table + offset, -1))
+        areas.append(vertex_areas(mid, faces))
+        coords.append(mid)
+        offset += len(mid)
+    width = max(t.shape[1] for t in neighbours)
+    neighbours = [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1) for t in neighbours]
+    return Mesh(np.vstack(neighbours).astype(np.int32), np.concatenate(areas), np.vstack(coords),
+                f"{geom.space} midthickness (mean of nilearn's pial and white surfaces)")
+
+
+def no_neighbours(mask: np.ndarray) -> np.ndarray:
+    """A (V, 6) neighbour table without neighbours, for the permutation kernels on surfaces: their
+    union-find takes 3 earlier face neighbours of a voxel grid, so only voxel-wise maxima are used."""
+    return np.full((int(mask.sum()), 6), -1, dtype=np.int32)
+
+
+SURFACE_TFCE_E = 1.0  # TFCE extent exponent on surfaces (Smith & Nichols 2009: E 1, H 2 for 2D)
+
+
+def tfce_neighbours(geom: Geometry, mask: np.ndarray) -> np.ndarray | None:
+    """(V_mask, 6) mesh neighbour table over the masked elements, renumbered, for the TFCE kernel
+    (which reads 6 neighbours per element: meshes of degree <= 6, as fsaverage5); None otherwise."""
+    mesh = template_mesh(geom)
+    if mesh is None or mesh.neighbours.shape[1] > 6:
+        return None
+    table = np.pad(mesh.neighbours, ((0, 0), (0, 6 - mesh.neighbours.shape[1])), constant_values=-1)
+    index = np.full(len(mask) + 1, -1, dtype=np.int32)  # index[-1] (for -1 entries) stays -1
+    index[:-1][mask] = np.arange(int(mask.sum()), dtype=np.int32)
+    return index[table[mask]]
+
+
+def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """(V,) component label (>= 1) of the elements in ``above``, 0 elsewhere (scipy's connected
+    components on the graph of neighbour pairs both in ``above``)."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(above)
+    rows = np.repeat(np.arange(n), neighbours.shape[1])
+    cols = neighbours.ravel()
+    keep = (cols >= 0) & above[rows] & above[np.maximum(cols, 0)]
+    graph = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    out = np.zeros(n, dtype=np.int64)
+    _, relabelled = np.unique(labels[above], return_inverse=True)
+    out[above] = relabelled + 1
+    return out
+
+
+# --- runs -----------------------------------------------------------------------------
+
+def run_series_info(bold: Path, partner: Path, space: str) -> tuple[int, float | None, Geometry]:
+    """Volumes, series step (CIFTI; None for GIfTI) and geometry of a surface run."""
+    if kind_of_path(bold) == "cifti":
+        return cifti_series_info(bold)
+    Y, geom = read_gifti_pair(bold, partner, space)
+    return Y.shape[0], None, geom
+
+
+def read_run_series(bold: Path, partner: Path, space: str) -> tuple[np.ndarray, Geometry]:
+    """(T, V) data of a surface run: the dtseries, or both hemispheres of a GIfTI pair."""
+    if kind_of_path(bold) == "cifti":
+        return read_cifti_series(bold)
+    return read_gifti_pair(bold, partner, space)
+
+
+# --- group-level inference on surfaces ------------------------------------------------
+
+def cluster_refusal(geom: Geometry) -> str:
+    """Why clusters cannot be formed on this geometry ('' when a shipped mesh allows them)."""
+    if geom.kind == "gifti" and SHIPPED_MESHES.get(geom.space) == geom.hemi_sizes[0]:
+        return ""
+    what = ("CIFTI grayordinates (no fsLR mesh ships offline to connect cortical vertices)"
+            if geom.kind == "cifti" else f"{geom.space or 'this surface'} (no template mesh ships offline)")
+    return f"cluster inference is not available on {what}; voxel-wise inference works"
+
+
+def threshold_elements(z: np.ndarray, mask: np.ndarray, threshold: float, cluster_extent: int,
+                       two_sided: bool, mesh: Mesh | None) -> np.ndarray:
+    """z where it passes the height threshold (and lies in a mesh cluster of at least ``cluster_extent``
+    vertices); 0 elsewhere."""
+    z = np.where(mask, z, 0.0)
+    out = np.zeros_like(z)
+    for sign in (1, -1) if two_sided else (1,):
+        above = mask & (sign * z >= threshold)
+        if cluster_extent > 1:
+            labels = components(mesh.neighbours, above)
+            sizes = np.bincount(labels, minlength=labels.max() + 1)
+            keep = sizes >= cluster_extent
+            keep[0] = False
+            above = keep[labels]
+        out[above] = z[above]
+    return out
+
+
+def clusters_table(kept: np.ndarray, stat: np.ndarray, stat_name: str, mesh: Mesh, geom: Geometry,
+                   p_values: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per cluster of non-zero ``kept`` on the mesh (signs apart), largest |peak| first: the
+    peak vertex, its hemisphere and midthickness coordinates, size in vertices and mm^2."""
+    rows = []
+    n_left = geom.hemi_sizes[0]
+    for sign in (1, -1):
+        labels = components(mesh.neighbours, sign * kept > 0)
+        for lab in range(1, labels.max() + 1):
+            members = np.flatnonzero(labels == lab)
+            peak = members[np.argmax(np.abs(kept[members]))]
+            row = {"hemisphere": "L" if peak < n_left else "R",
+                   "vertex": int(peak if peak < n_left else peak - n_left),
+                   "x": mesh.coords[peak, 0], "y": mesh.coords[peak, 1], "z": mesh.coords[peak, 2],
+                   "peak_z": float(kept[peak]), f"peak_{stat_name}": float(stat[peak]),
+                   "cluster_size_vertices": int(members.size),
+                   "cluster_size_mm2": float(mesh.areas[members].sum())}
+            if p_values is not None:
+                row["p_fwe"] = float(p_values[peak])
+            rows.append(row)
+    columns = ["cluster_id", "hemisphere", "vertex", "x", "y", "z", "peak_z", f"peak_{stat_name}",
+               "cluster_size_vertices", "cluster_size_mm2"] + (["p_fwe"] if p_values is not None else [])
+    rows.sort(key=lambda r: -abs(r["peak_z"]))
+    for i, r in enumerate(rows, 1):
+        r["cluster_id"] = i
+    return pd.DataFrame(rows, columns=columns)

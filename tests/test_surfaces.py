@@ -1,0 +1,491 @@
+"""Surfaces and grayordinates: CIFTI dtseries and GIfTI pairs at both levels.
+
+The test data are built here with nibabel, with the structure of fMRIPrep's outputs:
+a ``space-fsLR_den-91k_bold.dtseries.nii`` whose brain models are a left and a right
+cortex (vertex subsets of a mesh: the medial wall is left out, as in the real file's
+29,696 of 32,492 left vertices) followed by subcortical voxel structures on a 2 mm grid,
+a series axis in seconds; and ``hemi-L|R_space-fsaverage5_bold.func.gii`` pairs of
+10,242 vertices per hemisphere (one data array per volume). Meshes are tiny (a grid
+of triangles) where no mesh is needed. Signal follows condition ``A`` in a known patch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidsglm.cli import main
+from bidsglm import surfaces
+
+TR = 2.0
+N_VOL = 80
+N_SIDE = 24  # grid mesh of N_SIDE x N_SIDE vertices per hemisphere
+MEDIAL = np.arange(40)  # vertices left out of the CIFTI cortex models (a "medial wall")
+VOX_SHAPE = (6, 6, 6)
+VOX_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
+PATCH = np.arange(300, 330)  # elements carrying the signal (left cortex)
+
+
+def grid_faces(n: int) -> np.ndarray:
+    idx = np.arange(n * n).reshape(n, n)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+    return np.vstack([np.c_[a, b, c], np.c_[b, d, c]])
+
+
+def cifti_models(n_vertex: int = N_SIDE * N_SIDE, medial=MEDIAL, extra_voxel: bool = False):
+    keep = np.setdiff1d(np.arange(n_vertex), medial)
+    left = nib.cifti2.BrainModelAxis.from_surface(keep, n_vertex, "CortexLeft")
+    right = nib.cifti2.BrainModelAxis.from_surface(keep, n_vertex, "CortexRight")
+    thal = np.zeros(VOX_SHAPE, bool)
+    thal[1:4, 1:4, 1:3] = True
+    if extra_voxel:
+        thal[5, 5, 5] = True
+    put = np.zeros(VOX_SHAPE, bool)
+    put[3:5, 2:5, 3:6] = True
+    vox_l = nib.cifti2.BrainModelAxis.from_mask(thal, "ThalamusLeft", VOX_AFFINE)
+    vox_r = nib.cifti2.BrainModelAxis.from_mask(put, "PutamenRight", VOX_AFFINE)
+    return left + right + vox_l + vox_r
+
+
+def events_table() -> pd.DataFrame:
+    onsets_a = np.arange(10, N_VOL * TR - 20, 40.0)
+    onsets_b = onsets_a + 20
+    rows = [(o, 10.0, "A") for o in onsets_a] + [(o, 10.0, "B") for o in onsets_b]
+    return pd.DataFrame(rows, columns=["onset", "duration", "trial_type"]).sort_values("onset")
+
+
+def task_signal() -> np.ndarray:
+    frame = np.arange(N_VOL) * TR
+    box = np.zeros(N_VOL)
+    for onset in events_table().query("trial_type == 'A'")["onset"]:
+        box[(frame >= onset) & (frame < onset + 10)] = 1
+    hrf = np.exp(-((np.arange(0, 30, TR) - 6) ** 2) / 8)
+    return np.convolve(box, hrf)[:N_VOL]
+
+
+def gifti_patch() -> np.ndarray:
+    """30 neighbouring vertices of the left fsaverage5 hemisphere (nearest to vertex 300 on the sphere)."""
+    from nilearn import datasets
+
+    sphere = np.asarray(datasets.load_fsaverage("fsaverage5")["sphere"].parts["left"].coordinates)
+    return np.sort(np.argsort(np.linalg.norm(sphere - sphere[300], axis=1))[:30])
+
+
+def simulate_series(rng, n_elements: int, amplitude: float = 2.0, patch=PATCH) -> np.ndarray:
+    data = 100 + rng.normal(0, 1, (N_VOL, n_elements))
+    data[:, patch] += amplitude * task_signal()[:, None]
+    return data.astype(np.float32)
+
+
+def confounds(rng) -> pd.DataFrame:
+    cols = {n: np.cumsum(rng.normal(0, 0.02, N_VOL)) for n in
+            ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")}
+    cols["framewise_displacement"] = np.r_[np.nan, np.abs(rng.normal(0.1, 0.03, N_VOL - 1))]
+    return pd.DataFrame(cols)
+
+
+def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed=0, step=TR,
+                 n_vertex: int | None = None, models_for=None) -> Path:
+    """A raw dataset with events and a derivatives/fmriprep folder of CIFTI or GIfTI runs.
+
+    ``models_for(sub, run)`` may return other brain models for one run (a bad input)."""
+    rng = np.random.default_rng(seed)
+    (root / "dataset_description.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "surf", "BIDSVersion": "1.8.0"}))
+    pd.DataFrame({"participant_id": [f"sub-{s}" for s in subjects],
+                  "age": np.arange(len(subjects)) + 20.0}).to_csv(root / "participants.tsv", sep="\t", index=False)
+    (root / "task-test_bold.json").write_text(json.dumps({"RepetitionTime": TR}))
+    fmriprep = root / "derivatives" / "fmriprep"
+    fmriprep.mkdir(parents=True)
+    (fmriprep / "dataset_description.json").write_text(json.dumps(
+        {"Name": "fMRIPrep", "BIDSVersion": "1.8.0", "DatasetType": "derivative"}))
+    for sub in subjects:
+        raw, out = root / f"sub-{sub}" / "func", fmriprep / f"sub-{sub}" / "func"
+        raw.mkdir(parents=True)
+        out.mkdir(parents=True)
+        for run in runs:
+            stem = f"sub-{sub}_task-test_run-{run}"
+            events_table().to_csv(raw / f"{stem}_events.tsv", sep="\t", index=False)
+            confounds(rng).to_csv(out / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False,
+                                  na_rep="n/a")
+            if kind == "cifti":
+                models = (models_for and models_for(sub, run)) or cifti_models()
+                series = nib.cifti2.SeriesAxis(0, step, N_VOL, "SECOND")
+                img = nib.Cifti2Image(simulate_series(rng, len(models)), header=(series, models))
+                img.nifti_header.set_intent("ConnDenseSeries")
+                name = f"{stem}_space-fsLR_den-91k_bold"
+                nib.save(img, out / f"{name}.dtseries.nii")
+                (out / f"{name}.json").write_text(json.dumps({"RepetitionTime": TR}))
+            else:
+                n = n_vertex or surfaces.SHIPPED_MESHES["fsaverage5"]
+                data = simulate_series(rng, 2 * n, patch=gifti_patch() if n == 10242 else PATCH)
+                for hemi, part in (("L", data[:, :n]), ("R", data[:, n:])):
+                    darrays = [nib.gifti.GiftiDataArray(v, intent="NIFTI_INTENT_TIME_SERIES",
+                                                        datatype="NIFTI_TYPE_FLOAT32") for v in part]
+                    nib.save(nib.gifti.GiftiImage(darrays=darrays),
+                             out / f"{stem}_hemi-{hemi}_space-fsaverage5_bold.func.gii")
+    return root
+
+
+def run_cli(capsys, *args):
+    code = main([*map(str, args), "--skip-bids-validation"])  # the raw dataset has no BOLD files
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if " ERROR: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def nilearn_z(Y: np.ndarray, design: pd.DataFrame, weights: dict, noise_model: str) -> np.ndarray:
+    """nilearn's first-level fit on the same (time x elements) matrix: mean scaling, run_glm."""
+    from nilearn.glm.contrasts import compute_contrast
+    from nilearn.glm.first_level import mean_scaling, run_glm
+
+    Ys, _ = mean_scaling(np.asarray(Y, dtype=np.float32))  # float32, as the data (and a masker) give
+    labels, results = run_glm(Ys, design.to_numpy(), noise_model=noise_model, n_jobs=1)
+    con = np.array([weights.get(c, 0.0) for c in design.columns])
+    return compute_contrast(labels, results, con, stat_type="t").z_score()
+
+
+# --- CIFTI ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifti_out(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("cifti") / "bids", "cifti", subjects=("01", "02", "03", "04"))
+    out = root.parent / "out"
+    code = main([str(root), str(out), "participant", "--space", "fsLR:den-91k", "--contrast", "AvsB=A-B",
+                 "--contrast", "A=A", "--contrast", "B=B", "--noise-model", "ols", "--skip-bids-validation"])  # OLS: exact null distribution (white noise)
+    assert code == 0
+    return root, out
+
+
+def test_cifti_run_maps_match_nilearn(cifti_out):
+    root, out = cifti_out
+    func = out / "sub-01" / "func"
+    z_path = func / "sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii"
+    assert z_path.is_file()
+    side = json.loads((func / "sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.json").read_text())
+    assert side["RepetitionTime"] == TR and side["SmoothingFWHM"] is None
+    img = nib.load(z_path)
+    bold = nib.load(root / "derivatives/fmriprep/sub-01/func/sub-01_task-test_run-1_space-fsLR_den-91k_bold.dtseries.nii")
+    assert img.header.get_axis(1) == bold.header.get_axis(1)  # brain models copied from the input
+    design = pd.read_csv(func / "sub-01_task-test_run-1_design.tsv", sep="\t")
+    expected = nilearn_z(np.asarray(bold.get_fdata()), design, side["Contrast"]["Weights"], "ols")
+    np.testing.assert_allclose(img.get_fdata()[0], expected, atol=1e-4)
+
+
+def test_cifti_patch_found_nulls_at_nominal_rate(cifti_out):
+    _, out = cifti_out
+    z = nib.load(out / "sub-01/func/sub-01_task-test_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii").get_fdata()[0]
+    assert (z[PATCH] > 3.1).all()
+    null = np.delete(z, PATCH)
+    rate = np.mean(null > 1.6449)  # one-sided p < 0.05
+    # binomial: 5 % of ~1.1k elements, 4.5 standard deviations either side
+    sd = np.sqrt(0.05 * 0.95 / null.size)
+    assert abs(rate - 0.05) < 4.5 * sd, rate
+
+
+def test_cifti_fixed_effects_precision_weighted(cifti_out):
+    _, out = cifti_out
+    func = out / "sub-02" / "func"
+
+    def read(run, stat):
+        ent = f"sub-02_task-test{'_run-' + str(run) if run else ''}_space-fsLR_den-91k"
+        return nib.load(func / f"{ent}_contrast-avsB_stat-{stat}_statmap.dscalar.nii").get_fdata()[0]
+
+    eff = np.array([read(r, "effect") for r in (1, 2)])
+    var = np.array([read(r, "variance") for r in (1, 2)])
+    w = 1 / var
+    np.testing.assert_allclose(read(None, "effect"), (eff * w).sum(0) / w.sum(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(read(None, "variance"), 1 / w.sum(0), rtol=1e-5)
+
+
+def test_cifti_series_step_checked_against_sidecar(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "cifti", subjects=("01",), runs=(1,), step=1.5)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR")
+    assert code == 65
+    assert "CIFTI series axis (1.5 s) differs" in one_error_line(err)
+    assert not list((tmp_path / "out").rglob("*_statmap*"))
+
+
+def test_cifti_brain_models_differing_between_runs_refused(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "cifti", subjects=("01",),
+                        models_for=lambda sub, run: cifti_models(extra_voxel=True) if run == 2 else None)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR")
+    assert code == 65
+    assert "must share brain models" in one_error_line(err)
+    assert not list((tmp_path / "out").rglob("*_statmap*"))  # refused before any fit
+
+
+def test_smoothing_refused_on_surfaces(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "cifti", subjects=("01",), runs=(1,))
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR",
+                        "--smoothing-fwhm", "4")
+    assert code == 64
+    assert "smoothing on surfaces/grayordinates" in one_error_line(err)
+
+
+# --- GIfTI pairs ----------------------------------------------------------------------
+
+GIFTI_ENT = "space-fsaverage5"
+
+
+@pytest.fixture(scope="module")
+def gifti_out(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("gifti") / "bids", "gifti", subjects=("01", "02", "03"),
+                        runs=(1,), seed=1)
+    out = root.parent / "out"
+    code = main([str(root), str(out), "participant", "--space", "fsaverage5", "--contrast", "AvsB=A-B",
+                 "--skip-bids-validation"])  # default AR(1) model
+    assert code == 0
+    return root, out
+
+
+def test_gifti_pair_fitted_as_one_run_matches_nilearn(gifti_out):
+    root, out = gifti_out
+    func = out / "sub-01" / "func"
+    base = f"sub-01_task-test_run-1_hemi-%s_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.shape.gii"
+    z = np.concatenate([nib.load(func / (base % h)).darrays[0].data for h in "LR"])
+    side = json.loads((func / f"sub-01_task-test_run-1_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.json").read_text())
+    src = root / "derivatives/fmriprep/sub-01/func"
+    Y = np.hstack([np.stack([d.data for d in nib.load(src / f"sub-01_task-test_run-1_hemi-{h}_{GIFTI_ENT}_bold.func.gii").darrays])
+                   for h in "LR"])
+    design = pd.read_csv(func / "sub-01_task-test_run-1_design.tsv", sep="\t")
+    np.testing.assert_allclose(z, nilearn_z(Y, design, side["Contrast"]["Weights"], "ar1"), atol=1e-4)
+    assert (z[gifti_patch()] > 3.1).all()
+    # the subject map of a single run is that run's map, per hemisphere
+    sub = func / f"sub-01_task-test_hemi-R_{GIFTI_ENT}_contrast-avsB_stat-z_statmap.shape.gii"
+    np.testing.assert_array_equal(nib.load(sub).darrays[0].data, z[10242:])
+
+
+@pytest.mark.parametrize("problem", ["vertex count", "missing hemisphere"])
+def test_bad_gifti_pairs_refused(tmp_path, capsys, problem):
+    root = make_dataset(tmp_path / "bids", "gifti", subjects=("01",), runs=(1,))
+    right = root / f"derivatives/fmriprep/sub-01/func/sub-01_task-test_run-1_hemi-R_{GIFTI_ENT}_bold.func.gii"
+    if problem == "missing hemisphere":
+        right.unlink()
+    else:
+        img = nib.load(right)
+        nib.save(nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(d.data[:-2], datatype="NIFTI_TYPE_FLOAT32")
+                                               for d in img.darrays]), right)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsaverage5")
+    assert code == 65
+    line = one_error_line(err)
+    assert ("differ in vertex count" in line) if problem == "vertex count" else ("found 0 hemi-R" in line)
+    assert not list((tmp_path / "out").rglob("*_statmap*"))
+
+
+# --- group level ----------------------------------------------------------------------
+
+def subject_effects(out: Path, ent: str, subjects, kind: str) -> np.ndarray:
+    rows = []
+    for sub in subjects:
+        func = out / f"sub-{sub}" / "func"
+        if kind == "cifti":
+            rows.append(nib.load(func / f"sub-{sub}_task-test_{ent}_contrast-avsB_stat-effect_statmap.dscalar.nii").get_fdata()[0])
+        else:
+            rows.append(np.concatenate([nib.load(func / f"sub-{sub}_task-test_hemi-{h}_{ent}_contrast-avsB_stat-effect_statmap.shape.gii").darrays[0].data for h in "LR"]))
+    return np.array(rows)
+
+
+def test_cifti_group_one_sample_and_voxelwise_permutations(cifti_out, capsys):
+    from scipy import stats
+
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--height-control", "fdr",
+                        "--permutations", "100", "--random-seed", "1")
+    assert code == 0, err
+    group = out / "group"
+    ent = "task-test_space-fsLR_den-91k_contrast-avsB"
+    t = nib.load(group / f"{ent}_stat-t_statmap.dscalar.nii").get_fdata()[0]
+    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    t_ref = stats.ttest_1samp(Y, 0).statistic
+    np.testing.assert_allclose(t, t_ref, rtol=1e-4)
+    # 4 subjects: all 16 sign flips; voxel-wise FWE p = share of flips whose max |t| reaches |t|
+    flips = np.array(np.meshgrid(*[[1, -1]] * 4)).reshape(4, -1).T
+    null_max = np.array([np.abs(stats.ttest_1samp(f[:, None] * Y, 0).statistic).max() for f in flips])
+    p_ref = (null_max[None, :] >= np.abs(t_ref)[:, None] * (1 - 1e-9)).mean(axis=1)
+    logp = nib.load(group / f"{ent}_stat-logp_desc-voxelFWE_statmap.dscalar.nii").get_fdata()[0]
+    np.testing.assert_allclose(logp, -np.log10(p_ref), atol=1e-4)
+    assert not list(group.glob("*clustersizeFWE*"))  # no cluster inference on CIFTI
+    thr = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())
+    assert "not available on CIFTI" in thr["ClusterTable"]
+
+
+def test_cifti_cluster_options_refused(cifti_out, capsys):
+    _, out = cifti_out
+    for extra, words in ((["--cluster-extent", "5"], "cluster inference needs a template mesh"),
+                         (["--permutations", "10", "--tfce"], "TFCE needs a template mesh")):
+        before = sorted(out.rglob("*"))
+        code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", *extra)
+        assert code == 64
+        assert words in one_error_line(err)
+        assert sorted(out.rglob("*")) == before  # refused before anything is written
+
+
+def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
+    import scipy.sparse as sp
+    from nilearn import datasets
+    from scipy.sparse.csgraph import connected_components
+
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5",
+                        "--height-control", "fpr", "--alpha", "0.01", "--cluster-extent", "3")
+    assert code == 0, err
+    group = out / "group"
+    ent = "task-test_space-fsaverage5_contrast-avsB"
+    kept = np.concatenate([nib.load(group / f"{ent.replace('task-test_', 'task-test_hemi-' + h + '_')}"
+                                            f"_stat-z_desc-thresholded_statmap.shape.gii").darrays[0].data for h in "LR"])
+    table = pd.read_csv(group / f"{ent}_clusters.tsv", sep="\t")
+    assert len(table) >= 1 and table.loc[0, "hemisphere"] == "L" and table.loc[0, "vertex"] in gifti_patch()
+    # reference: from the z map and the recorded height threshold, connected components (scipy) of the
+    # positive and negative supra-threshold vertices per hemisphere; components below 3 vertices dropped
+    z = np.concatenate([nib.load(group / f"{ent.replace('task-test_', 'task-test_hemi-' + h + '_')}"
+                                         f"_stat-z_statmap.shape.gii").darrays[0].data for h in "LR"])
+    threshold = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())["Threshold"]
+    fs = datasets.load_fsaverage("fsaverage5")
+    sizes, expected = [], np.zeros(z.size, bool)
+    for offset, part in ((0, "left"), (10242, "right")):
+        faces = np.asarray(fs["pial"].parts[part].faces)
+        edges = np.vstack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+        values = z[offset:offset + 10242]
+        for sign in (1, -1):
+            above = sign * values >= threshold
+            e = edges[above[edges[:, 0]] & above[edges[:, 1]]]
+            graph = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(10242, 10242))
+            _, labels = connected_components(graph, directed=False)
+            counts = np.bincount(labels, weights=above)
+            big = above & (counts[labels] >= 3)
+            expected[offset:offset + 10242] |= big
+            sizes += [int(c) for c in counts if c >= 3]
+    np.testing.assert_array_equal(kept != 0, expected)
+    assert sorted(sizes) == sorted(table["cluster_size_vertices"])
+    assert expected.sum() < (np.abs(z) >= threshold).sum()  # the extent removed small clusters
+    assert (table["cluster_size_mm2"] > 0).all()
+
+
+def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5",
+                        "--height-control", "fpr", "--alpha", "0.01")
+    assert code == 0, err
+    page = (out / "group" / "report.html").read_text()
+    assert "contrast-avsB_stat-z_statmap.shape.gii" in page and "clusters.tsv" in page
+    code, err = run_cli(capsys, out.parent / "bids", out, "participant", "--space", "fsaverage5",
+                        "--reports-only")
+    assert code == 0, err
+    assert "stat-t_statmap.shape.gii" in (out / "sub-01.html").read_text()
+
+
+def test_cifti_group_repeated_measures_anova(cifti_out, capsys):
+    """Two conditions: the repeated-measures F equals the squared paired t (scipy)."""
+    from scipy import stats
+
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--group-model", "anova",
+                        "--conditions", "A", "B")
+    assert code == 0, err
+    F = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-effectOfCondition_stat-F_statmap.dscalar.nii")
+    subjects = ("01", "02", "03", "04")
+    effects = {}
+    for name in ("A", "B"):
+        rows = []
+        for sub in subjects:
+            for side in (out / f"sub-{sub}" / "func").glob(f"sub-{sub}_task-test_space-fsLR_den-91k_contrast-*_stat-effect_statmap.json"):
+                if json.loads(side.read_text())["Contrast"]["Name"] == name:
+                    rows.append(nib.load(str(side).replace(".json", ".dscalar.nii")).get_fdata()[0])
+        effects[name] = np.array(rows)
+    assert effects["A"].shape == effects["B"].shape == (4, F.shape[1])
+    t = stats.ttest_rel(effects["A"], effects["B"]).statistic
+    np.testing.assert_allclose(F.get_fdata()[0], t**2, rtol=1e-4)
+
+
+def test_gifti_not_matching_the_template_mesh_refused(tmp_path, capsys):
+    root = make_dataset(tmp_path / "bids", "gifti", subjects=("01",), runs=(1,), n_vertex=642)
+    code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsaverage5")
+    assert code == 65
+    assert "642 vertices per hemisphere, but fsaverage5 has 10242" in one_error_line(err)
+
+
+def test_cifti_group_covariate(cifti_out, capsys):
+    """One-sample model with a mean-centred covariate: the mean's t against a numpy least-squares fit."""
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--covariates", "age")
+    assert code == 0, err
+    t = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-t_statmap.dscalar.nii").get_fdata()[0]
+    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    age = np.arange(4) + 20.0
+    X = np.c_[np.ones(4), age - age.mean()]
+    beta, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    sigma2 = ((Y - X @ beta) ** 2).sum(0) / (4 - 2)
+    se = np.sqrt(sigma2 * np.linalg.inv(X.T @ X)[0, 0])
+    np.testing.assert_allclose(t, beta[0] / se, rtol=1e-4)
+
+
+def test_stats_model_on_surfaces_refused(tmp_path, capsys):
+    model = tmp_path / "model.json"
+    model.write_text("{}")
+    code, err = run_cli(capsys, tmp_path, tmp_path / "out", "participant", "--space", "fsLR", "--model", model)
+    assert code == 64
+    assert "BIDS Stats Models run on volumes only" in one_error_line(err)
+
+
+def test_gifti_tfce_on_the_mesh_matches_connected_components(gifti_out, capsys):
+    """TFCE (E 1, H 2, dh 0.1) on fsaverage5 against its definition, computed with scipy's connected
+    components of the mesh at every height: TFCE(v) = sum over h <= t(v) of extent(v, h)^E h^H dh."""
+    import scipy.sparse as sp
+    from nilearn import datasets
+    from scipy import stats
+    from scipy.sparse.csgraph import connected_components
+
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5", "--permutations", "20",
+                        "--tfce", "--random-seed", "3")
+    assert code == 0, err
+    group = out / "group"
+
+    def read(name):
+        return np.concatenate([nib.load(group / name.replace("task-test_", f"task-test_hemi-{h}_")).darrays[0].data
+                               for h in "LR"])
+
+    ent = "task-test_space-fsaverage5_contrast-avsB"
+    tfce = read(f"{ent}_stat-tfce_statmap.shape.gii")
+    mask = read("task-test_space-fsaverage5_contrast-avsB_mask.shape.gii") > 0
+    t = stats.ttest_1samp(subject_effects(out, "space-fsaverage5", ("01", "02", "03"), "gifti"), 0).statistic
+    t = np.where(mask, t, 0.0)
+    fs = datasets.load_fsaverage("fsaverage5")
+    edges = np.vstack([np.vstack([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]) + off for off, f in
+                       ((0, np.asarray(fs["pial"].parts["left"].faces)),
+                        (10242, np.asarray(fs["pial"].parts["right"].faces)))])
+    expected = np.zeros(t.size)
+    for sign in (1, -1):
+        values = sign * t
+        for i in range(1, int(values.max() / 0.1) + 1):
+            h = i * 0.1
+            above = mask & (values >= h)
+            e = edges[above[edges[:, 0]] & above[edges[:, 1]]]
+            graph = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(t.size, t.size))
+            _, labels = connected_components(graph, directed=False)
+            extent = np.bincount(labels, weights=above)[labels]
+            expected[above] += sign * extent[above] * h**2 * 0.1
+    np.testing.assert_allclose(tfce, expected, rtol=1e-4, atol=1e-3)
+    assert np.abs(tfce[gifti_patch()]).min() > np.percentile(np.abs(tfce[mask]), 99)
+    assert (group / f"{ent}_stat-logp_desc-tfceFWE_statmap.json").is_file()
+
+
+def test_cifti_group_run_exclusion_recomputes_fixed_effects(cifti_out, capsys):
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--exclude-run", "sub-01_run-2")
+    assert code == 0, err
+    effect = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-effect_statmap.dscalar.nii")
+    run1 = nib.load(out / "sub-01/func/sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-effect_statmap.dscalar.nii")
+    others = subject_effects(out, "space-fsLR_den-91k", ("02", "03", "04"), "cifti")
+    expected = np.vstack([run1.get_fdata()[0], others]).mean(axis=0)  # sub-01 = its one remaining run
+    np.testing.assert_allclose(effect.get_fdata()[0], expected, rtol=1e-5, atol=1e-6)
