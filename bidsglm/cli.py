@@ -288,7 +288,7 @@ def _check_args(args) -> None:
 
 def _check_option_values(args) -> None:
     """Numbers in range, finite (NaN passes every comparison); one line naming the option."""
-    if args.smoothing_fwhm > MAX_FWHM_MM:
+    if args.smoothing_fwhm is not None and args.smoothing_fwhm > MAX_FWHM_MM:
         raise UsageError(f"--smoothing-fwhm must be at most {MAX_FWHM_MM:g} mm, got {args.smoothing_fwhm:g}")
     levels = [("--alpha", args.alpha), ("--fwe-alpha", args.fwe_alpha),
               ("--cluster-forming-p", args.cluster_forming_p)]
@@ -317,8 +317,6 @@ def run(args) -> int:
     from .outputs import output_session
 
     _check_args(args)
-    if args.analysis_level == "participant" and not args.reports_only and not args.bids_dir.is_dir():
-        raise UsageError(f"BIDS_DIR {args.bids_dir} does not exist or is not a directory")
     bids_dir = args.bids_dir.absolute()
     output_dir = args.output_dir.absolute()
     derivatives = [d.absolute() for d in args.derivatives or ()]

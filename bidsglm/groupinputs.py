@@ -22,7 +22,7 @@ from .discovery import SpaceSpec, parse_bids_name, read_json, strip_prefix
 from .errors import DataError, UsageError
 from .fixedeffects import DegenerateRunError, fixed_effects
 from .outputs import entity_prefix, func_dir, sidecar_path, statmap_path
-from .surfaces import kind_of_path, map_path, read_map
+from .surfaces import kind_of_path, map_path, read_map, same_grid
 
 SPACE_KEYS = ("space", "res", "den")
 # subject effect maps: volumes, CIFTI, and GIfTI pairs (found by their hemi-L file)
@@ -258,8 +258,9 @@ def _read_on_grid(path: Path, mask: np.ndarray, affine: np.ndarray | None) -> np
     if data.shape[:3] != mask.shape or (data.ndim > 3 and data.shape[3:] != (1,) * (data.ndim - 3)):
         raise DataError(f"map has shape {data.shape}, its brain mask {mask.shape}: not on the grid of the "
                         "other maps (rerun the participant level, or leave this subject out)", path)
-    if affine is not None and not np.allclose(aff, affine, atol=1e-4):
-        raise DataError("map's affine differs from its brain mask's: not on the grid of the other maps", path)
+    if affine is not None and not same_grid(aff, affine):
+        raise DataError("map's grid (affine or brain models) differs from its brain mask's: not on the grid "
+                        "of the other maps", path)
     return data.reshape(mask.shape)[mask].astype(np.float64)
 
 
@@ -294,6 +295,8 @@ def check_grids(output_dir: Path, maps: list[SubjectMap]) -> None:
     mask's, the same for every input (headers only)."""
     reference = None
     for m in maps:
+        if kind_of_path(m.effect) != "volume":  # surfaces: their geometry is checked as maps are read
+            continue
         if m.runs_kept is None:
             pairs = [(subject_mask_path(output_dir, m.entities), [m.effect])]
         else:
