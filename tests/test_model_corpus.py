@@ -46,7 +46,7 @@ EXPECTED_REFUSALS = {
     "ds001597-cuedMFM": "Model.X names 'correct', a text column of the events (basic details: object), not Factor'd",
     "ds004920-ugdg": "Contrasts[7] ('paramdecision') names Decision_pmod, which is not in Model.X",
 }
-CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "a_comp_cor", "t_comp_cor", "framewise", "csf", "white_matter",
+CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "drift_", "a_comp_cor", "t_comp_cor", "framewise", "csf", "white_matter",
                      "global_signal", "motion_outlier", "non_steady_state", "dvars", "std_dvars", "rmsd")
 
 
@@ -114,8 +114,12 @@ def _events(rng, model: dict, task: dict, n_volumes: int) -> pd.DataFrame:
     columns = list(task.get("column_names") or ["onset", "duration", "trial_type"])
     columns += columns_the_model_reads(model, columns)
     types = task.get("column_data_types") or {}
-    trial_types = list(dict.fromkeys([str(v) for v in task.get("trial_type_values") or []] +
-                                     _levels_named(model, "trial_type"))) or ["task"]
+    listed = [str(v) for v in task.get("trial_type_values") or [] if v == v]  # (NaN: rows without a type)
+    if task.get("preproc_events"):  # the peer's rewritten events drop spaces and hyphens (its design matrices)
+        listed = [re.sub(r"[ \-]", "", v) for v in listed]
+    trial_types = list(dict.fromkeys(listed + _levels_named(model, "trial_type"))) or ["task"]
+    if any(v != v for v in task.get("trial_type_values") or []):
+        trial_types.append("n/a")
     labels = np.repeat(trial_types, 3)
     rng.shuffle(labels)
     n = len(labels)
@@ -245,6 +249,7 @@ def run_corpus_model(spec_path: Path, work: Path, capsys, max_runs: int = 2) -> 
         ours = set(pd.read_csv(design, sep="\t", nrows=1).columns)
         missing = [c for c in reference if c not in ours]
         row["design"] = "same event columns" if not missing else f"missing {', '.join(missing)}"
+        row["outputs"] += f" [design lacks {', '.join(missing)}]" if missing else ""
     return row
 
 
