@@ -84,6 +84,10 @@ def _levels_named(model: dict, column: str) -> list[str]:
     for ins in instructions:
         if ins.get("Name") == "Replace" and set(ins.get("Input") or []) & set(names):
             found += [str(k) for k in (ins.get("Replace") or {})]
+    for ref in _reference_columns_of(model):  # levels the peer's run had (its design matrix), e.g. error trials
+        m = re.fullmatch(re.escape(column) + r"\.(.+?)(_derivative|_dispersion)?", ref)
+        if m:
+            found.append(m.group(1))
     return list(dict.fromkeys(found))
 
 
@@ -156,6 +160,7 @@ def simulate_for_model(spec_path: Path, root: Path, n_subjects: int = N_SUBJECTS
                        max_runs: int = 2) -> dict:
     """BIDS raw events and fMRIPrep-like derivatives for one corpus model; returns what was made."""
     model = json.loads(spec_path.read_text())
+    model["_spec_path"] = spec_path  # (for the levels in the peer's design matrix)
     details = json.loads(next(spec_path.parent.glob("*_basic-details.json")).read_text())
     task_name = model["Input"]["task"][0]
     task = details["Tasks"][task_name]
@@ -200,6 +205,11 @@ def simulate_for_model(spec_path: Path, root: Path, n_subjects: int = N_SUBJECTS
             "added": columns_the_model_reads(model, list(task.get("column_names") or []))}
 
 
+def _reference_columns_of(model: dict) -> list[str]:
+    spec = model.get("_spec_path")
+    return (_reference_columns(spec) or []) if spec else []
+
+
 def _reference_columns(spec_path: Path) -> list[str] | None:
     found = sorted(spec_path.parent.glob("group_*/files/*_design-matrix.tsv"))
     task = _name(spec_path).split("-", 1)[1]
@@ -216,19 +226,20 @@ def run_corpus_model(spec_path: Path, work: Path, capsys, max_runs: int = 2) -> 
 
     row = {"model": _name(spec_path), "loaded": "yes", "participant": None, "group": None, "outputs": "",
            "message": "", "design": "", "added": ""}
-    try:
-        model = load_model(spec_path)
-    except Exception as exc:  # noqa: BLE001 - the table records why
-        row.update(loaded="no")
-        capsys.readouterr()
-        row["participant"] = main([str(work), str(work / "out"), "participant", "--model", str(spec_path), "-q"])
-        err = capsys.readouterr().err.strip().splitlines()
-        row["message"] = err[-1].split(" ERROR: ", 1)[-1] if err else str(exc)
-        return row
     root = work / "bids"
     made = simulate_for_model(spec_path, root, max_runs=max_runs)
     row["added"] = ",".join(made["added"])
     out = work / "out"
+    try:
+        model = load_model(spec_path)
+    except Exception as exc:  # noqa: BLE001 - the table records why, and the exit code the CLI gives
+        row.update(loaded="no")
+        capsys.readouterr()
+        row["participant"] = main([str(root), str(out), "participant", "--model", str(spec_path), "-q",
+                                   "--skip-bids-validation"])
+        err = capsys.readouterr().err.strip().splitlines()
+        row["message"] = err[-1].split(" ERROR: ", 1)[-1] if err else str(exc)
+        return row
     capsys.readouterr()
     args = [str(root), str(out), "participant", "--model", str(spec_path), "--skip-bids-validation", "-q",
             "--smoothing-fwhm", "0", "--no-reports"]
