@@ -44,8 +44,9 @@ FAST = {"ds000001-balloonanalogrisktask": 1, "ds000144-emotionalfaces": 1, "ds00
 EXPECTED_REFUSALS = {
     "ds003481-verbs": "Contrasts[4] ('lexicalvprelexical').Weights: four weights for three conditions",
     "ds001597-cuedMFM": "Model.X names 'correct', a text column of the events (basic details: object), not Factor'd",
+    "ds004920-ugdg": "Contrasts[7] ('paramdecision') names Decision_pmod, which is not in Model.X",
 }
-CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "a_comp_cor", "t_comp_cor", "framewise", "csf", "white_matter",
+CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "drift_", "a_comp_cor", "t_comp_cor", "framewise", "csf", "white_matter",
                      "global_signal", "motion_outlier", "non_steady_state", "dvars", "std_dvars", "rmsd")
 
 
@@ -83,6 +84,10 @@ def _levels_named(model: dict, column: str) -> list[str]:
     for ins in instructions:
         if ins.get("Name") == "Replace" and set(ins.get("Input") or []) & set(names):
             found += [str(k) for k in (ins.get("Replace") or {})]
+    for ref in _reference_columns_of(model):  # levels the peer's run had (its design matrix), e.g. error trials
+        m = re.fullmatch(re.escape(column) + r"\.(.+?)(_derivative|_dispersion)?", ref)
+        if m:
+            found.append(m.group(1))
     return list(dict.fromkeys(found))
 
 
@@ -113,8 +118,12 @@ def _events(rng, model: dict, task: dict, n_volumes: int) -> pd.DataFrame:
     columns = list(task.get("column_names") or ["onset", "duration", "trial_type"])
     columns += columns_the_model_reads(model, columns)
     types = task.get("column_data_types") or {}
-    trial_types = list(dict.fromkeys([str(v) for v in task.get("trial_type_values") or []] +
-                                     _levels_named(model, "trial_type"))) or ["task"]
+    listed = [str(v) for v in task.get("trial_type_values") or [] if v == v]  # (NaN: rows without a type)
+    if task.get("preproc_events"):  # the peer's rewritten events drop spaces and hyphens (its design matrices)
+        listed = [re.sub(r"[ \-]", "", v) for v in listed]
+    trial_types = list(dict.fromkeys(listed + _levels_named(model, "trial_type"))) or ["task"]
+    if any(v != v for v in task.get("trial_type_values") or []):
+        trial_types.append("n/a")
     labels = np.repeat(trial_types, 3)
     rng.shuffle(labels)
     n = len(labels)
@@ -151,6 +160,7 @@ def simulate_for_model(spec_path: Path, root: Path, n_subjects: int = N_SUBJECTS
                        max_runs: int = 2) -> dict:
     """BIDS raw events and fMRIPrep-like derivatives for one corpus model; returns what was made."""
     model = json.loads(spec_path.read_text())
+    model["_spec_path"] = spec_path  # (for the levels in the peer's design matrix)
     details = json.loads(next(spec_path.parent.glob("*_basic-details.json")).read_text())
     task_name = model["Input"]["task"][0]
     task = details["Tasks"][task_name]
@@ -195,6 +205,11 @@ def simulate_for_model(spec_path: Path, root: Path, n_subjects: int = N_SUBJECTS
             "added": columns_the_model_reads(model, list(task.get("column_names") or []))}
 
 
+def _reference_columns_of(model: dict) -> list[str]:
+    spec = model.get("_spec_path")
+    return (_reference_columns(spec) or []) if spec else []
+
+
 def _reference_columns(spec_path: Path) -> list[str] | None:
     found = sorted(spec_path.parent.glob("group_*/files/*_design-matrix.tsv"))
     task = _name(spec_path).split("-", 1)[1]
@@ -211,19 +226,20 @@ def run_corpus_model(spec_path: Path, work: Path, capsys, max_runs: int = 2) -> 
 
     row = {"model": _name(spec_path), "loaded": "yes", "participant": None, "group": None, "outputs": "",
            "message": "", "design": "", "added": ""}
-    try:
-        model = load_model(spec_path)
-    except Exception as exc:  # noqa: BLE001 - the table records why
-        row.update(loaded="no")
-        capsys.readouterr()
-        row["participant"] = main([str(work), str(work / "out"), "participant", "--model", str(spec_path), "-q"])
-        err = capsys.readouterr().err.strip().splitlines()
-        row["message"] = err[-1].split(" ERROR: ", 1)[-1] if err else str(exc)
-        return row
     root = work / "bids"
     made = simulate_for_model(spec_path, root, max_runs=max_runs)
     row["added"] = ",".join(made["added"])
     out = work / "out"
+    try:
+        model = load_model(spec_path)
+    except Exception as exc:  # noqa: BLE001 - the table records why, and the exit code the CLI gives
+        row.update(loaded="no")
+        capsys.readouterr()
+        row["participant"] = main([str(root), str(out), "participant", "--model", str(spec_path), "-q",
+                                   "--skip-bids-validation"])
+        err = capsys.readouterr().err.strip().splitlines()
+        row["message"] = err[-1].split(" ERROR: ", 1)[-1] if err else str(exc)
+        return row
     capsys.readouterr()
     args = [str(root), str(out), "participant", "--model", str(spec_path), "--skip-bids-validation", "-q",
             "--smoothing-fwhm", "0", "--no-reports"]
@@ -244,6 +260,7 @@ def run_corpus_model(spec_path: Path, work: Path, capsys, max_runs: int = 2) -> 
         ours = set(pd.read_csv(design, sep="\t", nrows=1).columns)
         missing = [c for c in reference if c not in ours]
         row["design"] = "same event columns" if not missing else f"missing {', '.join(missing)}"
+        row["outputs"] += f" [design lacks {', '.join(missing)}]" if missing else ""
     return row
 
 
