@@ -27,6 +27,7 @@ from .groupinputs import (
     apply_exclusions,
     attach_run_records,
     check_grids,
+    check_same_model,
     expected_subjects,
     find_subject_maps,
     map_mask,
@@ -933,6 +934,7 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     if contrast_names is not None:
         maps = [m for m in maps if m.name in contrast_names or m.label in contrast_names]
     attach_run_records(inputs_dir, maps)
+    check_same_model(maps)
     _check_surface_options(maps, settings)
     maps, exclusions = apply_exclusions(maps, args.exclude_participant_label, run_rules, args.exclude_fd_mean)
     left_out = {strip_prefix(s, "sub") for s in args.exclude_participant_label or ()}  # on purpose, listed

@@ -39,6 +39,7 @@ class RunRecord:
     dof: float
     fd_mean: float | None
     contrasts: dict  # contrast name -> label
+    model: dict = field(default_factory=dict)  # the run model's settings (HRF, drift, noise, smoothing)
 
     @property
     def run_label(self) -> str:
@@ -134,8 +135,49 @@ def attach_run_records(output_dir: Path, maps: list[SubjectMap]) -> None:
 def _run_record(path: Path) -> RunRecord:
     record = read_json(path)
     parsed = parse_bids_name(path)
+    model = record.get("Model") if isinstance(record.get("Model"), dict) else {}
     return RunRecord(path, dict(parsed.entities), float(record.get("DegreesOfFreedom", 0.0)),
-                     record.get("FramewiseDisplacementMean"), dict(record.get("Contrasts", {})))
+                     record.get("FramewiseDisplacementMean"), dict(record.get("Contrasts", {})), dict(model))
+
+
+# --- one model for every input ---------------------------------------------------------
+
+def _model_signature(m: SubjectMap) -> dict:
+    """What makes maps of one contrast comparable across subjects: the contrast's weights and
+    test (from the subject map's sidecar) and the run model's settings (from its runs' records)."""
+    sidecar = read_json(sidecar_path(m.effect)) if sidecar_path(m.effect).is_file() else {}
+    contrast = sidecar.get("Contrast") if isinstance(sidecar.get("Contrast"), dict) else {}
+    signature = {"contrast weights": contrast.get("Weights"), "test": sidecar.get("Test")}
+    for r in m.runs:
+        for key, value in r.model.items():
+            signature.setdefault(key, value)
+            if signature[key] != value:
+                raise DataError(f"contrast '{m.name}': this run was fitted with {key} {value!r}, another run of "
+                                f"sub-{m.subject} with {signature[key]!r}; rerun the participant level for this "
+                                "subject with one model", r.path)
+    return {k: v for k, v in signature.items() if v is not None}
+
+
+def check_same_model(maps: list[SubjectMap]) -> None:
+    """Maps combined in one group model must mean the same thing: a contrast defined with
+    other weights, or runs fitted with other settings (smoothing, HRF, high-pass, noise model),
+    for some subjects (a participant level rerun with other options for part of them) is
+    refused, naming both, rather than averaged into a result no one asked for."""
+    first: dict[tuple, tuple[SubjectMap, dict]] = {}
+    for m in maps:
+        key = (m.task, m.label, tuple(sorted(m.space_entities().items())))
+        signature = _model_signature(m)
+        if key not in first:
+            first[key] = (m, signature)
+            continue
+        ref, ref_signature = first[key]
+        differ = [k for k in sorted(set(signature) | set(ref_signature)) if signature.get(k) != ref_signature.get(k)]
+        if differ:
+            what = "; ".join(f"{k} {signature.get(k)!r} here, {ref_signature.get(k)!r} for sub-{ref.subject}"
+                             for k in differ)
+            raise DataError(f"contrast '{m.name}' of sub-{m.subject} was made with another model than "
+                            f"sub-{ref.subject}'s ({what}); a group model combines maps of one model: rerun the "
+                            "participant level for every subject with the same options", sidecar_path(m.effect))
 
 
 # --- exclusions -------------------------------------------------------------------

@@ -571,3 +571,25 @@ def test_stray_quote_does_not_join_event_lines(tmp_path):
     path = tmp_path / "events.tsv"
     path.write_text('onset\tduration\ttrial_type\tstim\n1\t1\ta\t"pic.png\n5\t1\tb\tx"\n9\t1\ta\ty\n')
     assert read_events(path)["trial_type"].tolist() == ["a", "b", "a"]
+
+
+# --- group inputs made with different models ---------------------------------------------------
+
+@pytest.mark.parametrize("second,message", [
+    (("--contrast", "c=congruent_correct"), "contrast weights {'congruent_correct': 1.0} here"),
+    (("--contrast", "c=incongruent_correct", "--smoothing-fwhm", "0"), "SmoothingFWHM"),
+])
+def test_group_refuses_maps_of_different_models(demo_small, tmp_path, capsys, second, message):
+    """A participant level rerun with other options for some subjects leaves maps of one
+    contrast name that mean different things: the group level names them instead of averaging."""
+    bids, _ = demo_small
+    out = tmp_path / "out"
+    base = [str(bids), str(out), "participant", "--skip-bids-validation", "-q", "--no-reports"]
+    assert main([*base, "--participant-label", "01", "--contrast", "c=incongruent_correct"]) == 0
+    assert main([*base, "--participant-label", "02", *second]) == 0
+    capsys.readouterr()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main([str(bids), str(out), "group", "-q", "--no-reports"]) == 65
+    line = _one_error_line(capsys)
+    assert "contrast 'c' of sub-02 was made with another model than sub-01's" in line and message in line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written

@@ -124,7 +124,9 @@ def _events(rng, model: dict, task: dict, n_volumes: int) -> pd.DataFrame:
     trial_types = list(dict.fromkeys(listed + _levels_named(model, "trial_type"))) or ["task"]
     if any(v != v for v in task.get("trial_type_values") or []):
         trial_types.append("n/a")
-    labels = np.repeat(trial_types, 3)
+    # at least 24 events: with fewer, each parametric column (one amplitude per event) is a
+    # combination of the same few event responses, and the design is collinear by construction
+    labels = np.repeat(trial_types, max(3, -(-24 // len(trial_types))))
     rng.shuffle(labels)
     n = len(labels)
     span = n_volumes * TR - 12
