@@ -353,6 +353,10 @@ def _contrast(check: _Checker, raw, node: str, index: int) -> ModelContrast:
     name = raw["Name"]
     where = f"Contrasts[{index}] ('{name}')"
     conditions = check.string_list(raw["ConditionList"], node, f"{where}.ConditionList", allow_one=True)
+    repeated = sorted({str(c) for c in conditions if conditions.count(c) > 1})
+    if repeated:  # e.g. [x, x] with weights [1, -1]: a contrast of nothing, surely a typo for [x, y]
+        check.fail(f"names {', '.join(repeated)} more than once: each condition takes one weight",
+                   node, f"{where}.ConditionList")
     if raw["Test"] not in TESTS:
         check.fail(f"{raw['Test']!r} is not a test ({', '.join(TESTS)})", node, f"{where}.Test")
     weights = raw["Weights"]

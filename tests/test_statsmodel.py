@@ -84,7 +84,9 @@ def test_strict_schema_rejects_unknown_fields(strict_schema):
 
 # schema-valid models whose content the schema cannot check: refused by bidsglm, naming the field
 INVALID_CONTENT = {"ds003481-verbs": "field 'Contrasts[4] ('lexicalvprelexical').Weights': needs one weight per "
-                                     "condition (3)"}
+                                     "condition (3)",
+                  "ds001715-dts": "field 'Contrasts[5] ('absmotionvcolor').ConditionList': names signedcolor_abs "
+                                  "more than once"}
 
 
 @pytest.mark.parametrize("path", MODELS + CORPUS, ids=[p.name.removesuffix("_specs.json") for p in MODELS + CORPUS])
