@@ -286,6 +286,9 @@ def _check_args(args) -> None:
     _check_contrast_names(args)
 
 
+MIN_CLUSTER_FORMING_P = 1e-15  # two-sided z about 8.0; near 1e-300 the threshold becomes infinite
+
+
 def _check_option_values(args) -> None:
     """Numbers in range, finite (NaN passes every comparison); one line naming the option."""
     if args.smoothing_fwhm is not None and args.smoothing_fwhm > MAX_FWHM_MM:
@@ -295,6 +298,9 @@ def _check_option_values(args) -> None:
     for flag, value in levels:
         if value is not None and not 0 < value < 1:  # False for NaN
             raise UsageError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
+    if args.cluster_forming_p is not None and args.cluster_forming_p < MIN_CLUSTER_FORMING_P:
+        raise UsageError(f"--cluster-forming-p must be at least {MIN_CLUSTER_FORMING_P:g} (a z threshold of "
+                         f"about 8; far smaller p-values have no finite threshold), got {args.cluster_forming_p:g}")
     for flag, value in (("--permutations", args.permutations), ("--cluster-extent", args.cluster_extent)):
         if value < 0:
             raise UsageError(f"{flag} must not be negative, got {value}")

@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         sys.stderr.write(f"bidsglm-config: {path}: not valid JSON ({exc})\n")
         return EX_USAGE
+    except RecursionError:
+        sys.stderr.write(f"bidsglm-config: {path}: not valid JSON (nested too deeply)\n")
+        return EX_USAGE
     try:
         cli_args = command_line(config, parser)
         _check(cli_args, parser)

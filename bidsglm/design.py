@@ -67,7 +67,8 @@ def _numeric_column(table: pd.DataFrame, column: str, path: Path, allow_na: bool
 
 
 def read_events(path: Path) -> pd.DataFrame:
-    """Return onset, duration, trial_type (rows with n/a trial_type dropped).
+    """Return onset, duration, trial_type (rows with n/a trial_type dropped), and the
+    ``modulation`` column (event amplitudes) where the file has one, as nilearn uses it.
 
     A duration of n/a is read as 0 (an impulse), as BIDS allows. What was
     dropped is noted in ``events.attrs["notes"]`` (one line each, for the
@@ -88,6 +89,8 @@ def read_events(path: Path) -> pd.DataFrame:
     events = pd.DataFrame(
         {"onset": onset, "duration": duration, "trial_type": table["trial_type"]}
     )
+    if "modulation" in table.columns:  # event amplitudes, as nilearn's design matrix reads them
+        events["modulation"] = _numeric_column(table, "modulation", path, allow_na=False)
     if events.empty:
         raise DataError("no events (the table has a header and no rows)", path)
     named = events["trial_type"].notna() & (events["trial_type"].str.strip() != "")
@@ -190,9 +193,14 @@ class DesignSettings:
 
 
 def _nilearn_design(make, *args, **kwargs) -> pd.DataFrame:
-    """nilearn's design matrix; its refusals (ValueError) are a model error, not a crash."""
+    """nilearn's design matrix; its refusals (ValueError) are a model error, not a crash.
+    What nilearn prints on stdout (e.g. that it uses a modulation column) stays out of ours."""
+    import contextlib
+    import io
+
     try:
-        return make(*args, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return make(*args, **kwargs)
     except ValueError as exc:
         raise ModelError(f"the design matrix cannot be built: {' '.join(str(exc).split())}") from exc
 

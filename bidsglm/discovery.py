@@ -136,6 +136,10 @@ def read_json(path: Path) -> dict:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from exc
+    except RecursionError as exc:
+        raise DataError("invalid JSON (nested too deeply)", path) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from exc
     except OSError as exc:
         raise DataError(f"cannot read ({exc.strerror})", path) from exc
     if not isinstance(data, dict):

@@ -299,6 +299,11 @@ def plan_onesample(task, space, label, maps, all_subjects, settings, participant
     contrasts = [GroupContrast(c.name, c.rows, c.f_test) for c in contrasts]  # labels differ per model
     _set_labels(contrasts, label)
     weights = _weights(contrasts, list(design.columns), where="one-sample model")
+    for con, w in weights:  # collinear covariates (age and 2 x age) leave some contrasts unidentified
+        if not is_estimable(w, design.to_numpy()):
+            raise ModelError(f"task-{task} contrast '{label}': group contrast '{con.name}' is not estimable: the "
+                             f"design's columns ({', '.join(map(str, design.columns))}) are linearly dependent "
+                             "and its weights fall on that dependence (leave out a redundant covariate)")
     coding = {c: ("intercept" if c == INTERCEPT else "mean-centred" if c in settings.covariates
                   else "group indicator" if settings.group_by and c.startswith(column_name(settings.group_by, ""))
                   else "centred indicator") for c in design.columns}

@@ -85,6 +85,10 @@ def code_covariates(table: pd.DataFrame, columns: list[str], subjects: list[str]
     excluded : {subject: reason} for subjects without a value (or absent from the table)
     """
     wanted = list(columns) + ([group_by] if group_by else [])
+    repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+    if repeated:
+        raise ModelError(f"participants.tsv column(s) {', '.join(repeated)} given more than once "
+                         "(as covariate and group, or twice)", source)
     for col in wanted:
         if col not in table.columns:
             raise ModelError(f"column '{col}' is not in participants.tsv "
@@ -106,7 +110,8 @@ def code_covariates(table: pd.DataFrame, columns: list[str], subjects: list[str]
             raise ModelError(f"--group-by column '{group_by}' has a single value "
                              f"({levels[0] if levels else 'none'}) among the included subjects", source)
         for level in levels:
-            out[column_name(group_by, level)] = (rows[group_by].astype(str) == level).astype(float)
+            _add_column(out, column_name(group_by, level), (rows[group_by].astype(str) == level).astype(float),
+                        group_by, level, source)
     else:
         out[INTERCEPT] = 1.0
     if not kept:
@@ -126,7 +131,7 @@ def code_covariates(table: pd.DataFrame, columns: list[str], subjects: list[str]
             levels = sorted(values.astype(str).unique())
             for level in levels[1:]:
                 indicator = (values.astype(str) == level).astype(float)
-                out[column_name(col, level)] = indicator - indicator.mean()
+                _add_column(out, column_name(col, level), indicator - indicator.mean(), col, level, source)
     return out, excluded
 
 
@@ -145,6 +150,16 @@ def anova_design(rows: list[tuple[str, str]], conditions: list[str]) -> pd.DataF
 
 
 # --- contrasts ----------------------------------------------------------------
+
+def _add_column(out: pd.DataFrame, name: str, values: pd.Series, column: str, level: str, source) -> None:
+    """A design column per level; two levels whose names map to one column name ('a b' and
+    'a-b' both give grp_a_b) would silently merge two groups: refused instead."""
+    if name in out.columns:
+        raise ModelError(f"column '{column}': level {level!r} and another level both become design column "
+                         f"'{name}' (names differ only in spaces or punctuation); rename one in participants.tsv",
+                         source)
+    out[name] = values
+
 
 def contrast_rows(specs: list[ContrastSpec], columns: list[str], aliases: dict | None = None,
                   where: str = "group model") -> np.ndarray:

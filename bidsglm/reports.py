@@ -212,6 +212,18 @@ def _column_kind(column: str, confounds: list[str]) -> str:
 
 # --- participant report -----------------------------------------------------
 
+def _read_design(path: Path) -> pd.DataFrame:
+    """A run's design matrix as the participant level wrote it: numbers only (an edited or
+    replaced file is bad data, named, not a crash in a figure)."""
+    from .errors import DataError
+
+    try:
+        design = pd.read_csv(path, sep="\t")
+        return design.apply(pd.to_numeric)
+    except (ValueError, TypeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"not a design matrix of numbers ({exc}); rerun the participant level", path) from exc
+
+
 @dataclass
 class RunRecord:
     """One run as the participant level recorded it."""
@@ -232,7 +244,7 @@ def _run_records(output_dir: Path, subject: str) -> list[RunRecord]:
         if not mask.endswith("_desc-brain_mask.nii.gz"):
             continue
         tsv = path.with_suffix(".tsv")
-        design = pd.read_csv(tsv, sep="\t") if tsv.is_file() else pd.DataFrame()
+        design = _read_design(tsv) if tsv.is_file() else pd.DataFrame()
         ents = _entities(path.name.removesuffix("_design.json"))
         label = " ".join(f"{k}-{v}" for k, v in ents.items() if k != "sub")
         rec = RunRecord(label, record, design, mask.removesuffix("_desc-brain_mask.nii.gz"))

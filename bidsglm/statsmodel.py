@@ -167,6 +167,10 @@ def load_model(path: Path) -> StatsModel:
         raise ModelError(f"cannot read the model ({exc.strerror})", path) from exc
     except json.JSONDecodeError as exc:
         raise ModelError(f"not valid JSON: {exc.msg}", path, where=f"line {exc.lineno}, column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise ModelError("not valid JSON: nested too deeply", path) from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from exc
     check = _Checker(path)
     check.keys(raw, "model", None, "")
     check.required(raw, ("Name", "BIDSModelVersion", "Nodes"), None, "")

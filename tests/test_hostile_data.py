@@ -593,3 +593,69 @@ def test_group_refuses_maps_of_different_models(demo_small, tmp_path, capsys, se
     line = _one_error_line(capsys)
     assert "contrast 'c' of sub-02 was made with another model than sub-01's" in line and message in line
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
+def _edit_participants(out, edit):
+    path = out / "participants.tsv"
+    table = pd.read_csv(path, sep="\t", dtype=str)
+    edit(table)
+    table.to_csv(path, sep="\t", index=False)
+
+
+def test_group_levels_that_would_share_a_column_refused(group_copy, capsys):
+    """'a b' and 'a-b' both become grp_a_b: merging two groups silently would be a wrong model."""
+    _edit_participants(group_copy, lambda t: t.__setitem__("grp", ["a b", "a-b", "a-b", "a b", "c"]))
+    assert _group(group_copy, "--group-by", "grp") == 65
+    assert "level 'a-b' and another level both become design column 'grp_a_b'" in _one_error_line(capsys)
+    _edit_participants(group_copy, lambda t: t.__setitem__("grp", ["0x", "a-b", "a-b", "a b", "0x"]))
+    assert _group(group_copy, "--covariates", "grp") == 65  # the first level ('0x') is the reference
+    assert "both become design column 'grp_a_b'" in _one_error_line(capsys)
+    assert not (group_copy / "group").exists()
+
+
+def test_group_covariate_given_twice_refused(group_copy, capsys):
+    assert _group(group_copy, "--covariates", "age", "age") == 65
+    assert "column(s) age given more than once" in _one_error_line(capsys)
+
+
+def test_group_contrast_on_collinear_covariates_refused(group_copy, capsys):
+    """age2 = 2 x age: the split of an effect between them is arbitrary (a pseudo-inverse's choice)."""
+    _edit_participants(group_copy, lambda t: t.__setitem__("age2", [str(2 * int(a)) for a in t["age"]]))
+    assert _group(group_copy, "--covariates", "age", "age2", "--group-contrast", "a=age") == 65
+    assert "group contrast 'a' is not estimable" in _one_error_line(capsys)
+    assert not (group_copy / "group").exists()
+
+
+def test_cluster_forming_p_without_a_finite_threshold_refused(tmp_path, capsys):
+    assert main([str(tmp_path / "b"), str(tmp_path / "o"), "group", "--cluster-forming-p", "1e-250"]) == 64
+    assert "--cluster-forming-p must be at least 1e-15" in _one_error_line(capsys)
+
+
+def test_deeply_nested_json_sidecar_is_bad_data(demo_copy, tmp_path, capsys):
+    sidecar = demo_copy / BOLD1.replace("_bold.nii.gz", "_bold.json")
+    sidecar.write_text('{"RepetitionTime": 2.0, "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    assert _participant(demo_copy, tmp_path / "out") == 65
+    assert "invalid JSON (nested too deeply)" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_modulation_column_scales_events_as_nilearn(demo_copy):
+    """events.tsv's optional modulation column gives each event its amplitude (nilearn reads it too)."""
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    path = demo_copy / EVENTS1
+    table = pd.read_csv(path, sep="\t")
+    table["modulation"] = np.linspace(0.5, 3.0, len(table)).round(3)
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a")
+    events = read_events(path)
+    assert np.allclose(events["modulation"], table.loc[table["trial_type"].notna(), "modulation"])
+    frame_times = np.arange(146) * 2.0
+    ours = make_first_level_design_matrix(frame_times, events, hrf_model="glover", drift_model=None)
+    plain = make_first_level_design_matrix(frame_times, events.drop(columns="modulation"), hrf_model="glover",
+                                           drift_model=None)
+    assert not np.allclose(ours["congruent_correct"], plain["congruent_correct"])  # amplitudes used
+    table["modulation"] = table["modulation"].astype(object)
+    table.loc[3, "modulation"] = "n/a"
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a")
+    with pytest.raises(DataError, match="modulation"):
+        read_events(path)
