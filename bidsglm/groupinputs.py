@@ -147,7 +147,7 @@ def _model_signature(m: SubjectMap) -> dict:
     test (from the subject map's sidecar) and the run model's settings (from its runs' records)."""
     sidecar = read_json(sidecar_path(m.effect)) if sidecar_path(m.effect).is_file() else {}
     contrast = sidecar.get("Contrast") if isinstance(sidecar.get("Contrast"), dict) else {}
-    signature = {"contrast weights": contrast.get("Weights"), "test": sidecar.get("Test")}
+    signature = {"contrast weights": _nonzero(contrast.get("Weights")), "test": sidecar.get("Test")}
     for r in m.runs:
         for key, value in r.model.items():
             signature.setdefault(key, value)
@@ -156,6 +156,16 @@ def _model_signature(m: SubjectMap) -> dict:
                                 f"sub-{m.subject} with {signature[key]!r}; rerun the participant level for this "
                                 "subject with one model", r.path)
     return {k: v for k, v in signature.items() if v is not None}
+
+
+def _nonzero(weights):
+    """Weights without the zero ones: runs may differ in nuisance columns (a condition absent
+    from one run, other confounds) without the contrast meaning anything else."""
+    if isinstance(weights, dict):
+        return {k: v for k, v in weights.items() if v != 0} or None
+    if isinstance(weights, list):
+        return [_nonzero(w) for w in weights]
+    return weights
 
 
 def check_same_model(maps: list[SubjectMap]) -> None:

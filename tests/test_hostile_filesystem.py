@@ -366,9 +366,10 @@ def test_failed_group_level_leaves_nothing(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def group_inputs(tmp_path_factory):
-    """Five contrasts of six subjects: 63 sign flips each, a second or two per model."""
+    """Five contrasts of 13 subjects: 5000 of the 8192 sign flips with TFCE take several seconds
+    per model even on an idle machine, so a signal sent after the first model lands in the next."""
     out = tmp_path_factory.mktemp("perm") / "glm"
-    write_participant_outputs(out, n_subjects=6, contrasts=("faces", "houses", "chairs", "tools", "words"))
+    write_participant_outputs(out, n_subjects=13, contrasts=("faces", "houses", "chairs", "tools", "words"))
     return out
 
 
@@ -385,12 +386,14 @@ def test_interrupt_during_permutations(group_inputs, tmp_path, signum):
          "--permutations", "5000", "--tfce", "--no-reports"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     err = ""
-    while "group level:" not in err:  # logged once every model is planned, before the first is fitted
+    # SIGINT while the first model permutes; SIGTERM once a first model's maps are written
+    awaited = "group level:" if signum == signal.SIGINT else "contrast(s) written"
+    while awaited not in err:
         line = proc.stderr.readline()
         if not line:
             break
         err += line
-    time.sleep(1.0 if signum == signal.SIGINT else 3.0)  # SIGTERM: likely after a first model's maps
+    time.sleep(0.5)
     proc.send_signal(signum)
     _, rest = proc.communicate(timeout=60)
     err += rest
@@ -502,10 +505,23 @@ def test_interrupt_in_the_reports_keeps_the_maps(capsys, bids, tmp_path, monkeyp
     assert tree(root) == before
 
 
-def test_ctrl_c_with_worker_processes(bids, tmp_path):
+@pytest.fixture(scope="module")
+def demo_4mm(tmp_path_factory):
+    """Two subjects on the 4 mm grid: a run takes a second or more to read, smooth and fit, so a
+    Ctrl-C sent just after a worker starts one lands while the workers are busy."""
+    from bidsglm.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo4") / "bids"
+    make_demo(root, n_subjects=2, voxel_size=4, seed=3)
+    return root
+
+
+def test_ctrl_c_with_worker_processes(demo_4mm, tmp_path):
     """Ctrl-C in a terminal reaches the whole process group: bidsglm and its joblib workers
     (--n-cpus 2) while runs are being fitted and written. Exit 130; the workers' files are gone."""
-    root, before = bids
+    root = tmp_path / "bids"
+    shutil.copytree(demo_4mm, root)
+    before = tree(root)
     out = tmp_path / "glm"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bidsglm", str(root), str(out), "participant", "--skip-bids-validation",
@@ -518,7 +534,7 @@ def test_ctrl_c_with_worker_processes(bids, tmp_path):
         if not line:
             break
         err += line
-    time.sleep(0.5)
+    time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
     _, rest = proc.communicate(timeout=60)
     err += rest
