@@ -501,14 +501,12 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     t0 = time.perf_counter()
     group_dir = group_dir or output_dir / "group"
     Y, mask, affine = _read_inputs(output_dir, model)
-    Y, mask = _without_flat_voxels(Y, mask, model)
+    Y, mask, fit = _without_flat_voxels(Y, mask, model, fit_ols(Y, model.design.to_numpy()))
     mixed = settings.estimator == "mixed"
     if mixed:
         Y, variances, mask = _with_variances(output_dir, model, Y, mask)
         fit = fit_mixed(Y, variances, model.design.to_numpy())
         del variances
-    else:
-        fit = fit_ols(Y, model.design.to_numpy())
     subject_by_condition = _subject_by_condition(Y, model) if _corrects_sphericity(model, settings) else None
     # permutations before any file: an interrupted run leaves no file of this model
     designs = model.permutation_designs or [None] * len(model.contrasts)
@@ -550,13 +548,13 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     return written
 
 
-def _without_flat_voxels(Y: np.ndarray, mask: np.ndarray, model: PlannedModel):
+def _without_flat_voxels(Y: np.ndarray, mask: np.ndarray, model: PlannedModel, fit):
     """Voxels where the model fits every input exactly (identical or constant maps) have no
-    error variance: they leave the mask with a warning; if every voxel is so, the model is refused."""
-    dispersion = fit_ols(Y, model.design.to_numpy()).dispersion
-    flat = ~(dispersion > ZERO_VARIANCE * np.einsum("nv,nv->v", Y, Y) / Y.shape[0])
+    error variance: they leave the mask with a warning, and the OLS ``fit`` is redone without
+    them; if every voxel is so, the model is refused. Returns Y, mask and fit."""
+    flat = ~(fit.dispersion > ZERO_VARIANCE * np.einsum("nv,nv->v", Y, Y) / Y.shape[0])
     if not flat.any():
-        return Y, mask
+        return Y, mask, fit
     if flat.all():
         raise DataError(f"{_prefix(model)} {model.name}: the model fits the input maps exactly in every "
                         "voxel (identical or constant maps?): no error variance to test against")
@@ -564,7 +562,8 @@ def _without_flat_voxels(Y: np.ndarray, mask: np.ndarray, model: PlannedModel):
                 "(zero variance)", _prefix(model), model.name, int(flat.sum()))
     mask = mask.copy()
     mask[mask] = ~flat
-    return Y[:, ~flat], mask
+    Y = Y[:, ~flat]
+    return Y, mask, fit_ols(Y, model.design.to_numpy())
 
 
 def _contrast_values(model, con, weights, fit, settings, subject_by_condition, permuted: bool):
