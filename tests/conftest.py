@@ -16,6 +16,17 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
 
 
+def installed_tool(name: str) -> str:
+    """A command-line tool of the test environment (its venv first), or skip the test."""
+    import sys
+
+    exe = Path(sys.executable).parent / name
+    found = str(exe) if exe.is_file() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install .[test])")
+    return found
+
+
 def shared_path(*parts) -> Path:
     """A path in ../shared/data, or skip the test where that material is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import installed_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -21,12 +21,6 @@ SINGULARITY = ROOT / "Singularity.def"
 CIRCLECI = ROOT / ".circleci" / "config.yml"
 
 
-def _tool(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    found = str(exe) if exe.is_file() else shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (pip install .[test])")
-    return found
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -59,7 +53,7 @@ def singularity_sections() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def test_dockerfile_passes_hadolint():
-    proc = subprocess.run([_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True)
+    proc = subprocess.run([installed_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -136,7 +130,7 @@ def test_singularity_recipe_builds_from_the_published_image():
 
 
 def test_circleci_config_validates_against_its_schema():
-    proc = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.circle-ci", str(CIRCLECI)],
+    proc = subprocess.run([installed_tool("check-jsonschema"), "--builtin-schema", "vendor.circle-ci", str(CIRCLECI)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

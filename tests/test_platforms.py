@@ -8,9 +8,7 @@ import argparse
 import json
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +19,13 @@ from bidsglm import __version__, configjson
 from bidsglm.boutiques import EXIT_CODES, descriptor, descriptor_text
 from bidsglm.cli import build_parser
 from bidsglm.cli import main as cli_main
+from conftest import installed_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTOR = ROOT / "bidsglm.boutiques.json"
 EXAMPLES = ROOT / "examples"
 
 
-def _tool(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    found = str(exe) if exe.is_file() else shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (pip install .[test])")
-    return found
 
 
 def _options(parser):
@@ -47,7 +40,7 @@ def test_descriptor_in_the_repository_is_the_generated_one():
 
 
 def test_bosh_validate_accepts_the_descriptor():
-    proc = subprocess.run([_tool("bosh"), "validate", str(DESCRIPTOR)], capture_output=True, text=True)
+    proc = subprocess.run([installed_tool("bosh"), "validate", str(DESCRIPTOR)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -97,7 +90,7 @@ def test_descriptor_declares_image_outputs_and_exit_codes():
 
 
 def _simulated_command(invocation: Path) -> str:
-    proc = subprocess.run([_tool("bosh"), "exec", "simulate", str(DESCRIPTOR), "-i", str(invocation)],
+    proc = subprocess.run([installed_tool("bosh"), "exec", "simulate", str(DESCRIPTOR), "-i", str(invocation)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("bidsglm ")]
@@ -224,7 +217,7 @@ def test_config_json_help_lists_every_option(capsys):
 
 def test_citation_cff_validates_against_its_schema():
     cff = ROOT / "CITATION.cff"
-    proc = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.citation-file-format",
+    proc = subprocess.run([installed_tool("check-jsonschema"), "--builtin-schema", "vendor.citation-file-format",
                            str(cff)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     version = re.search(r"^version: (\S+)$", cff.read_text(), re.M).group(1)
