@@ -24,7 +24,7 @@ from .logs import configure_logging
 log = logging.getLogger("bidsglm")
 
 
-SHORT_USAGE = "usage: bidsglm BIDS_DIR OUTPUT_DIR {participant,group} [options]  (see bidsglm LEVEL --help)\n"
+SHORT_USAGE = "usage: bidsglm BIDS_DIR OUTPUT_DIR {participant,group} [options]; see bidsglm LEVEL --help"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,8 +36,8 @@ class _Parser(argparse.ArgumentParser):
             message = ("BIDS_DIR OUTPUT_DIR and the level come first: an option that takes several "
                        "values (such as -t, --participant-label) takes every word after it, e.g. "
                        "bidsglm data out participant -t flanker")
-        sys.stderr.write(SHORT_USAGE)
-        sys.stderr.write(f"bidsglm: error: {message}\n")
+        # one line, as every other refusal: the message, then where the usage is
+        sys.stderr.write(f"bidsglm: error: {message} ({SHORT_USAGE})\n")
         sys.exit(EX_USAGE)
 
 
@@ -304,6 +304,8 @@ def _check_option_values(args) -> None:
     for flag, value in (("--permutations", args.permutations), ("--cluster-extent", args.cluster_extent)):
         if value < 0:
             raise UsageError(f"{flag} must not be negative, got {value}")
+    if args.reports_only and args.no_reports:
+        raise UsageError("--reports-only and --no-reports contradict each other: give one")
 
 
 def _check_contrast_names(args) -> None:
@@ -517,6 +519,40 @@ def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return given
 
 
+def _option_action(parser: argparse.ArgumentParser, token: str):
+    """The action a command-line token names (exact, or a unique long prefix), or None."""
+    name = token.split("=", 1)[0]
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse keeps its option table here
+    if name in actions:
+        return actions[name]
+    if name.startswith("--"):
+        found = {id(a): a for f, a in actions.items() if f.startswith(name)}
+        if len(found) == 1:
+            return next(iter(found.values()))
+    return None
+
+
+def check_repeated_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """argparse keeps the last of a repeated option: ``--participant-label 01
+    --participant-label 02`` would run sub-02 alone. Refuse repeats that change a value."""
+    seen: dict[int, tuple[str, str | None]] = {}
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        action = _option_action(parser, token) if token.startswith("-") else None
+        if action is None or not isinstance(action, argparse._StoreAction):  # noqa: SLF001
+            continue  # flags, counts and append options (--contrast) may repeat
+        value = token.split("=", 1)[1] if "=" in token else (argv[i + 1] if i + 1 < len(argv) else None)
+        flag = next((f for f in action.option_strings if f.startswith("--")), action.option_strings[0])
+        if id(action) in seen:
+            first_flag, first_value = seen[id(action)]
+            if action.nargs in ("+", "*"):
+                raise UsageError(f"{flag} given twice: give all its values after one {flag}")
+            if first_value != value:
+                raise UsageError(f"{flag} given twice with different values ({first_value}, {value}): give one")
+        seen[id(action)] = (flag, value)
+
+
 def check_level_options(parser: argparse.ArgumentParser, argv: list[str], level: str) -> None:
     """Refuse an option of the other level: it would be silently ignored."""
     levels = option_levels(parser)
@@ -547,6 +583,7 @@ def main(argv=None) -> int:
     received: list = []
     previous = _install_signal_handlers(received)
     try:
+        check_repeated_options(parser, argv)
         check_level_options(parser, argv, args.analysis_level)
         return run(args)
     except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code

@@ -193,7 +193,7 @@ def check_derivatives_option(requested) -> None:
     whole file system (``--derivatives /``)."""
     for root in requested:
         if not root.is_dir():
-            raise DataError("derivatives folder does not exist", root)
+            raise UsageError("--derivatives: folder does not exist", root)
         if not (root / "dataset_description.json").is_file():
             raise UsageError("--derivatives: not a derivatives dataset (no dataset_description.json); "
                              "give fMRIPrep's output folder, e.g. BIDS_DIR/derivatives/fmriprep", root)
@@ -362,6 +362,7 @@ def discover_runs(
                                    bids_dir, mask=_hemisphere_pair(cands, space, "R").path))
             continue
         if len(cands) > 1:
+            _refuse_copies_in_datasets(cands, derivatives)
             names = ", ".join(c.path.name for c in cands)
             raise DataError(
                 f"several preprocessed BOLD files match space '{space}' ({names}); "
@@ -371,6 +372,15 @@ def discover_runs(
         bold = cands[0]
         runs.append(_match_run(bold, key, space, deriv_files, raw_files, bids_dir))
     return runs
+
+
+def _refuse_copies_in_datasets(cands: list[BidsFile], derivatives: list[Path]) -> None:
+    """The same run preprocessed in two derivatives datasets (two fMRIPrep versions,
+    say): the fix is choosing a dataset, not a resolution."""
+    roots = sorted({str(root) for root in derivatives for c in cands if c.path.is_relative_to(root)})
+    if len(roots) > 1:
+        raise DataError(f"this run is preprocessed in {len(roots)} derivatives datasets ({', '.join(roots)}); "
+                        "choose one with --derivatives FOLDER", cands[0].path)
 
 
 def _bold_pattern(kind: str) -> str:

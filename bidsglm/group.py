@@ -831,10 +831,11 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     stat = "F" if con.is_f else "t"
     smallest_p = 1 / result.n_rearrangements
     if smallest_p >= settings.fwe_alpha:
-        log.warning("contrast-%s: only %d rearrangements exist%s, so the smallest FWE p-value is %.3g, "
-                    "not below --fwe-alpha %g: nothing can be significant (more subjects are needed)",
-                    con.label, result.n_rearrangements, " (all used)" if result.exhaustive else "",
-                    smallest_p, settings.fwe_alpha)
+        why = (f"only {result.n_rearrangements} rearrangements exist (all used)" if result.exhaustive
+               else f"only {options.n_permutations} permutations were requested")
+        fix = "more subjects are needed" if result.exhaustive else "raise --permutations"
+        log.warning("contrast-%s: %s, so the smallest FWE p-value is %.3g, not below --fwe-alpha %g: "
+                    "nothing can be significant (%s)", con.label, why, smallest_p, settings.fwe_alpha, fix)
     common = {
         "Level": "group",
         "Contrast": con.name,
@@ -969,8 +970,9 @@ def run_group_level(args, output_dir: Path, *, inputs_dir: Path | None = None, g
     check_planned_folders([group_dir])
     check_planned_names(group_dir / f"{_prefix(p)}_contrast-{con.label}_stat-logp_desc-clustermassFWE_statmap.nii.gz"
                         for p in plans for con, _ in p.contrasts)
-    log.info("group level: %d model(s) for task(s) %s, %d subject(s); exclusions: %d", len(plans),
-             ", ".join(tasks), len({m.subject for m in maps}), len(exclusions))
+    modelled = {m.subject for plan in plans for m in plan.inputs}  # after every exclusion (covariates too)
+    log.info("group level: %d model(s) for task(s) %s, %d subject(s) modelled; exclusions: %d", len(plans),
+             ", ".join(tasks), len(modelled), len(exclusions) + sum(len(p.excluded) for p in plans))
     n_written = 0
     for task in tasks:
         task_plans = [p for p in plans if p.task == task]

@@ -226,6 +226,7 @@ def apply_exclusions(maps: list[SubjectMap], exclude_subjects=None, run_rules=()
     """Drop excluded subjects; mark excluded runs, so their subject's fixed
     effects are recomputed from the runs that remain."""
     excluded_subs = {strip_prefix(s, "sub") for s in exclude_subjects or ()}
+    _check_exclusions_match(maps, excluded_subs, run_rules)
     kept, notes, seen = [], [], set()
     for m in maps:
         if m.subject in excluded_subs:
@@ -254,6 +255,22 @@ def apply_exclusions(maps: list[SubjectMap], exclude_subjects=None, run_rules=()
         else:
             notes.append(Exclusion(f"sub-{m.subject}", m.task, "", m.label, "every run of this contrast excluded"))
     return kept, notes
+
+
+def _check_exclusions_match(maps: list[SubjectMap], excluded_subs: set, run_rules) -> None:
+    """An exclusion that matches nothing is a typo: refuse it rather than model a
+    subject or run the user meant to leave out."""
+    subjects = sorted({m.subject for m in maps})
+    unknown = sorted(excluded_subs - set(subjects))
+    if unknown:
+        raise UsageError(f"--exclude-participant-label: no subject-level maps for "
+                         f"{', '.join('sub-' + s for s in unknown)}; subjects found: "
+                         f"{', '.join('sub-' + s for s in subjects)}")
+    runs = [r.entities for m in maps for r in m.runs]
+    for rule in run_rules:
+        if not any(run_matches(entities, rule) for entities in runs):
+            text = "_".join(f"{k}-{v}" for k, v in rule.items())
+            raise UsageError(f"--exclude-run {text}: matches no run of the participant level's outputs")
 
 
 def _run_exclusion(record: RunRecord, run_rules, fd_cutoff) -> str:

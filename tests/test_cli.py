@@ -4,6 +4,7 @@ no outputs for the affected run) for every bad input the issue lists."""
 import gzip
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -305,8 +306,8 @@ def test_options_before_positionals_one_clear_line(capsys, tmp_path):
         main(["-t", "flanker", str(tmp_path), str(tmp_path / "o"), "participant"])
     assert exc.value.code == 64
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("usage: bidsglm BIDS_DIR OUTPUT_DIR")
-    assert "come first" in err[1] and "bidsglm data out participant -t flanker" in err[1]
+    assert len(err) == 1 and "usage: bidsglm BIDS_DIR OUTPUT_DIR" in err[0]
+    assert "come first" in err[0] and "bidsglm data out participant -t flanker" in err[0]
 
 
 def test_missing_bids_dir_is_usage_error(capsys, tmp_path):
@@ -333,3 +334,49 @@ def test_demo_help_describes_every_option(capsys):
     for flag in ("--subjects", "--voxel-size", "--seed"):
         block = options[options.index(flag):].split("\n  -")[0]
         assert len(block.split()) > 4, block  # a description, not just the flag and its metavar
+
+
+def test_missing_derivatives_folder_is_usage_error(capsys, demo_small, tmp_path):
+    root, _ = demo_small
+    code, err = _run(capsys, root, tmp_path / "o", "participant", "--derivatives", tmp_path / "nowhere")
+    assert code == 64
+    _assert_one_line_error(err, "--derivatives: folder does not exist", "nowhere")
+
+
+def test_same_run_in_two_derivatives_datasets_names_the_datasets(capsys, demo_copy, tmp_path):
+    """Two fMRIPrep copies (say two versions): the advice is --derivatives, not --space."""
+    shutil.copytree(demo_copy / "derivatives" / "fmriprep", demo_copy / "derivatives" / "fmriprep-old")
+    code, err = _run(capsys, demo_copy, tmp_path / "o", "participant", "--skip-bids-validation")
+    assert code == 65
+    _assert_one_line_error(err, "preprocessed in 2 derivatives datasets", "fmriprep-old", "--derivatives")
+
+
+def test_contradictory_report_options_are_refused(capsys, demo_small, tmp_path):
+    root, _ = demo_small
+    code, err = _run(capsys, root, tmp_path / "o", "participant", "--reports-only", "--no-reports")
+    assert code == 64
+    _assert_one_line_error(err, "--reports-only and --no-reports contradict")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--participant-label", "01", "--participant_label", "02"], "--participant-label given twice: give all"),
+    (["-t", "flanker", "--task", "flanker"], "--task given twice"),
+    (["--smoothing-fwhm", "4", "--smoothing-fwhm=6"], "--smoothing-fwhm given twice with different values (4, 6)"),
+    (["--smooth", "4", "--smoothing-fwhm", "5"], "--smoothing-fwhm given twice with different values"),
+])
+def test_repeated_options_that_change_a_value_are_refused(capsys, demo_small, tmp_path, options, fragment):
+    """argparse keeps the last value: the first would be silently dropped."""
+    root, _ = demo_small
+    code, err = _run(capsys, root, tmp_path / "o", "participant", *options)
+    assert code == 64
+    _assert_one_line_error(err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_repeating_an_option_with_the_same_value_or_appending_is_accepted():
+    from bidsglm.cli import check_repeated_options
+
+    parser = build_parser()
+    check_repeated_options(parser, ["d", "o", "participant", "--high-pass", "0.01", "--high-pass", "0.01",
+                                    "--contrast", "a", "--contrast", "b", "-v", "-v", "--no-reports", "--no-reports"])

@@ -344,3 +344,25 @@ def test_outputs_with_group_level_pass_bids_validator(demo_results, tmp_path):
                           env={**os.environ, "DENO_DIR": str(tmp_path / "deno")})
     errors = [i for i in json.loads(proc.stdout)["issues"]["issues"] if i["severity"] == "error"]
     assert not errors, errors[:3]
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--exclude-participant-label", "sub-99", "no subject-level maps for sub-99"),
+    ("--exclude-run", "sub-01_run-7", "--exclude-run sub-01_run-7: matches no run"),
+])
+def test_exclusion_matching_nothing_is_refused(outputs, capsys, option, value, fragment):
+    """A mistyped exclusion would silently model the subject or run it meant to leave out."""
+    out, _, _ = outputs
+    assert _group(out, option, value, "--atlases", "none") == 64
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not (out / "group").exists()
+
+
+def test_too_few_requested_permutations_are_reported_as_such(outputs, capsys):
+    """8 subjects have 256 sign flips; 10 requested are not 'all that exist'."""
+    out, _, _ = outputs
+    assert _group(out, "--permutations", "10", "--atlases", "none") == 0
+    err = capsys.readouterr().err
+    assert "only 10 permutations were requested" in err and "raise --permutations" in err
+    assert "rearrangements exist" not in err
