@@ -414,7 +414,7 @@ def _gifti_mesh(geom: Geometry):
     structure = np.repeat(["CORTEX_LEFT", "CORTEX_RIGHT"], n)
     return Mesh(ck.graph_neighbour_table(ck.edge_adjacency(np.vstack(edges), 2 * n)), np.concatenate(areas),
                 np.vstack(coords), structure, np.tile(np.arange(n), 2),
-                f"{geom.space} midthickness (mean of nilearn's pial and white surfaces)", geom.space)
+                f"vertices sharing a triangle edge of the {geom.space} template mesh", geom.space)
 
 
 def _cifti_mesh(geom: Geometry):
@@ -471,7 +471,7 @@ def _cifti_mesh(geom: Geometry):
             edges.append(pairs[other >= 0])
     table = ck.graph_neighbour_table(ck.edge_adjacency(np.vstack(edges) if edges else np.zeros((0, 2)), n_el))
     return Mesh(table, areas, coords, short, vertex,
-                "fsLR 32k midthickness (vertices sharing a triangle edge) and subcortical voxels sharing a face",
+                "vertices sharing a triangle edge of the fsLR 32k template mesh; subcortical voxels sharing a face",
                 "fsLR")
 
 
@@ -490,13 +490,12 @@ def no_neighbours(mask: np.ndarray) -> np.ndarray:
 SURFACE_TFCE_E = 1.0  # TFCE extent exponent on surfaces (Smith & Nichols 2009: E 1, H 2 for 2D)
 
 
-def mesh_neighbours(geom: Geometry, mask: np.ndarray) -> np.ndarray | None:
+def restrict_to_mask(mesh: Mesh, mask: np.ndarray) -> np.ndarray:
     """The element graph's neighbour table over the masked elements, renumbered, for the cluster and
-    TFCE kernels; None where no template mesh ships."""
+    TFCE kernels."""
     from . import clusterkernels as ck
 
-    mesh = geometry_mesh(geom)
-    return None if mesh is None else ck.restrict_table(mesh.neighbours, mask)
+    return ck.restrict_table(mesh.neighbours, mask)
 
 
 def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
@@ -536,14 +535,23 @@ def read_run_series(bold: Path, partner: Path, space: str) -> tuple[np.ndarray, 
 
 # --- group-level inference on surfaces ------------------------------------------------
 
-def cluster_refusal(geom: Geometry) -> str:
-    """Why clusters cannot be formed on this geometry ('' when a shipped mesh allows them; raises
-    TemplateMeshError when the data do not match the template)."""
-    if geometry_mesh(geom) is not None:
-        return ""
+def mesh_or_reason(geom: Geometry) -> tuple[Mesh | None, str]:
+    """The geometry's element graph, or None and why clusters cannot be formed on it (no template
+    mesh ships for it, or its vertices are not those of the shipped template)."""
+    try:
+        mesh = geometry_mesh(geom)
+    except TemplateMeshError as exc:
+        return None, f"cluster inference is not available: {exc.problem}; voxel-wise inference works"
+    if mesh is not None:
+        return mesh, ""
     what = ("CIFTI data without cortical surfaces" if geom.kind == "cifti"
             else f"{geom.space or 'this surface'} (no template mesh ships offline: fsaverage5 and fsLR do)")
-    return f"cluster inference is not available on {what}; voxel-wise inference works"
+    return None, f"cluster inference is not available on {what}; voxel-wise inference works"
+
+
+def cluster_refusal(geom: Geometry) -> str:
+    """Why clusters cannot be formed on this geometry ('' when a shipped mesh allows them)."""
+    return mesh_or_reason(geom)[1]
 
 
 def threshold_elements(z: np.ndarray, mask: np.ndarray, threshold: float, cluster_extent: int,

@@ -314,18 +314,20 @@ def test_cifti_group_one_sample_and_voxelwise_permutations(cifti_out, capsys):
     p_ref = (null_max[None, :] >= np.abs(t_ref)[:, None] * (1 - 1e-9)).mean(axis=1)
     logp = nib.load(group / f"{ent}_stat-logp_desc-voxelFWE_statmap.dscalar.nii").get_fdata()[0]
     np.testing.assert_allclose(logp, -np.log10(p_ref), atol=1e-4)
-    assert not list(group.glob("*clustersizeFWE*"))  # no cluster inference on CIFTI
+    # the test cortex (a 24 x 24 grid) is not the fsLR 32k mesh: no cluster inference, said why
+    assert not list(group.glob("*clustersizeFWE*"))
     thr = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())
-    assert "not available on CIFTI" in thr["ClusterTable"]
+    assert "not available" in thr["ClusterTable"] and "576 vertices" in thr["ClusterTable"]
 
 
-def test_cifti_cluster_options_refused(cifti_out, capsys):
+def test_cifti_cluster_options_on_a_mesh_not_matching_refused(cifti_out, capsys):
+    """The test cortex has 576 vertices, not fsLR 32k's 32,492: cluster options are refused (bad data)."""
     _, out = cifti_out
-    for extra, words in ((["--cluster-extent", "5"], "cluster inference needs a template mesh"),
-                         (["--permutations", "10", "--tfce"], "TFCE needs a template mesh")):
+    words = "on a mesh of 576 vertices, but the fsLR template mesh shipped has 32492"
+    for extra in (["--cluster-extent", "5"], ["--permutations", "10", "--tfce"]):
         before = sorted(out.rglob("*"))
         code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", *extra)
-        assert code == 64
+        assert code == 65
         assert words in one_error_line(err)
         assert sorted(out.rglob("*")) == before  # refused before anything is written
 
