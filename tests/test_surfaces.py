@@ -589,6 +589,9 @@ def test_cifti_fslr_clusters_tfce_and_permutations_on_the_mesh(fslr_out, capsys)
     assert peak[0] in patch
     coords, _ = surfaces.template_mesh("fsLR", "L")
     np.testing.assert_allclose(top[["x", "y", "z"]].to_numpy(float), coords[top["vertex"]], atol=1e-4)
+    # atlas label of the peak's template (MNI) coordinate; the lookup itself is checked against nibabel in
+    # test_mesh_clusters.py: here, that the table carries it
+    assert top["aal_peak"] == "Precentral_L" and "Precentral" in top["harvard_oxford_peak"]
 
     # permutations: every sign flip of the 4 subject maps, clusters at the cluster-forming t
     Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
