@@ -431,7 +431,7 @@ def _cifti_mesh(geom: Geometry):
     coords = np.zeros((n_el, 3))
     areas = np.zeros(n_el)
     edges = []
-    surface = np.asarray(models.surface_mask)
+    surface = np.asarray(models.vertex) >= 0  # nibabel: -1 for voxels (as surface_mask, without a Python loop)
     if not surface.any():
         return False
     n_template = TEMPLATE_VERTICES["fsLR"]
