@@ -225,3 +225,31 @@ def test_vendored_meshes_are_package_data():
         path = root / "data" / name
         assert path.stat().st_size < 1_000_000
         assert any(fnmatch.fnmatch(f"data/{name}", p) for p in patterns)
+
+
+def test_real_fmriprep_cifti_maps_onto_the_fslr_mesh():
+    """fMRIPrep's den-91k brain models (niworkflows' test file: sub-01 mixedgamblestask run-02, when it is
+    placed under shared/data/cifti/) on the shipped mesh: each cortex is one connected piece without the
+    medial wall, BrainSpace's cortex mask lies inside it, subcortical voxels form one main piece."""
+    from conftest import shared_path
+
+    path = shared_path("cifti", "sub-01_task-mixedgamblestask_run-02_space-fsLR_den-91k_bold.dtseries.nii")
+    _, _, geom = surfaces.cifti_series_info(path)
+    mesh = surfaces.geometry_mesh(geom)
+    models = geom.brain_models
+    names = np.asarray(models.name)
+    rows = np.repeat(np.arange(len(names)), mesh.neighbours.shape[1])
+    cols = mesh.neighbours.ravel()
+    ok = cols >= 0
+    graph = sp.csr_matrix((np.ones(ok.sum()), (rows[ok], cols[ok])), shape=(len(names),) * 2)
+    for structure, hemi, count in (("CIFTI_STRUCTURE_CORTEX_LEFT", "L", 29696),
+                                   ("CIFTI_STRUCTURE_CORTEX_RIGHT", "R", 29716)):
+        where = np.flatnonzero(names == structure)
+        assert len(where) == count
+        assert connected_components(graph[where][:, where], directed=False)[0] == 1
+        inside = np.zeros(32492, bool)
+        inside[models.vertex[where]] = True
+        assert not (surfaces.fslr_cortex_mask(hemi) & ~inside).any()
+    voxels = np.flatnonzero(models.vertex < 0)
+    sizes = np.bincount(connected_components(graph[voxels][:, voxels], directed=False)[1])
+    assert sizes.max() > 0.99 * len(voxels)
