@@ -371,6 +371,12 @@ def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
     assert sorted(sizes) == sorted(table["cluster_size_vertices"])
     assert expected.sum() < (np.abs(z) >= threshold).sum()  # the extent removed small clusters
     assert (table["cluster_size_mm2"] > 0).all()
+    # the peak's label: the MNI volume atlas at its fsaverage5 coordinate (lookup checked in test_mesh_clusters)
+    from bidsglm.atlases import surface_labeller
+
+    label = surface_labeller(["aal"])
+    for _, row in table.iterrows():
+        assert row["aal_peak"] == label(row[["x", "y", "z"]].to_numpy(float))["aal_peak"]
 
 
 def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
