@@ -86,6 +86,30 @@ class Atlas:
         order = lo + np.argsort(-percent[lo:hi].astype(int), kind="stable")
         return "; ".join(f"{percent[i]:.0f}% {self.region(region[i])}" for i in order)
 
+    def label_near(self, xyz, radius_mm: float) -> str:
+        """``label_peak`` at ``xyz``, or where it has none, at the nearest atlas voxel centre within
+        ``radius_mm`` that has one (nearer first; ties in C order), as ``"<label> (<d> mm away)"``."""
+        here = self.label_peak(xyz)
+        if here != NO_LABEL or radius_mm <= 0:
+            return here
+        xyz = np.asarray(xyz, dtype=float)
+        centre = np.round(nib.affines.apply_affine(np.linalg.inv(self.affine), xyz)).astype(int)
+        reach = int(np.ceil(radius_mm / np.abs(np.linalg.det(self.affine[:3, :3])) ** (1 / 3))) + 1
+        offsets = np.array(list(np.ndindex(*(2 * reach + 1,) * 3))) - reach
+        ijk = centre + offsets
+        inside = np.all((ijk >= 0) & (ijk < np.array(self.labels.shape)), axis=1)
+        ijk = ijk[inside]
+        distance = np.linalg.norm(nib.affines.apply_affine(self.affine, ijk) - xyz, axis=1)
+        near = distance <= radius_mm
+        ijk, distance = ijk[near], distance[near]
+        labelled = self.labels[tuple(ijk.T)]
+        hits = np.array([i >= 0 and int(i) in self.names for i in labelled], dtype=bool)
+        for k in np.argsort(distance, kind="stable")[hits[np.argsort(distance, kind="stable")]]:
+            found = self.label_peak(nib.affines.apply_affine(self.affine, ijk[k]))
+            if found != NO_LABEL:
+                return f"{found} ({distance[k]:.1f} mm away)"
+        return NO_LABEL
+
     def cluster_labels(self, xyz: np.ndarray) -> list[tuple[float, str]]:
         """(percent of the cluster's voxels, region) for regions holding >= 5 %, largest first."""
         ids = self.labels[tuple(self._voxels(xyz).T)]
@@ -175,5 +199,21 @@ def labeller(names: list[str]):
             row[f"{atlas.name}_peak"] = atlas.label_peak(peak_xyz)
             row[f"{atlas.name}_cluster"] = atlas.label_cluster(cluster_xyz) if cluster_xyz is not None else None
         return row
+
+    return label
+
+
+SURFACE_SEARCH_MM = 5.0  # a surface peak with no volume label takes the nearest labelled voxel this close
+
+
+def surface_labeller(names: list[str], radius_mm: float = SURFACE_SEARCH_MM):
+    """A function (peak_xyz, structure) -> {"<atlas>_peak": label} for surface cluster tables: the
+    peak's template coordinate (fsLR midthickness: MNI152; fsaverage5: fsaverage/MNI305, a few mm from
+    MNI152) looked up in the MNI volume atlases, an approximation: a midthickness point may fall just
+    outside the atlas's grey matter, so the nearest labelled voxel within ``radius_mm`` is taken."""
+    atlases = [load_atlas(n) for n in names]
+
+    def label(peak_xyz, structure=""):
+        return {f"{atlas.name}_peak": atlas.label_near(peak_xyz, radius_mm) for atlas in atlases}
 
     return label

@@ -1,9 +1,15 @@
-"""Compiled cluster and TFCE kernels on the in-mask voxel list.
+"""Compiled cluster and TFCE kernels on the in-mask voxel list, or on any graph.
 
 A map is a (V,) vector over the mask's voxels (C order of the grid) plus a
 (V, C) table of neighbours, so no kernel touches the full grid. Clusters are
 face-connected by default (C = 6, as nilearn); C = 18 adds edges, 26 corners
 (FSL's default); the table's shape carries the choice into every kernel.
+
+The kernels need one property of the table: its first C/2 columns hold every
+neighbour of lower index ("earlier": union-find then sees each edge once) and
+the rest the neighbours of higher index, -1 padded. A voxel grid's table has it
+by construction; ``graph_neighbour_table`` builds it for any undirected graph
+(a mesh's triangle edges, CIFTI grayordinates), so the same kernels run there.
 
 TFCE (Smith & Nichols 2009) is computed for every height at once: voxels are
 added from the highest value down and merged with union-find; every addition
@@ -58,6 +64,54 @@ def neighbour_table(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
     for n, off in enumerate(offsets):
         table[:, n] = index[tuple((ijk + off).T)]
     return table
+
+
+def edge_adjacency(edges: np.ndarray, n: int):
+    """(n, n) symmetric CSR adjacency (scipy) of an undirected graph given as (E, 2) index pairs
+    (repeats and self-loops ignored)."""
+    import scipy.sparse as sp
+
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    e = e[e[:, 0] != e[:, 1]]
+    i, j = np.concatenate([e[:, 0], e[:, 1]]), np.concatenate([e[:, 1], e[:, 0]])
+    adj = sp.csr_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
+    adj.sum_duplicates()
+    adj.sort_indices()
+    return adj
+
+
+def graph_neighbour_table(adjacency) -> np.ndarray:
+    """(V, 2D) int32 neighbour table of a graph (a symmetric scipy sparse adjacency, or anything with
+    CSR ``indptr``/``indices``) in the kernels' layout: columns [0, D) hold the neighbours of lower
+    index, [D, 2D) those of higher index, -1 padded; D is the most of either kind any element has."""
+    adj = adjacency.tocsr() if hasattr(adjacency, "tocsr") else adjacency
+    indptr, indices = np.asarray(adj.indptr, dtype=np.int64), np.asarray(adj.indices, dtype=np.int64)
+    n = len(indptr) - 1
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    keep = indices != rows
+    rows, cols = rows[keep], indices[keep]
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    later = cols > rows
+    halves = []
+    for part in (~later, later):
+        r, c = rows[part], cols[part]
+        count = np.bincount(r, minlength=n)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        halves.append((r, c, np.arange(r.size) - start[r], int(count.max(initial=0))))
+    width = max(1, max(h[3] for h in halves))
+    table = np.full((n, 2 * width), -1, dtype=np.int32)
+    for half, (r, c, slot, _) in enumerate(halves):
+        table[r, half * width + slot] = c
+    return table
+
+
+def restrict_table(table: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The table over the elements in ``keep`` (bool), renumbered; neighbours outside become -1.
+    Renumbering keeps the order, so the earlier/later layout holds."""
+    index = np.full(len(keep) + 1, -1, dtype=np.int32)  # index[-1] (for -1 entries) stays -1
+    index[:-1][keep] = np.arange(int(keep.sum()), dtype=np.int32)
+    return index[table[keep]]
 
 
 @numba.njit(cache=CACHE, nogil=True)

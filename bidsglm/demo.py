@@ -250,8 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the simulated noise: the same seed gives the same dataset (default 42)")
     p.add_argument("--surface", choices=["cifti", "gifti"], default=None,
-                   help="also write surface BOLD: fsaverage5 GIfTI pairs or a small CIFTI dtseries "
-                        "(see README, 'Surfaces and grayordinates')")
+                   help="also write surface BOLD: fsaverage5 GIfTI pairs, or CIFTI dtseries with fsLR 32k "
+                        "cortex (see README, 'Surfaces and grayordinates')")
     args = p.parse_args(argv)
     desc = args.output / "dataset_description.json"
     if desc.is_file() and "bidsglm demo" in desc.read_text():

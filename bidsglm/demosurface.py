@@ -5,10 +5,10 @@ responding regions, now as patches of the fsaverage5 mesh that nilearn ships (ve
 15 mm of the blob centres on the pial surface; both are medial, so both hemispheres respond).
 
 - ``gifti``: ``*_hemi-L|R_space-fsaverage5_bold.func.gii`` (10,242 vertices per hemisphere).
-- ``cifti``: ``*_space-fsLR_den-91k_bold.dtseries.nii`` with the structure of fMRIPrep's file
-  (left and right cortex without a medial wall band, then subcortical voxels on a 2 mm grid) but
-  small: no fsLR mesh ships offline, so the cortex models are fsaverage5 vertex sets. A stand-in
-  for trying the CIFTI path, not fsLR data.
+- ``cifti``: ``*_space-fsLR_den-91k_bold.dtseries.nii`` with the structure of fMRIPrep's file:
+  left and right cortex on the fsLR 32k mesh without the medial wall (the mesh and mask bidsglm
+  ships; patches within 15 mm of the blob centres on the midthickness), then a small block of
+  subcortical voxels on a 2 mm grid (fMRIPrep's has 31,870; these carry no signal).
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ PATCH_RADIUS_MM = 15.0
 _SUBCORTICAL_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
 
 
-def _patches() -> tuple[dict, int]:
-    """blob name -> bool over both hemispheres' vertices (left then right)."""
-    from nilearn import datasets
+def _patches(kind: str) -> tuple[dict, int]:
+    """blob name -> bool over both hemispheres' vertices (left then right), and the vertices per
+    hemisphere: fsaverage5's pial surface (GIfTI), fsLR 32k's midthickness (CIFTI)."""
+    from .surfaces import template_mesh
 
-    pial = datasets.load_fsaverage("fsaverage5")["pial"]
-    coords = np.vstack([np.asarray(pial.parts[p].coordinates) for p in ("left", "right")])
+    space, surface = ("fsaverage5", "pial") if kind == "gifti" else ("fsLR", "midthickness")
+    meshes = [template_mesh(space, hemi, surface)[0] for hemi in ("L", "R")]
+    coords = np.vstack(meshes)
     return ({name: np.linalg.norm(coords - np.array(c), axis=1) <= PATCH_RADIUS_MM for name, c in BLOBS.items()},
-            len(pial.parts["left"].coordinates))
+            len(meshes[0]))
 
 
 def _series(rng, events: pd.DataFrame, patches: dict, n: int, amplitude: float) -> np.ndarray:
@@ -49,12 +51,14 @@ def _series(rng, events: pd.DataFrame, patches: dict, n: int, amplitude: float) 
 
 
 def _cifti_models(n_vertex: int):
-    medial = np.arange(0, n_vertex, 40)  # a sparse stand-in for the medial wall fMRIPrep leaves out
-    keep = np.setdiff1d(np.arange(n_vertex), medial)
+    """Brain models as fMRIPrep writes them: each cortex without its medial wall, then voxels."""
+    from .surfaces import fslr_cortex_mask
+
+    keep = {hemi: np.flatnonzero(fslr_cortex_mask(hemi)) for hemi in ("L", "R")}
     thalamus = np.zeros((8, 8, 8), bool)
     thalamus[2:6, 2:6, 2:5] = True
-    models = (nib.cifti2.BrainModelAxis.from_surface(keep, n_vertex, "CortexLeft")
-              + nib.cifti2.BrainModelAxis.from_surface(keep, n_vertex, "CortexRight")
+    models = (nib.cifti2.BrainModelAxis.from_surface(keep["L"], n_vertex, "CortexLeft")
+              + nib.cifti2.BrainModelAxis.from_surface(keep["R"], n_vertex, "CortexRight")
               + nib.cifti2.BrainModelAxis.from_mask(thalamus, "ThalamusLeft", _SUBCORTICAL_AFFINE))
     return models, keep
 
@@ -62,7 +66,7 @@ def _cifti_models(n_vertex: int):
 def add_surface_runs(root: Path, kind: str, amplitude: float = 2.0, seed: int = 7) -> None:
     """Write surface BOLD (``kind``: 'gifti' or 'cifti') for every run of the demo in ``root``."""
     rng = np.random.default_rng(seed)
-    patches, n_vertex = _patches()
+    patches, n_vertex = _patches(kind)
     deriv = Path(root) / "derivatives" / "fmriprep"
     for events_file in sorted(Path(root).glob(f"sub-*/func/*_task-{TASK}_run-*_events.tsv")):
         stem = events_file.name.removesuffix("_events.tsv")
@@ -78,8 +82,8 @@ def add_surface_runs(root: Path, kind: str, amplitude: float = 2.0, seed: int = 
             sidecar = out / f"{stem}_space-fsaverage5_bold.json"
         else:
             models, keep = _cifti_models(n_vertex)
-            n_voxels = len(models) - 2 * len(keep)  # subcortical voxels carry no signal here
-            cortex = {b: np.r_[p[:n_vertex][keep], p[n_vertex:][keep], np.zeros(n_voxels, bool)]
+            n_voxels = len(models) - len(keep["L"]) - len(keep["R"])  # subcortical voxels: no signal
+            cortex = {b: np.r_[p[:n_vertex][keep["L"]], p[n_vertex:][keep["R"]], np.zeros(n_voxels, bool)]
                       for b, p in patches.items()}
             data = _series(rng, events, cortex, len(models), amplitude)
             series = nib.cifti2.SeriesAxis(0, TR, N_VOLUMES, "SECOND")

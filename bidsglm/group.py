@@ -57,18 +57,20 @@ from .images import nifti_bytes, unmask
 from .mixedeffects import fit_mixed
 from .sphericity import NAMES as SPHERICITY_NAMES, corrected_f_tails, epsilon
 from .surfaces import (
-    SHIPPED_MESHES,
     SURFACE_TFCE_E,
+    TEMPLATE_VERTICES,
     Geometry,
-    tfce_neighbours,
+    TemplateMeshError,
+    geometry_mesh,
+    mesh_or_reason,
     space_kind,
     clusters_table as surface_clusters_table,
-    cluster_refusal,
     map_files,
     no_neighbours,
     path_for_grid,
+    read_map,
+    restrict_to_mask,
     same_grid,
-    template_mesh,
     threshold_elements,
 )
 from .inference import (
@@ -696,7 +698,7 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
     threshold = height_threshold(z_in_mask, th.height_control, th.alpha, two_sided)
     if isinstance(affine, Geometry):
         return _surface_threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, threshold,
-                                            stat, two_sided, th)
+                                            stat, two_sided, th, settings.atlases)
     kept = threshold_map(z_volume, mask, threshold, th.cluster_extent, two_sided, th.connectivity)
     info = {
         "Description": "z map thresholded at the height threshold and cluster extent below; 0 elsewhere",
@@ -736,28 +738,38 @@ def _threshold_and_table(group_dir, base, z_volume, stat_volume, mask, affine, z
 
 
 def _check_surface_options(maps: list[SubjectMap], settings: GroupSettings) -> None:
-    """Before anything is fitted: what surfaces do not support is refused (voxel-wise inference works)."""
+    """Before anything is fitted: cluster options need a template mesh that ships offline and matches
+    the data (fsaverage5 GIfTI pairs; CIFTI cortex on fsLR 32k); voxel-wise inference works anywhere."""
     space = maps[0].entities.get("space") if maps else None
     kind = space_kind(space)
     if kind == "volume":
         return
-    if settings.permutations is not None and settings.permutations.tfce and not (
-            kind == "gifti" and space in SHIPPED_MESHES):
-        raise UsageError(f"--tfce on --space {space}: TFCE needs a template mesh, which ships offline for "
-                         f"{', '.join(SHIPPED_MESHES)} only; --permutations without --tfce gives vertex-wise "
-                         "FWE p-values")
-    if settings.thresholding.cluster_extent > 1 and not (kind == "gifti" and space in SHIPPED_MESHES):
-        raise UsageError(f"--cluster-extent on --space {space}: cluster inference needs a template mesh, "
-                         f"which ships offline for {', '.join(SHIPPED_MESHES)} only; use voxel-wise "
-                         "thresholds (--cluster-extent 0)")
+    tfce = settings.permutations is not None and settings.permutations.tfce
+    extent = settings.thresholding.cluster_extent > 1
+    if not (tfce or extent):
+        return
+    option = "--tfce" if tfce else "--cluster-extent"
+    if kind == "gifti" and space not in TEMPLATE_VERTICES:
+        raise UsageError(f"{option} on --space {space}: cluster inference needs a template mesh, which ships "
+                         f"offline for {', '.join(TEMPLATE_VERTICES)} only; use voxel-wise inference "
+                         "(--cluster-extent 0, --permutations without --tfce)")
+    _, geom = read_map(maps[0].effect)
+    try:
+        mesh = geometry_mesh(geom)
+    except TemplateMeshError as exc:  # the data are not on the shipped template: bad data, exit 65
+        raise TemplateMeshError(f"{option}: {exc.problem}", maps[0].effect) from exc
+    if mesh is None:
+        raise UsageError(f"{option} on --space {space}: {mesh_or_reason(geom)[1]}")
 
 
 def _surface_permutation_args(grid, mask, settings) -> dict:
-    """Surfaces: the mesh table for TFCE (fsaverage5), or none (vertex-wise maxima only)."""
+    """Surfaces: the element graph's neighbour table (cluster size/mass and TFCE on the template mesh),
+    or a table without neighbours where no mesh applies (vertex-wise maxima only)."""
     if not isinstance(grid, Geometry):
         return {}
-    table = tfce_neighbours(grid, mask) if settings.permutations.tfce else None
-    return {"neighbours": no_neighbours(mask) if table is None else table, "tfce_extent": SURFACE_TFCE_E}
+    mesh, _ = mesh_or_reason(grid)
+    table = no_neighbours(mask) if mesh is None else restrict_to_mask(mesh, mask)
+    return {"neighbours": table, "tfce_extent": SURFACE_TFCE_E}
 
 
 def _write_map(path: Path, values: np.ndarray, mask: np.ndarray, grid) -> Path:
@@ -774,11 +786,11 @@ def _write_map(path: Path, values: np.ndarray, mask: np.ndarray, grid) -> Path:
 
 
 def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom, threshold, stat, two_sided,
-                                 th) -> tuple[int, float]:
+                                 th, settings_atlases=()) -> tuple[int, float]:
     """Thresholded surface map; clusters and their table on a shipped template mesh only."""
-    mesh = template_mesh(geom)
+    mesh, refusal = mesh_or_reason(geom)
     if th.cluster_extent > 1 and mesh is None:  # checked before fitting; kept as a guard
-        raise UsageError(f"--cluster-extent: {cluster_refusal(geom)}")
+        raise UsageError(f"--cluster-extent: {refusal}")
     kept = threshold_elements(z_full, mask, threshold, th.cluster_extent, two_sided, mesh)
     path = _write_map(group_dir / f"{base}_stat-z_desc-thresholded_statmap.nii.gz", kept[mask], mask, geom)
     info = {
@@ -786,14 +798,15 @@ def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom,
         "HeightControl": th.height_control, "Alpha": th.alpha, "TwoSided": two_sided,
         "Threshold": threshold if np.isfinite(threshold) else None, "ThresholdStatistic": "z",
         "ClusterExtent": th.cluster_extent,
-        "ClusterConnectivity": f"vertices sharing a triangle edge ({mesh.name})" if mesh else "none",
+        "ClusterConnectivity": mesh.name if mesh else "none",
         "VerticesInMask": int(mask.sum()),
     }
     if mesh is None:
-        info["ClusterTable"] = cluster_refusal(geom)
+        info["ClusterTable"] = refusal
         atomic_write_json(sidecar_path(path), info)
         return int((kept != 0).sum()), threshold
-    table = surface_clusters_table(kept, stat_full, stat, mesh, geom)
+    label_fn = _surface_label_fn(settings_atlases, mesh)
+    table = surface_clusters_table(kept, stat_full, stat, mesh, geom, label_fn=label_fn)
     info["NumberOfClusters"] = len(table)
     atomic_write_json(sidecar_path(path), info)
     table_path = group_dir / f"{base}_clusters.tsv"
@@ -803,14 +816,35 @@ def _surface_threshold_and_table(group_dir, base, z_full, stat_full, mask, geom,
                                 "ClusterConnectivity")},
         "cluster_id": "Cluster number, largest |peak z| first",
         "hemisphere": "Hemisphere of the peak vertex (L, R)",
-        "vertex": "Peak vertex index in its hemisphere's template mesh",
-        "x": "Peak x (mm) on the template midthickness; y and z likewise",
+        "vertex": "Peak vertex index in its hemisphere's template mesh (-1: a subcortical voxel of CIFTI data)",
+        "x": "Peak x (mm) on the template midthickness (voxels: the voxel centre); y and z likewise",
         "peak_z": "z at the peak", f"peak_{stat}": f"{stat} at the peak",
         "cluster_size_vertices": "Vertices in the cluster",
         "cluster_size_mm2": "Cluster area in mm^2 on the template midthickness (a third of each triangle "
                             "per vertex)",
+        **_SURFACE_TABLE_WORDS,
+        "Atlases": _surface_atlas_words(settings_atlases),
     })
     return len(table), threshold
+
+
+_SURFACE_TABLE_WORDS = {
+    "structure": "CIFTI structure of the peak (CORTEX_LEFT, CORTEX_RIGHT, subcortical structures)",
+    "cluster_size_voxels": "CIFTI: subcortical voxels in the cluster (cluster_size_vertices counts vertices)",
+}
+
+
+def _surface_label_fn(atlases: list[str], mesh):
+    return atlas_mod.surface_labeller(atlases) if (atlases and mesh is not None) else None
+
+
+def _surface_atlas_words(atlases: list[str]):
+    if not atlases:
+        return "none"
+    return {a: f"<atlas>_peak: region of the MNI volume atlas at the peak's template coordinate (an "
+               f"approximation: fsLR midthickness coordinates are MNI152, fsaverage5's are fsaverage/MNI305); "
+               f"where it has none, the nearest labelled atlas voxel within {atlas_mod.SURFACE_SEARCH_MM:g} mm "
+               "(its distance given)" for a in atlases}
 
 
 # --- permutation inference -------------------------------------------------------------
@@ -856,16 +890,19 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
     }
     p_maps = {"voxel": result.p_voxel, "clustersize": result.p_cluster_size,
               "clustermass": result.p_cluster_mass}
-    if isinstance(affine, Geometry):  # the cluster-size kernels work on voxel grids only (see surfaces.py)
-        p_maps = {"voxel": result.p_voxel}
-        common["ClusterConnectivity"] = "none (no cluster-size/mass inference on surfaces)"
+    mesh = None
+    if isinstance(affine, Geometry):  # clusters on the template mesh's graph, where one ships and fits
+        mesh, refusal = mesh_or_reason(affine)
+        common["ClusterConnectivity"] = mesh.name if mesh else f"none ({refusal})"
+        common["ClusterSize"] = "elements: template vertices (and subcortical voxels of CIFTI data)"
+        if mesh is None:
+            p_maps = {"voxel": result.p_voxel}
     if result.p_tfce is not None:
         p_maps["tfce"] = result.p_tfce
         tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1,
                               "Connectivity": TFCE_CONNECTIVITY_NAMES[options.connectivity]}}
         if isinstance(affine, Geometry):
-            tfce_info = {"TFCE": {"E": SURFACE_TFCE_E, "H": 2.0, "dh": 0.1,
-                                  "Connectivity": "vertices sharing a triangle edge (fsaverage5 mesh)"}}
+            tfce_info = {"TFCE": {"E": SURFACE_TFCE_E, "H": 2.0, "dh": 0.1, "Connectivity": mesh.name}}
         path = _write_map(group_dir / f"{base}_stat-tfce_statmap.nii.gz", result.tfce, mask, affine)
         atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
                                                "the t map is negative)", **common, **tfce_info})
@@ -888,10 +925,9 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
             **common})
         p_volume = unmask(p, mask)
         if isinstance(affine, Geometry):  # clusters on a shipped mesh, else no table
-            mesh = template_mesh(affine)
             kept = np.where(unmask(significant, mask) > 0, z_volume, 0.0)
-            table = None if mesh is None else surface_clusters_table(kept, stat_volume, stat, mesh, affine,
-                                                                     p_volume)
+            table = None if mesh is None else surface_clusters_table(
+                kept, stat_volume, stat, mesh, affine, p_volume, _surface_label_fn(settings.atlases, mesh))
             n_clusters = 0 if table is None else len(table)
         else:
             clusters = find_clusters(np.where(unmask(significant, mask) > 0, z_volume, 0.0), affine,

@@ -17,6 +17,7 @@ describes both hemisphere files.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class Geometry:
     hemi_sizes: tuple = ()
     space: str = ""
     _neighbours: np.ndarray | None = field(default=None, repr=False)
+    _mesh: object = field(default=None, repr=False, compare=False)  # geometry_mesh's result, once built
 
     def same_as(self, other: "Geometry") -> bool:
         if not isinstance(other, Geometry) or self.kind != other.kind or self.n_elements != other.n_elements:
@@ -277,7 +279,59 @@ def pair_paths(path: Path) -> list[Path]:
     return [gifti_partner(path), path] if kind_of_path(path) == "gifti" else [path]
 
 
-# --- adjacency ------------------------------------------------------------------------
+# --- template meshes and adjacency ------------------------------------------------------
+
+TEMPLATE_VERTICES = {"fsaverage5": 10242, "fsLR": 32492}  # vertices per hemisphere of each shipped mesh
+_DATA = Path(__file__).parent / "data"
+_CIFTI_CORTEX = {"CIFTI_STRUCTURE_CORTEX_LEFT": "L", "CIFTI_STRUCTURE_CORTEX_RIGHT": "R"}
+
+
+class TemplateMeshError(DataError):
+    """No template mesh ships offline for this space, or it does not match the data."""
+
+
+def template_mesh(space: str, hemi: str, surface: str = "midthickness") -> tuple[np.ndarray, np.ndarray]:
+    """(coords (V, 3) float mm, faces (F, 3) int) of a template hemisphere, from files inside installed
+    packages (never downloaded): fsaverage5 from nilearn (midthickness = mean of its pial and white
+    surfaces; also 'pial', 'white', 'inflated', 'sphere'), fsLR (32k) from bidsglm/data (the
+    midthickness and 'sphere'; see fsLR32k_NOTICE.txt). Read-only arrays, cached."""
+    coords, faces = _template_mesh(space, hemi, surface)
+    return coords, faces
+
+
+@functools.lru_cache(maxsize=16)
+def _template_mesh(space: str, hemi: str, surface: str):
+    if hemi not in HEMIS:
+        raise TemplateMeshError(f"hemisphere must be one of {', '.join(HEMIS)}, got {hemi!r}")
+    space = "fsLR" if space in ("fsLR", "fsLR32k", "fsLR:den-91k", "fsLR:den-32k") else space
+    if space == "fsaverage5" and surface in ("midthickness", "pial", "white", "inflated", "sphere"):
+        from nilearn import datasets
+
+        fs = datasets.load_fsaverage("fsaverage5")  # ships inside nilearn: no download
+        part = {"L": "left", "R": "right"}[hemi]
+        names = {"pial": ("pial",), "white": ("white_matter",), "inflated": ("inflated",),
+                 "sphere": ("sphere",), "midthickness": ("pial", "white_matter")}[surface]
+        meshes = [fs[n].parts[part] for n in names]
+        coords = np.mean([np.asarray(m.coordinates, dtype=np.float64) for m in meshes], axis=0)
+        faces = np.asarray(meshes[0].faces, dtype=np.int64)
+    elif space == "fsLR" and surface in ("midthickness", "sphere"):
+        with np.load(_DATA / f"fsLR32k_hemi-{hemi}.npz") as data:
+            coords = data[surface].astype(np.float64)
+            faces = data["faces"].astype(np.int64)
+    else:
+        raise TemplateMeshError(f"no {surface} template mesh ships offline for space {space!r} "
+                                f"(available: fsaverage5, fsLR 32k)")
+    coords.setflags(write=False)
+    faces.setflags(write=False)
+    return coords, faces
+
+
+def fslr_cortex_mask(hemi: str) -> np.ndarray:
+    """(32492,) bool: cortex (True) or medial wall, BrainSpace's mask for the fsLR 32k mesh (CIFTI data
+    carry their own list of cortical vertices, which is what the analyses use)."""
+    with np.load(_DATA / f"fsLR32k_hemi-{hemi}.npz") as data:
+        return data["cortex"].copy()
+
 
 def mesh_neighbour_table(faces: np.ndarray, n_vertices: int) -> np.ndarray:
     """(V, D) int32 neighbours of each vertex (sharing a triangle edge), -1 padded."""
@@ -297,6 +351,12 @@ def mesh_neighbour_table(faces: np.ndarray, n_vertices: int) -> np.ndarray:
     return table
 
 
+def mesh_edges(faces: np.ndarray) -> np.ndarray:
+    """(3F, 2) vertex pairs of a triangle mesh's edges (each edge once per triangle)."""
+    f = np.asarray(faces, dtype=np.int64)
+    return np.vstack([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+
+
 def vertex_areas(coords: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """mm^2 per vertex: a third of the area of each triangle it belongs to."""
     c = np.asarray(coords, dtype=np.float64)
@@ -307,56 +367,135 @@ def vertex_areas(coords: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Mesh:
-    """Both hemispheres of a template as one element set (left then right)."""
+    """The elements of a surface geometry as one graph: template vertices (sharing a triangle edge)
+    and, for CIFTI, subcortical voxels (sharing a face); no edge joins the two or the hemispheres."""
 
-    neighbours: np.ndarray  # (V, D) -1 padded
-    areas: np.ndarray  # (V,) mm^2 on the midthickness
-    coords: np.ndarray  # (V, 3) midthickness coordinates (mm)
+    neighbours: np.ndarray  # (V, 2D) in clusterkernels' earlier/later layout
+    areas: np.ndarray  # (V,) mm^2 on the template midthickness (0 for voxels)
+    coords: np.ndarray  # (V, 3) template midthickness or voxel centre coordinates (mm)
+    structure: np.ndarray  # (V,) CIFTI structure name without CIFTI_STRUCTURE_ (CORTEX_LEFT, THALAMUS_RIGHT...)
+    vertex: np.ndarray  # (V,) template vertex index (-1 for voxels)
     name: str
+    space: str = ""
+
+    @property
+    def is_vertex(self) -> np.ndarray:
+        return self.vertex >= 0
 
 
-def template_mesh(geom: Geometry) -> Mesh | None:
-    """The shipped template mesh matching a GIfTI geometry, or None (CIFTI, fsnative, fsaverage6...)."""
-    if geom.kind != "gifti" or SHIPPED_MESHES.get(geom.space) != geom.hemi_sizes[0]:
-        return None
-    from nilearn import datasets
+def _hemi_label(structure: str) -> str:
+    return "L" if structure.endswith("LEFT") else "R" if structure.endswith("RIGHT") else ""
 
-    fs = datasets.load_fsaverage(geom.space)  # ships inside nilearn: no download
-    neighbours, areas, coords, offset = [], [], [], 0
-    for part in ("left", "right"):
-        pial, white = fs["pial"].parts[part], fs["white_matter"].parts[part]
-        mid = (np.asarray(pial.coordinates) + np.asarray(white.coordinates)) / 2
-        faces = np.asarray(pial.faces)
-        table = mesh_neighbour_table(faces, len(mid))
-        neighbours.append(np.where(table >= 0, table + offset, -1))
-        areas.append(vertex_areas(mid, faces))
-        coords.append(mid)
-        offset += len(mid)
-    width = max(t.shape[1] for t in neighbours)
-    neighbours = [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1) for t in neighbours]
-    return Mesh(np.vstack(neighbours).astype(np.int32), np.concatenate(areas), np.vstack(coords),
-                f"{geom.space} midthickness (mean of nilearn's pial and white surfaces)")
+
+def geometry_mesh(geom: Geometry) -> Mesh | None:
+    """The element graph of a geometry on its shipped template mesh; None where no mesh ships
+    (fsaverage6, fsaverage, fsnative; CIFTI without cortex). A CIFTI whose cortex is not on the fsLR
+    32k mesh raises TemplateMeshError. Built once per geometry."""
+    if geom._mesh is None:
+        geom._mesh = _gifti_mesh(geom) if geom.kind == "gifti" else _cifti_mesh(geom)
+    return geom._mesh or None
+
+
+def _gifti_mesh(geom: Geometry):
+    from . import clusterkernels as ck
+
+    if TEMPLATE_VERTICES.get(geom.space) is None or geom.space == "fsLR":
+        return False
+    n = TEMPLATE_VERTICES[geom.space]
+    if tuple(geom.hemi_sizes) != (n, n):
+        raise TemplateMeshError(f"{geom.hemi_sizes[0]} + {geom.hemi_sizes[1]} vertices, but the {geom.space} "
+                                f"template mesh has {n} per hemisphere")
+    edges, areas, coords = [], [], []
+    for k, hemi in enumerate(HEMIS):
+        xyz, faces = template_mesh(geom.space, hemi)
+        edges.append(mesh_edges(faces) + k * n)
+        areas.append(vertex_areas(xyz, faces))
+        coords.append(xyz)
+    structure = np.repeat(["CORTEX_LEFT", "CORTEX_RIGHT"], n)
+    return Mesh(ck.graph_neighbour_table(ck.edge_adjacency(np.vstack(edges), 2 * n)), np.concatenate(areas),
+                np.vstack(coords), structure, np.tile(np.arange(n), 2),
+                f"vertices sharing a triangle edge of the {geom.space} template mesh", geom.space)
+
+
+def _cifti_mesh(geom: Geometry):
+    """Cortical grayordinates are vertices of the fsLR mesh (the brain models' vertex indices: the
+    medial wall is not in the data); subcortical voxels join their face neighbours (across structures,
+    as one volume)."""
+    from . import clusterkernels as ck
+
+    models = geom.brain_models
+    names = np.asarray(models.name).astype(str)
+    short = np.char.replace(names, "CIFTI_STRUCTURE_", "")
+    n_el = len(names)
+    vertex = np.full(n_el, -1, dtype=np.int64)
+    coords = np.zeros((n_el, 3))
+    areas = np.zeros(n_el)
+    edges = []
+    surface = np.asarray(models.vertex) >= 0  # nibabel: -1 for voxels (as surface_mask, without a Python loop)
+    if not surface.any():
+        return False
+    n_template = TEMPLATE_VERTICES["fsLR"]
+    for structure, hemi in _CIFTI_CORTEX.items():
+        where = np.flatnonzero(names == structure)
+        if where.size == 0:
+            continue
+        n_mesh = models.nvertices[structure]
+        if n_mesh != n_template:
+            raise TemplateMeshError(f"the CIFTI {hemi} cortex is on a mesh of {n_mesh} vertices, but the fsLR "
+                                    f"template mesh shipped has {n_template} (den-91k); clusters need a "
+                                    "matching mesh")
+        xyz, faces = template_mesh("fsLR", hemi)
+        index = np.full(n_mesh, -1, dtype=np.int64)
+        index[np.asarray(models.vertex)[where]] = where
+        e = index[mesh_edges(faces)]
+        edges.append(e[(e >= 0).all(axis=1)])
+        vertex[where] = np.asarray(models.vertex)[where]
+        coords[where] = xyz[vertex[where]]
+        areas[where] = vertex_areas(xyz, faces)[vertex[where]]
+    unknown = surface & (vertex < 0)
+    if unknown.any():
+        raise TemplateMeshError(f"CIFTI surface structure {short[unknown][0]} has no template mesh "
+                                "(only the left and right cortex are on fsLR)")
+    voxels = np.flatnonzero(~surface)
+    if voxels.size:
+        ijk = np.asarray(models.voxel)[voxels].astype(np.int64)
+        coords[voxels] = nib_apply_affine(models.affine, ijk)
+        shape = tuple(ijk.max(axis=0) + 2)
+        grid = np.full(shape, -1, dtype=np.int64)
+        grid[tuple(ijk.T)] = voxels
+        for axis in range(3):
+            step = np.zeros(3, dtype=np.int64)
+            step[axis] = 1
+            other = grid[tuple((ijk + step).T)]
+            pairs = np.c_[voxels, other]
+            edges.append(pairs[other >= 0])
+    table = ck.graph_neighbour_table(ck.edge_adjacency(np.vstack(edges) if edges else np.zeros((0, 2)), n_el))
+    return Mesh(table, areas, coords, short, vertex,
+                "vertices sharing a triangle edge of the fsLR 32k template mesh; subcortical voxels sharing a face",
+                "fsLR")
+
+
+def nib_apply_affine(affine, ijk):
+    import nibabel as nib
+
+    return nib.affines.apply_affine(np.asarray(affine, dtype=np.float64), ijk)
 
 
 def no_neighbours(mask: np.ndarray) -> np.ndarray:
-    """A (V, 6) neighbour table without neighbours, for the permutation kernels on surfaces: their
-    union-find takes 3 earlier face neighbours of a voxel grid, so only voxel-wise maxima are used."""
+    """A (V, 6) neighbour table without neighbours: where no template mesh ships, clusters are single
+    elements and only voxel-wise maxima are used."""
     return np.full((int(mask.sum()), 6), -1, dtype=np.int32)
 
 
 SURFACE_TFCE_E = 1.0  # TFCE extent exponent on surfaces (Smith & Nichols 2009: E 1, H 2 for 2D)
 
 
-def tfce_neighbours(geom: Geometry, mask: np.ndarray) -> np.ndarray | None:
-    """(V_mask, 6) mesh neighbour table over the masked elements, renumbered, for the TFCE kernel
-    (which reads 6 neighbours per element: meshes of degree <= 6, as fsaverage5); None otherwise."""
-    mesh = template_mesh(geom)
-    if mesh is None or mesh.neighbours.shape[1] > 6:
-        return None
-    table = np.pad(mesh.neighbours, ((0, 0), (0, 6 - mesh.neighbours.shape[1])), constant_values=-1)
-    index = np.full(len(mask) + 1, -1, dtype=np.int32)  # index[-1] (for -1 entries) stays -1
-    index[:-1][mask] = np.arange(int(mask.sum()), dtype=np.int32)
-    return index[table[mask]]
+def restrict_to_mask(mesh: Mesh, mask: np.ndarray) -> np.ndarray:
+    """The element graph's neighbour table over the masked elements, renumbered, for the cluster and
+    TFCE kernels."""
+    from . import clusterkernels as ck
+
+    return ck.restrict_table(mesh.neighbours, mask)
 
 
 def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
@@ -396,19 +535,29 @@ def read_run_series(bold: Path, partner: Path, space: str) -> tuple[np.ndarray, 
 
 # --- group-level inference on surfaces ------------------------------------------------
 
+def mesh_or_reason(geom: Geometry) -> tuple[Mesh | None, str]:
+    """The geometry's element graph, or None and why clusters cannot be formed on it (no template
+    mesh ships for it, or its vertices are not those of the shipped template)."""
+    try:
+        mesh = geometry_mesh(geom)
+    except TemplateMeshError as exc:
+        return None, f"cluster inference is not available: {exc.problem}; voxel-wise inference works"
+    if mesh is not None:
+        return mesh, ""
+    what = ("CIFTI data without cortical surfaces" if geom.kind == "cifti"
+            else f"{geom.space or 'this surface'} (no template mesh ships offline: fsaverage5 and fsLR do)")
+    return None, f"cluster inference is not available on {what}; voxel-wise inference works"
+
+
 def cluster_refusal(geom: Geometry) -> str:
     """Why clusters cannot be formed on this geometry ('' when a shipped mesh allows them)."""
-    if geom.kind == "gifti" and SHIPPED_MESHES.get(geom.space) == geom.hemi_sizes[0]:
-        return ""
-    what = ("CIFTI grayordinates (no fsLR mesh ships offline to connect cortical vertices)"
-            if geom.kind == "cifti" else f"{geom.space or 'this surface'} (no template mesh ships offline)")
-    return f"cluster inference is not available on {what}; voxel-wise inference works"
+    return mesh_or_reason(geom)[1]
 
 
 def threshold_elements(z: np.ndarray, mask: np.ndarray, threshold: float, cluster_extent: int,
                        two_sided: bool, mesh: Mesh | None) -> np.ndarray:
     """z where it passes the height threshold (and lies in a mesh cluster of at least ``cluster_extent``
-    vertices); 0 elsewhere."""
+    elements); 0 elsewhere."""
     z = np.where(mask, z, 0.0)
     out = np.zeros_like(z)
     for sign in (1, -1) if two_sided else (1,):
@@ -424,28 +573,36 @@ def threshold_elements(z: np.ndarray, mask: np.ndarray, threshold: float, cluste
 
 
 def clusters_table(kept: np.ndarray, stat: np.ndarray, stat_name: str, mesh: Mesh, geom: Geometry,
-                   p_values: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per cluster of non-zero ``kept`` on the mesh (signs apart), largest |peak| first: the
-    peak vertex, its hemisphere and midthickness coordinates, size in vertices and mm^2."""
+                   p_values: np.ndarray | None = None, label_fn=None) -> pd.DataFrame:
+    """One row per cluster of non-zero ``kept`` on the element graph (signs apart), largest |peak|
+    first: the peak element, its hemisphere, structure, template vertex and coordinates, size in
+    vertices (and voxels, CIFTI) and area in mm^2; ``label_fn(xyz, structure)`` adds atlas columns."""
     rows = []
-    n_left = geom.hemi_sizes[0]
     for sign in (1, -1):
         labels = components(mesh.neighbours, sign * kept > 0)
         for lab in range(1, labels.max() + 1):
             members = np.flatnonzero(labels == lab)
             peak = members[np.argmax(np.abs(kept[members]))]
-            row = {"hemisphere": "L" if peak < n_left else "R",
-                   "vertex": int(peak if peak < n_left else peak - n_left),
+            structure = str(mesh.structure[peak])
+            row = {"hemisphere": _hemi_label(structure), "structure": structure,
+                   "vertex": int(mesh.vertex[peak]),
                    "x": mesh.coords[peak, 0], "y": mesh.coords[peak, 1], "z": mesh.coords[peak, 2],
                    "peak_z": float(kept[peak]), f"peak_{stat_name}": float(stat[peak]),
-                   "cluster_size_vertices": int(members.size),
+                   "cluster_size_vertices": int(mesh.is_vertex[members].sum()),
                    "cluster_size_mm2": float(mesh.areas[members].sum())}
+            if geom.kind == "cifti":
+                row["cluster_size_voxels"] = int((~mesh.is_vertex[members]).sum())
             if p_values is not None:
                 row["p_fwe"] = float(p_values[peak])
+            if label_fn is not None:
+                row.update(label_fn(mesh.coords[peak], structure))
             rows.append(row)
-    columns = ["cluster_id", "hemisphere", "vertex", "x", "y", "z", "peak_z", f"peak_{stat_name}",
-               "cluster_size_vertices", "cluster_size_mm2"] + (["p_fwe"] if p_values is not None else [])
+    columns = ["cluster_id", "hemisphere", "structure", "vertex", "x", "y", "z", "peak_z", f"peak_{stat_name}",
+               "cluster_size_vertices", "cluster_size_mm2"]
+    columns += ["cluster_size_voxels"] if geom.kind == "cifti" else []
+    columns += ["p_fwe"] if p_values is not None else []
     rows.sort(key=lambda r: -abs(r["peak_z"]))
     for i, r in enumerate(rows, 1):
         r["cluster_id"] = i
-    return pd.DataFrame(rows, columns=columns)
+    extra = [c for r in rows[:1] for c in r if c not in columns]
+    return pd.DataFrame(rows, columns=columns + extra)

@@ -90,7 +90,7 @@ def confounds(rng) -> pd.DataFrame:
 
 
 def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed=0, step=TR,
-                 n_vertex: int | None = None, models_for=None) -> Path:
+                 n_vertex: int | None = None, models_for=None, patch=PATCH) -> Path:
     """A raw dataset with events and a derivatives/fmriprep folder of CIFTI or GIfTI runs.
 
     ``models_for(sub, run)`` may return other brain models for one run (a bad input)."""
@@ -116,7 +116,7 @@ def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed
             if kind == "cifti":
                 models = (models_for and models_for(sub, run)) or cifti_models()
                 series = nib.cifti2.SeriesAxis(0, step, N_VOL, "SECOND")
-                img = nib.Cifti2Image(simulate_series(rng, len(models)), header=(series, models))
+                img = nib.Cifti2Image(simulate_series(rng, len(models), patch=patch), header=(series, models))
                 img.nifti_header.set_intent("ConnDenseSeries")
                 name = f"{stem}_space-fsLR_den-91k_bold"
                 nib.save(img, out / f"{name}.dtseries.nii")
@@ -314,18 +314,20 @@ def test_cifti_group_one_sample_and_voxelwise_permutations(cifti_out, capsys):
     p_ref = (null_max[None, :] >= np.abs(t_ref)[:, None] * (1 - 1e-9)).mean(axis=1)
     logp = nib.load(group / f"{ent}_stat-logp_desc-voxelFWE_statmap.dscalar.nii").get_fdata()[0]
     np.testing.assert_allclose(logp, -np.log10(p_ref), atol=1e-4)
-    assert not list(group.glob("*clustersizeFWE*"))  # no cluster inference on CIFTI
+    # the test cortex (a 24 x 24 grid) is not the fsLR 32k mesh: no cluster inference, said why
+    assert not list(group.glob("*clustersizeFWE*"))
     thr = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())
-    assert "not available on CIFTI" in thr["ClusterTable"]
+    assert "not available" in thr["ClusterTable"] and "576 vertices" in thr["ClusterTable"]
 
 
-def test_cifti_cluster_options_refused(cifti_out, capsys):
+def test_cifti_cluster_options_on_a_mesh_not_matching_refused(cifti_out, capsys):
+    """The test cortex has 576 vertices, not fsLR 32k's 32,492: cluster options are refused (bad data)."""
     _, out = cifti_out
-    for extra, words in ((["--cluster-extent", "5"], "cluster inference needs a template mesh"),
-                         (["--permutations", "10", "--tfce"], "TFCE needs a template mesh")):
+    words = "on a mesh of 576 vertices, but the fsLR template mesh shipped has 32492"
+    for extra in (["--cluster-extent", "5"], ["--permutations", "10", "--tfce"]):
         before = sorted(out.rglob("*"))
         code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", *extra)
-        assert code == 64
+        assert code == 65
         assert words in one_error_line(err)
         assert sorted(out.rglob("*")) == before  # refused before anything is written
 
@@ -369,6 +371,12 @@ def test_gifti_group_clusters_on_the_mesh(gifti_out, capsys):
     assert sorted(sizes) == sorted(table["cluster_size_vertices"])
     assert expected.sum() < (np.abs(z) >= threshold).sum()  # the extent removed small clusters
     assert (table["cluster_size_mm2"] > 0).all()
+    # the peak's label: the MNI volume atlas at its fsaverage5 coordinate (lookup checked in test_mesh_clusters)
+    from bidsglm.atlases import surface_labeller
+
+    label = surface_labeller(["aal"])
+    for _, row in table.iterrows():
+        assert row["aal_peak"] == label(row[["x", "y", "z"]].to_numpy(float))["aal_peak"]
 
 
 def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
@@ -489,3 +497,139 @@ def test_cifti_group_run_exclusion_recomputes_fixed_effects(cifti_out, capsys):
     others = subject_effects(out, "space-fsLR_den-91k", ("02", "03", "04"), "cifti")
     expected = np.vstack([run1.get_fdata()[0], others]).mean(axis=0)  # sub-01 = its one remaining run
     np.testing.assert_allclose(effect.get_fdata()[0], expected, rtol=1e-5, atol=1e-6)
+
+
+# --- CIFTI on the fsLR 32k mesh ----------------------------------------------------------
+
+def fslr_models():
+    """CIFTI brain models on the real fsLR 32k mesh: a disc of left cortex (30 mm around a vertex, medial
+    wall left out) and a smaller right one, as fMRIPrep's den-91k cortex is a vertex subset of that mesh;
+    plus the subcortical voxels of ``cifti_models``. Returns the models and a 25-element patch (left)."""
+    parts = []
+    for hemi, radius in (("L", 30.0), ("R", 15.0)):
+        coords, _ = surfaces.template_mesh("fsLR", hemi)
+        centre = coords[np.flatnonzero(surfaces.fslr_cortex_mask(hemi))[4000]]
+        keep = np.flatnonzero(surfaces.fslr_cortex_mask(hemi) & (np.linalg.norm(coords - centre, axis=1) < radius))
+        parts.append(nib.cifti2.BrainModelAxis.from_surface(keep, 32492, "Cortex" + {"L": "Left", "R": "Right"}[hemi]))
+        if hemi == "L":
+            patch = np.sort(np.argsort(np.linalg.norm(coords[keep] - centre, axis=1))[:25])
+    voxels = cifti_models()[2 * (N_SIDE * N_SIDE - len(MEDIAL)):]
+    return parts[0] + parts[1] + voxels, patch
+
+
+def grayordinate_graph(models) -> "sp.csr_matrix":
+    """Reference adjacency of grayordinates, built here from the brain models: cortex elements joined
+    along the fsLR triangles' edges, voxels with a face in common."""
+    import scipy.sparse as sp
+
+    n = len(models)
+    names = np.asarray(models.name)
+    pairs = []
+    for structure, hemi in (("CIFTI_STRUCTURE_CORTEX_LEFT", "L"), ("CIFTI_STRUCTURE_CORTEX_RIGHT", "R")):
+        where = np.flatnonzero(names == structure)
+        _, faces = surfaces.template_mesh("fsLR", hemi)
+        element = dict(zip(models.vertex[where].tolist(), where.tolist()))
+        for a, b in ((0, 1), (1, 2), (2, 0)):
+            for u, v in zip(faces[:, a].tolist(), faces[:, b].tolist()):
+                if u in element and v in element:
+                    pairs.append((element[u], element[v]))
+    vox = {tuple(ijk): i for i, ijk in enumerate(models.voxel.tolist()) if not models.surface_mask[i]}
+    for ijk, i in vox.items():
+        for axis in range(3):
+            other = list(ijk)
+            other[axis] += 1
+            if tuple(other) in vox:
+                pairs.append((i, vox[tuple(other)]))
+    pairs = np.array(pairs)
+    graph = sp.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)).tocsr()
+    return ((graph + graph.T) > 0).tocsr()
+
+
+@pytest.fixture(scope="module")
+def fslr_out(tmp_path_factory):
+    models, patch = fslr_models()
+    root = make_dataset(tmp_path_factory.mktemp("fslr") / "bids", "cifti", subjects=("01", "02", "03", "04"),
+                        runs=(1,), seed=5, models_for=lambda sub, run: models, patch=patch)
+    out = root.parent / "out"
+    code = main([str(root), str(out), "participant", "--space", "fsLR", "--contrast", "AvsB=A-B",
+                 "--noise-model", "ols", "--skip-bids-validation"])
+    assert code == 0
+    return root, out, models, patch
+
+
+def test_cifti_fslr_clusters_tfce_and_permutations_on_the_mesh(fslr_out, capsys):
+    """Cluster extent, the cluster table, cluster-size/mass FWE (all 16 sign flips) and TFCE on
+    grayordinates, against scipy connected components of the reference grayordinate graph."""
+    from scipy import stats
+    from scipy.sparse.csgraph import connected_components
+
+    _, out, models, patch = fslr_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--height-control", "fpr",
+                        "--alpha", "0.01", "--cluster-extent", "3", "--permutations", "100", "--tfce",
+                        "--cluster-forming-p", "0.01", "--random-seed", "1")
+    assert code == 0, err
+    group = out / "group"
+    ent = "task-test_space-fsLR_den-91k_contrast-avsB"
+
+    def read(name):
+        return nib.load(group / f"{ent}_{name}.dscalar.nii").get_fdata()[0]
+
+    graph = grayordinate_graph(models)
+    z, kept = read("stat-z_statmap"), read("stat-z_desc-thresholded_statmap")
+    threshold = json.loads((group / f"{ent}_stat-z_desc-thresholded_statmap.json").read_text())["Threshold"]
+    expected, sizes = np.zeros(z.size, bool), []
+    for sign in (1, -1):
+        above = sign * z >= threshold
+        _, labels = connected_components(graph[above][:, above], directed=False)
+        counts = np.bincount(labels)
+        big = np.zeros(z.size, bool)
+        big[np.flatnonzero(above)] = counts[labels] >= 3
+        expected |= big
+        sizes += [int(c) for c in counts if c >= 3]
+    np.testing.assert_array_equal(kept != 0, expected)
+    table = pd.read_csv(group / f"{ent}_clusters.tsv", sep="\t")
+    assert sorted(sizes) == sorted(table["cluster_size_vertices"] + table["cluster_size_voxels"])
+    top = table.iloc[0]
+    assert top["structure"] == "CORTEX_LEFT" and top["hemisphere"] == "L"
+    peak = np.flatnonzero((models.vertex == top["vertex"]) & (np.asarray(models.name) == "CIFTI_STRUCTURE_CORTEX_LEFT"))
+    assert peak[0] in patch
+    coords, _ = surfaces.template_mesh("fsLR", "L")
+    np.testing.assert_allclose(top[["x", "y", "z"]].to_numpy(float), coords[top["vertex"]], atol=1e-4)
+    # atlas label of the peak's template (MNI) coordinate; the lookup itself is checked against nibabel in
+    # test_mesh_clusters.py: here, that the table carries it
+    assert top["aal_peak"] == "Precentral_L" and "Precentral" in top["harvard_oxford_peak"]
+
+    # permutations: every sign flip of the 4 subject maps, clusters at the cluster-forming t
+    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    t_threshold = stats.t.isf(0.005, 3)
+
+    def max_size_and_tfce(t):
+        best = 0
+        tfce = np.zeros(t.size)
+        for sign in (1, -1):
+            above = sign * t > t_threshold
+            if above.any():
+                best = max(best, np.bincount(connected_components(graph[above][:, above], directed=False)[1]).max())
+            for step in range(1, int(np.floor((sign * t).max() / 0.1)) + 1):
+                above = sign * t >= step * 0.1
+                labels = connected_components(graph[above][:, above], directed=False)[1]
+                tfce[above] += sign * np.bincount(labels)[labels] * (step * 0.1) ** 2 * 0.1
+        return best, tfce
+
+    flips = 1 - 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1)
+    null = [max_size_and_tfce(stats.ttest_1samp(f[:, None] * Y, 0).statistic) for f in flips]
+    t = stats.ttest_1samp(Y, 0).statistic
+    _, tfce = max_size_and_tfce(t)
+    np.testing.assert_allclose(read("stat-tfce_statmap"), tfce, rtol=1e-3, atol=1e-2)
+    p_tfce = (np.array([np.abs(n[1]).max() for n in null])[None, :] >= np.abs(tfce)[:, None] * (1 - 1e-4)).mean(1)
+    np.testing.assert_allclose(read("stat-logp_desc-tfceFWE_statmap"), -np.log10(p_tfce), atol=1e-4)
+    size = np.zeros(t.size)
+    for sign in (1, -1):
+        above = sign * t > t_threshold
+        labels = connected_components(graph[above][:, above], directed=False)[1]
+        size[above] = np.bincount(labels)[labels]
+    p_size = np.where(size > 0, (np.array([n[0] for n in null])[None, :] >= size[:, None]).mean(1), 1.0)
+    np.testing.assert_allclose(read("stat-logp_desc-clustersizeFWE_statmap"), -np.log10(p_size), atol=1e-4)
+    # the patch is the largest cluster, beaten only by its mirror image (all signs flipped): p = 2/16
+    np.testing.assert_allclose(p_size[patch], 2 / 16)
+    assert (group / f"{ent}_desc-clustersizeFWE_clusters.tsv").is_file()
