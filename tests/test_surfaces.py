@@ -229,7 +229,7 @@ def test_smoothing_refused_on_surfaces(tmp_path, capsys):
     code, err = run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsLR",
                         "--smoothing-fwhm", "4")
     assert code == 64
-    assert "smoothing on surfaces/grayordinates" in one_error_line(err)
+    assert "smoothing on --space fsLR needs its template mesh" in one_error_line(err)
 
 
 # --- GIfTI pairs ----------------------------------------------------------------------
