@@ -53,9 +53,18 @@ def kind_of_path(path: Path) -> str:
     return "volume"
 
 
-def check_smoothing(space: str, fwhm: float | None) -> None:
+def check_smoothing(space: str, fwhm: float | None, geom: "Geometry | None" = None) -> None:
     """Volumetric smoothing does not apply on surfaces: they are smoothed on the template mesh
-    (``smooth_elements``), which needs a mesh that ships offline for the space."""
+    (``smooth_elements``), which needs a mesh that ships offline for the space (UsageError) and
+    data on that mesh (``geom``'s hemispheres of its vertex count; DataError)."""
+    if space_kind(space) != "volume" and fwhm and geom is not None:
+        check_smoothing(space, fwhm)
+        for hemi, _, _, n_vertices in _cortex_parts(geom):
+            n_mesh = len(template_mesh(space, hemi)[0])
+            if n_vertices != n_mesh:
+                raise DataError(f"--smoothing-fwhm {fwhm:g}: hemisphere {hemi} of the data has {n_vertices} "
+                                f"vertices, the {space} template mesh {n_mesh}: the data are not on this mesh")
+        return
     if space_kind(space) != "volume" and fwhm:
         hemis = HEMIS if space in GIFTI_SPACES or space in CIFTI_SPACES else ()
         try:
@@ -518,16 +527,18 @@ def template_sulcal_depth(space: str, hemi: str) -> np.ndarray | None:
 # Heat diffusion on the template's midthickness surface: Gaussian smoothing of FWHM f is the
 # heat kernel at time t = sigma^2 / 2 (sigma = f / sqrt(8 ln 2); in 2D the heat equation
 # u_t = laplacian(u) spreads an impulse to variance 2t per axis). The Laplace-Beltrami operator
-# is the linear finite-element one (cotangent weights over barycentric vertex areas), with
-# negative weights (obtuse triangles) set to 0 so that every step is a weighted average of a
-# vertex and its neighbours. Explicit steps u <- u - dt A^-1 K u, each small enough to stay an
-# average (dt <= A_i / K_ii): the number of steps follows from f and the mesh, and smoothing an
-# impulse gives the requested FWHM measured geodesically (tests/test_surfaces.py). Values
-# spread only between usable vertices (no leaking of the zeros of a medial wall).
+# is the linear finite-element one (cotangent weights K over barycentric vertex areas A), stepped
+# explicitly, u <- u - dt A^-1 K u, with dt small enough that every step keeps each spatial pattern
+# or damps it (eigenvalues of a step in [0, 1]); the number of steps follows from f and the mesh,
+# and smoothing an impulse gives the requested FWHM measured geodesically along the surface
+# (tests/test_surfaces.py: within a few percent on fsaverage5 at 4-8 mm). An approximation: near
+# obtuse triangles (negative cotangent weights) a smoothed impulse dips slightly below zero (about
+# a tenth of its peak at most on fsaverage5), as finite-element diffusion does. Values spread only
+# between usable vertices (the zeros of a medial wall do not leak in).
 
 def cotangent_laplacian(coords: np.ndarray, faces: np.ndarray):
-    """(K, areas): K (n, n) sparse symmetric, K_ij = -w_ij (w >= 0, half the sum of the cotangents of the
-    angles facing edge ij), K_ii = sum_j w_ij; areas: barycentric vertex areas (mm^2)."""
+    """(K, areas): K (n, n) sparse symmetric, K_ij = -w_ij (half the sum of the cotangents of the angles
+    facing edge ij), K_ii = sum_j w_ij; areas: barycentric vertex areas (mm^2)."""
     import scipy.sparse as sp
 
     c = np.asarray(coords, np.float64)
@@ -543,17 +554,15 @@ def cotangent_laplacian(coords: np.ndarray, faces: np.ndarray):
     i, j, w = np.concatenate(rows), np.concatenate(cols), np.concatenate(weights)
     W = sp.coo_matrix((w, (i, j)), shape=(n, n)).tocsr()
     W = W + W.T  # each edge's two triangles, both directions
-    W.data = np.maximum(W.data, 0.0)
-    W.eliminate_zeros()
     K = sp.diags(np.asarray(W.sum(axis=1)).ravel()) - W
     return K.tocsr(), vertex_areas(c, f)
 
 
 @dataclass
 class MeshSmoother:
-    """n_steps applications of a sparse averaging operator (one per step)."""
+    """n_steps applications of a sparse smoothing operator (one per step; rows sum to 1)."""
 
-    step: object  # scipy.sparse csr (n, n), rows summing to 1
+    step: object  # scipy.sparse csr (n, n)
     n_steps: int
     fwhm: float
 
@@ -567,7 +576,7 @@ class MeshSmoother:
 
 
 FWHM_OVER_SIGMA = float(np.sqrt(8 * np.log(2)))
-STEP_SAFETY = 0.9  # steps at most 0.9 of the largest that keeps every update an average
+STEP_SAFETY = 0.9  # steps at most 0.9 of the largest the eigenvalue bound allows
 
 
 def mesh_smoother(coords: np.ndarray, faces: np.ndarray, fwhm: float, keep: np.ndarray | None = None) -> MeshSmoother:
@@ -584,8 +593,12 @@ def mesh_smoother(coords: np.ndarray, faces: np.ndarray, fwhm: float, keep: np.n
         W = sp.csr_matrix((W.data[inside], (W.row[inside], W.col[inside])), shape=(n, n))
         K = (sp.diags(np.asarray(W.sum(axis=1)).ravel()) - W).tocsr()
     t = (fwhm / FWHM_OVER_SIGMA) ** 2 / 2
-    rate = K.diagonal() / np.maximum(areas, 1e-12)  # per vertex: dt must stay below 1 / rate
-    dt_max = STEP_SAFETY / max(float(rate.max()), 1e-12)
+    # Gershgorin bound on the eigenvalues of A^-1/2 K A^-1/2 (those of A^-1 K): with dt below 1 / bound
+    # every eigenvalue of a step lies in [0, 1], so each step smooths and none amplifies or flips a pattern
+    scale = 1 / np.sqrt(np.maximum(areas, 1e-12))
+    sym = sp.diags(scale) @ abs(K) @ sp.diags(scale)
+    bound = float(np.asarray(sym.sum(axis=1)).max())
+    dt_max = STEP_SAFETY / max(bound, 1e-12)
     n_steps = max(int(np.ceil(t / dt_max)), 1) if fwhm > 0 else 0
     dt = t / max(n_steps, 1)
     step = sp.identity(n, format="csr") - sp.diags(dt / np.maximum(areas, 1e-12)) @ K
