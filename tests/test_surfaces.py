@@ -704,3 +704,47 @@ def test_smoothing_refused_where_no_mesh_ships(tmp_path, capsys, space, problem)
     assert code == 64
     assert problem in one_error_line(err)
     assert not (tmp_path / "out" / "sub-01").exists()
+
+
+def test_surface_reports_draw_maps_on_the_inflated_surface(gifti_out, capsys, with_reports, tmp_path):
+    """Group and participant reports on fsaverage5 draw the z maps (four views each) with the
+    applied threshold; they render in headless Chromium where it is installed."""
+    import re
+    import shutil
+
+    _, out = gifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsaverage5",
+                        "--height-control", "fpr", "--alpha", "0.01")
+    assert code == 0, err
+    page = (out / "group" / "report.html").read_text()
+    threshold = json.loads((out / "group" / "task-test_space-fsaverage5_contrast-avsB_stat-z_desc-thresholded_"
+                                             "statmap.json").read_text())["Threshold"]
+    figures = re.findall(r'<figure data-vmax="([^"]+)" data-threshold="([^"]+)" data-vertices-shown="(\d+)">', page)
+    assert [f[1] for f in figures] == ["None", repr(float(threshold))]
+    kept = np.concatenate([nib.load(out / "group" / f"task-test_hemi-{h}_space-fsaverage5_contrast-avsB_stat-z_desc-"
+                                                    "thresholded_statmap.shape.gii").darrays[0].data for h in "LR"])
+    assert int(figures[1][2]) == int((kept != 0).sum())  # the caption counts the vertices drawn
+    assert "fsaverage5 inflated surface" in page and "No template mesh" not in page
+    code, err = run_cli(capsys, out.parent / "bids", out, "participant", "--space", "fsaverage5", "--reports-only")
+    assert code == 0, err
+    sub = (out / "sub-01.html").read_text()
+    assert sub.count("<figure") == 2  # the subject's map and its one run's, on one scale
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        from test_reports import assert_renders
+
+        assert_renders(out / "group" / "report.html", tmp_path, min_images=2)
+        assert_renders(out / "sub-01.html", tmp_path, min_images=2)
+
+
+def test_cifti_report_says_no_mesh_in_one_line_and_lists_tables(cifti_out, capsys, with_reports):
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR")
+    assert code == 0, err
+    page = (out / "group" / "report.html").read_text()
+    assert "stat-z_statmap.dscalar.nii" in page
+    try:
+        surfaces.template_mesh("fsLR", "L")
+    except Exception:  # no fsLR mesh in this build: one line says so
+        assert page.count("No template mesh is available for --space fsLR") == 1 and "<img" not in page
+    else:  # these test data are not on the fsLR 32k mesh: each map says it is not drawn, and why
+        assert "not drawn (576 vertices in hemisphere L, the template mesh has" in page
