@@ -274,11 +274,6 @@ def _check_model_options(args) -> None:
 def _check_args(args) -> None:
     if getattr(args, "model", None) is not None:
         _check_model_options(args)
-        from .surfaces import space_kind
-
-        if space_kind((args.space or "").partition(":")[0]) != "volume":
-            raise UsageError(f"--model with --space {args.space}: BIDS Stats Models run on volumes only for now; "
-                             "surfaces and grayordinates run without --model")
     if args.n_cpus < 1:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
@@ -399,7 +394,11 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
 
         folders = dataset_node_folders(output_dir, model)
         check_planned_folders(folders)  # report workers write unjournalled: check their folders here
-        paths = [reports.group_report(output_dir, folder) for folder in folders]
+        from . import surfacereports
+
+        paths = [surfacereports.group_report(folder) if not next(folder.glob("*_statmap.nii.gz"), None)
+                 and surfacereports.has_surface_maps(folder) else reports.group_report(output_dir, folder)
+                 for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
     elif _surface_results(args, output_dir):  # maps and tables only; figures on surfaces not drawn yet

@@ -429,14 +429,6 @@ def test_cifti_group_covariate(cifti_out, capsys):
     np.testing.assert_allclose(t, beta[0] / se, rtol=1e-4)
 
 
-def test_stats_model_on_surfaces_refused(tmp_path, capsys):
-    model = tmp_path / "model.json"
-    model.write_text("{}")
-    code, err = run_cli(capsys, tmp_path, tmp_path / "out", "participant", "--space", "fsLR", "--model", model)
-    assert code == 64
-    assert "BIDS Stats Models run on volumes only" in one_error_line(err)
-
-
 def test_gifti_tfce_on_the_mesh_matches_connected_components(gifti_out, capsys):
     """TFCE (E 1, H 2, dh 0.1) on fsaverage5 against its definition, computed with scipy's connected
     components of the mesh at every height: TFCE(v) = sum over h <= t(v) of extent(v, h)^E h^H dh."""
