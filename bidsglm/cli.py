@@ -401,7 +401,7 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
                  for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
-    elif _surface_results(args, output_dir):  # maps and tables only; figures on surfaces not drawn yet
+    elif _surface_results(args, output_dir):  # surface maps: drawn on the template mesh where one ships
         from . import surfacereports
 
         if args.analysis_level == "group":

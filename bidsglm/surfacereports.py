@@ -194,8 +194,15 @@ def _participant_figures(output_dir: Path, maps: list[Path]) -> list[str]:
         sections.append(f"<h3>contrast {html.escape(label)}</h3>"
                         + _colour_bar(vmax, True, "z, one scale for the subject and all runs:"))
         sections.append('<div class="maps">' + "".join(
-            drawer.block(p, p.name.replace("_hemi-L_", "_"), vmax=vmax, threshold=None) for p in group) + "</div>")
+            drawer.block(p, _title(output_dir, p), vmax=vmax, threshold=None) for p in group) + "</div>")
     return sections
+
+
+def _title(output_dir: Path, path: Path) -> str:
+    """A map's name without hemi-L (it stands for the pair), with its node folder where not this one."""
+    name = path.name.replace("_hemi-L_", "_")
+    node = next((part for part in path.parts if part.startswith("node-")), None)
+    return f"{node}: {name}" if node and node != output_dir.name else name
 
 
 def participant_report(output_dir: Path, subject: str) -> Path:
@@ -203,7 +210,12 @@ def participant_report(output_dir: Path, subject: str) -> Path:
     maps = _maps(folder)
     if not maps:
         raise DataError(f"no surface maps for sub-{subject}", folder)
-    sections = _participant_figures(output_dir, maps)
+    # a Stats Model's Session/Subject nodes write beside the Run node (OUTPUT_DIR/node-<Name>/): their
+    # maps of this subject are drawn with the run maps, on one scale
+    siblings = ([f / f"sub-{subject}" for f in sorted(output_dir.parent.glob("node-*")) if f != output_dir]
+                if output_dir.name.startswith("node-") else [])
+    drawn = maps + [p for f in siblings if f.is_dir() for p in _maps(f)]
+    sections = _participant_figures(output_dir, drawn)
     sections += ["<h2>Maps</h2>", _maps_table(output_dir, maps), "<h2>Designs</h2>"]
     for design in sorted(folder.rglob("*_design.tsv")):
         table = pd.read_csv(design, sep="\t")

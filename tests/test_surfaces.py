@@ -740,3 +740,43 @@ def test_cifti_report_says_no_mesh_in_one_line_and_lists_tables(cifti_out, capsy
         assert page.count("No template mesh is available for --space fsLR") == 1 and "<img" not in page
     else:  # these test data are not on the fsLR 32k mesh: each map says it is not drawn, and why
         assert "not drawn (576 vertices in hemisphere L, the template mesh has" in page
+
+
+def test_cifti_maps_drawn_through_the_template_mesh_accessor(cifti_out, capsys, monkeypatch):
+    """Once a mesh is served for fsLR (here a stand-in: the tests' 24 x 24 grid, the vertex count of these
+    data), CIFTI cortex values are drawn on it through the brain models: the medial wall's vertices (not in
+    the brain models) stay background."""
+    from bidsglm import surfacereports
+    from bidsglm.surfacefigures import Hemisphere, render_view
+
+    _, out = cifti_out
+    code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--no-reports")
+    assert code == 0, err
+    idx = np.arange(N_SIDE * N_SIDE)
+    grid = np.c_[np.zeros(idx.size), idx % N_SIDE * 3.0, idx // N_SIDE * 3.0]  # a flat sheet facing +-x
+    real = surfaces.template_mesh
+
+    def mesh(space, hemi=None, surface="midthickness"):
+        if space == "fsLR" and hemi is not None:
+            return grid, grid_faces(N_SIDE)
+        return real(space, hemi, surface)
+
+    monkeypatch.setattr(surfaces, "template_mesh", mesh)
+    surfacereports._display_meshes.cache_clear()
+    try:
+        page = surfacereports.group_report(out / "group").read_text()
+        z_maps = list((out / "group").glob("*_stat-z_statmap.dscalar.nii"))
+        assert "No template mesh" not in page and "not drawn" not in page
+        assert page.count("<img") >= len(z_maps) >= 1  # each z map (and its thresholded map) drawn
+        z_path = out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii"
+        values, geom = surfaces.read_map(z_path)
+        parts = surfacereports._hemisphere_values(values.astype(float), geom, {"L": idx.size, "R": idx.size})
+        assert np.isnan(parts["L"][MEDIAL]).all() and np.isfinite(np.delete(parts["L"], MEDIAL)).all()
+        left = values[geom.brain_models.name == "CIFTI_STRUCTURE_CORTEX_LEFT"]
+        np.testing.assert_array_equal(np.delete(parts["L"], MEDIAL), left)
+        image, vertex = render_view(Hemisphere(grid, grid_faces(N_SIDE), parts["L"]), "L", "lateral", 2.0,
+                                    (150, 150), vmax=5.0, threshold=None)
+        wall = np.isin(vertex, MEDIAL)
+        assert wall.any() and ((image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2]))[wall].all()
+    finally:
+        surfacereports._display_meshes.cache_clear()
