@@ -153,7 +153,7 @@ class _Drawer:
         value = f"|{stat}|" if symmetric else stat
         shown = ("every value, transparent at 0 and opaque from |z| = 2" if threshold is None
                  else f"{value} &ge; {threshold:.3g}" if threshold > 1e-3 else "every non-zero value")
-        caption = (f"Lateral (top) and medial (bottom) views of the left and right hemispheres on "
+        caption = (f"Lateral (top) and medial (bottom) views of the left (left) and right hemispheres on "
                    f"{html.escape(self.surface)} (sulci darker); {shown} ({fig.n_shown} vertices"
                    f"{'' if threshold is None else ' shown'}).")
         return (f'<figure data-vmax="{vmax!r}" data-threshold="{threshold!r}" data-vertices-shown="{fig.n_shown}">'
