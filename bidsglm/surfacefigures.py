@@ -7,6 +7,8 @@ the value of the triangle's nearest vertex (a value of the map, never an interpo
 over a grey background: sulcal depth where given (sulci darker), shaded by the angle between
 the surface and the line of sight. Four views: the lateral views of the left and right
 hemispheres above their medial views, anterior towards the outside for the lateral views.
+What depends on the mesh alone (which vertex each pixel shows, the grey) is computed once per
+mesh and view and shared by every map drawn on it.
 
 Colour scale and thresholds are those of the volume figures: STAT_LUT on [-vmax, vmax] (or
 [0, vmax] for one-sided maps); ``threshold=None`` draws every value, transparent at 0 and
@@ -116,10 +118,29 @@ def _extent(hemi: Hemisphere) -> tuple[float, float]:
     return float(np.ptp(c[:, 1])), float(np.ptp(c[:, 2]))
 
 
-def render_view(hemi: Hemisphere, side: str, view: str, scale: float, shape: tuple[int, int], *,
-                vmax: float, threshold: float | None, symmetric: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One view of one hemisphere, centred in an image of ``shape`` at ``scale`` pixels per mm.
-    Returns (H, W, 3) uint8 and (H, W) the vertex drawn at each pixel (-1: background)."""
+_GEOMETRY_CACHE: dict = {}  # (mesh fingerprint, view, scale, shape) -> drawn vertex per pixel and grey
+
+
+def _fingerprint(*arrays) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a) if a is not None else np.zeros(0)
+        digest.update(repr((a.shape, a.dtype.str)).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def view_geometry(hemi: Hemisphere, side: str, view: str, scale: float,
+                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The part of a view that depends on the mesh alone: (H, W) the vertex drawn at each pixel (-1:
+    background; the nearest vertex of the triangle nearest the viewer) and the shaded grey of the drawn
+    pixels. Every map on the same mesh shares it: computed once per process (a figure is then a few
+    lookups)."""
+    key = (_fingerprint(hemi.coords, hemi.faces, hemi.sulc), side, view, float(scale), tuple(shape))
+    if key in _GEOMETRY_CACHE:
+        return _GEOMETRY_CACHE[key]
     coords = np.asarray(hemi.coords, np.float64)
     faces = np.asarray(hemi.faces, np.int64)
     right, up, toward = view_axes(side, view)
@@ -143,7 +164,20 @@ def render_view(hemi: Hemisphere, side: str, view: str, scale: float, shape: tup
         grey = depth_grey[vertex[drawn]]
     else:
         grey = np.full(tri.size, _NO_SULC_GREY)
-    base = (grey * (0.55 + 0.45 * facing))[:, None] * np.ones(3)
+    out = (vertex, grey * (0.55 + 0.45 * facing))
+    if len(_GEOMETRY_CACHE) > 32:
+        _GEOMETRY_CACHE.clear()
+    _GEOMETRY_CACHE[key] = out
+    return out
+
+
+def render_view(hemi: Hemisphere, side: str, view: str, scale: float, shape: tuple[int, int], *,
+                vmax: float, threshold: float | None, symmetric: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One view of one hemisphere, centred in an image of ``shape`` at ``scale`` pixels per mm.
+    Returns (H, W, 3) uint8 and (H, W) the vertex drawn at each pixel (-1: background)."""
+    vertex, grey = view_geometry(hemi, side, view, scale, shape)
+    drawn = vertex >= 0
+    base = grey[:, None] * np.ones(3)
     values = np.asarray(hemi.values, np.float64)[vertex[drawn]]
     values = np.where(np.isfinite(values), values, 0.0)
     if not symmetric:
@@ -156,7 +190,7 @@ def render_view(hemi: Hemisphere, side: str, view: str, scale: float, shape: tup
         alpha = np.clip(np.abs(values) / 2.0, 0, 1)
     else:
         alpha = ((np.abs(values) >= threshold) & (values != 0)).astype(np.float64)
-    image = np.full((h, w, 3), 255, np.uint8)
+    image = np.full(vertex.shape + (3,), 255, np.uint8)
     image[drawn] = (base * (1 - alpha[:, None]) + colours * alpha[:, None]).round().astype(np.uint8)
     return image, vertex
 
