@@ -780,3 +780,38 @@ def test_cifti_maps_drawn_through_the_template_mesh_accessor(cifti_out, capsys, 
         assert wall.any() and ((image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2]))[wall].all()
     finally:
         surfacereports._display_meshes.cache_clear()
+
+
+def test_cifti_cortex_smoothed_on_the_mesh_served_for_fslr(monkeypatch):
+    """Once a mesh is served for fsLR (a stand-in here: the tests' grid, whose vertex count these brain
+    models use), CIFTI cortex is smoothed on it between the vertices in the brain models (the medial
+    wall is not data), the subcortical voxels as volumes; a mesh of another size is refused (65)."""
+    from bidsglm.errors import DataError
+
+    models = cifti_models()
+    geom = surfaces.Geometry("cifti", len(models), brain_models=models)
+    n = N_SIDE * N_SIDE
+    xy = np.c_[np.arange(n) % N_SIDE * 2.0, np.arange(n) // N_SIDE * 2.0, np.zeros(n)]
+    faces = grid_faces(N_SIDE)
+    real = surfaces.template_mesh
+    monkeypatch.setattr(surfaces, "template_mesh", lambda space, hemi=None, surface="midthickness":
+                        (xy, faces) if space == "fsLR" and hemi else real(space, hemi, surface))
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((3, len(models))).astype(np.float32)
+    usable = np.ones(len(models), bool)
+    out = surfaces.smooth_elements(Y, geom, 5.0, usable)
+    keep = np.setdiff1d(np.arange(n), MEDIAL)
+    left = np.flatnonzero(models.name == "CIFTI_STRUCTURE_CORTEX_LEFT")
+    full = np.zeros((n, 3), np.float32)
+    full[keep] = Y[:, left].T
+    inside = np.zeros(n, bool)
+    inside[keep] = True
+    expected = surfaces.mesh_smoother(xy, faces, 5.0, inside).apply(full)[keep].T
+    np.testing.assert_allclose(out[:, left], expected, atol=1e-6)
+    assert np.abs(out[:, left] - Y[:, left]).mean() > 0.3  # it smoothed
+    voxels = np.flatnonzero(models.volume_mask)
+    assert not np.allclose(out[:, voxels], Y[:, voxels])
+    surfaces.check_smoothing("fsLR", 5.0, geom)  # the data are on this mesh
+    monkeypatch.setattr(surfaces, "template_mesh", lambda space, hemi=None, surface="midthickness": (xy[:100], faces[:10]))
+    with pytest.raises(DataError, match="the data are not on this mesh"):
+        surfaces.check_smoothing("fsLR", 5.0, geom)
