@@ -659,7 +659,7 @@ def _surface_maps(folder, pattern: str) -> list:
     return sorted(p for p in folder.rglob(pattern) if "_hemi-R_" not in p.name and not p.name.endswith(".json"))
 
 
-@pytest.fixture(scope="module", params=["gifti", "cifti"])
+@pytest.fixture(scope="module", params=["gifti", pytest.param("cifti", marks=pytest.mark.slow)])
 def surface_model_results(request, tmp_path_factory, with_reports_module):
     """The demo's surface variant (2 subjects x 2 runs), the model at both levels, with reports."""
     from bidsglm.demo import main as demo
