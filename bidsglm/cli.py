@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the six motion parameters)")
     mod.add_argument("--smoothing-fwhm", type=_positive_float, default=None, metavar="MM",
                      help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} (default: 6 on "
-                          "volumes; 0 on surfaces and grayordinates (--space fsLR, fsaverage*, fsnative), where "
-                          "smoothing is not implemented and a value > 0 is refused)")
+                          "volumes; 0 on surfaces and grayordinates (--space fsLR, fsaverage*, fsnative), where a "
+                          "value > 0 smooths by heat diffusion on the template mesh (fsaverage5; subcortical "
+                          "CIFTI voxels as volumes) and is refused for spaces whose mesh does not ship offline)")
     mod.add_argument("--hrf-model", default="glover",
                      choices=["glover", "spm", "glover + derivative", "spm + derivative",
                               "glover + derivative + dispersion", "spm + derivative + dispersion"],
@@ -273,11 +274,6 @@ def _check_model_options(args) -> None:
 def _check_args(args) -> None:
     if getattr(args, "model", None) is not None:
         _check_model_options(args)
-        from .surfaces import space_kind
-
-        if space_kind((args.space or "").partition(":")[0]) != "volume":
-            raise UsageError(f"--model with --space {args.space}: BIDS Stats Models run on volumes only for now; "
-                             "surfaces and grayordinates run without --model")
     if args.n_cpus < 1:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
@@ -400,10 +396,14 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
 
         folders = dataset_node_folders(output_dir, model)
         check_planned_folders(folders)  # report workers write unjournalled: check their folders here
-        paths = [reports.group_report(output_dir, folder) for folder in folders]
+        from . import surfacereports
+
+        paths = [surfacereports.group_report(folder) if not next(folder.glob("*_statmap.nii.gz"), None)
+                 and surfacereports.has_surface_maps(folder) else reports.group_report(output_dir, folder)
+                 for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
-    elif _surface_results(args, output_dir):  # maps and tables only; figures on surfaces not drawn yet
+    elif _surface_results(args, output_dir):  # surface maps: drawn on the template mesh where one ships
         from . import surfacereports
 
         if args.analysis_level == "group":

@@ -37,11 +37,10 @@ import pandas as pd
 from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
 from .errors import DataError, ModelError
-from .images import check_same_grid, nifti_bytes, read_header, unmask
+from .images import check_same_grid, read_header, unmask
 from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping
 from .outputs import (
     active_session,
-    atomic_write_bytes,
     atomic_write_json,
     check_planned_folders,
     copy_participants_table,
@@ -56,11 +55,14 @@ from .outputs import (
 from .participant import (
     PreparedRun,
     RunResult,
+    check_surface_geometries,
     contrast_stats,
     fit_run,
     repetition_time,
     subject_fixed_effects,
+    write_map,
 )
+from .surfaces import check_smoothing, kind_of_path, path_for_grid, read_map, run_series_info
 from .statistics import t_contrast
 from .statsmodel import Node, StatsModel, load_model, node_label
 
@@ -96,7 +98,10 @@ def _fingerprint(model: StatsModel, node: Node, settings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool) -> PreparedRun:
+def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool,
+                      smoothing_fwhm: float | None = None) -> PreparedRun:
+    if kind_of_path(run.bold) != "volume":
+        return _prepare_surface_run(run, designer, allow_tr_mismatch, smoothing_fwhm)
     header = read_header(run.bold)
     shape = header.get_data_shape()
     if len(shape) != 4 or shape[3] < 2:
@@ -114,6 +119,31 @@ def prepare_model_run(run, designer: RunDesigner, allow_tr_mismatch: bool) -> Pr
                                                           "motion_outlier", "framewise", "csf", "white"))]
     return PreparedRun(run, tr, int(shape[3]), 0.0, X, contrasts, dropped, confound_cols,
                        mean_framewise_displacement(run.confounds))
+
+
+def _prepare_surface_run(run, designer: RunDesigner, allow_tr_mismatch: bool,
+                         smoothing_fwhm: float | None) -> PreparedRun:
+    """A CIFTI or GIfTI run, through the options path's format layer (surfaces.py): length, TR
+    (sidecar, checked against a CIFTI series step) and geometry from the headers."""
+    space = run.entities.get("space", "")
+    if designer.node.options.get("Mask"):
+        raise ModelError(f"{run.label}: Model.Options.Mask is a volume; on --space {space} the elements with "
+                         "usable time series are analysed", designer.model.path,
+                         where=f"node '{designer.node.name}', field 'Model.Options.Mask'")
+    check_smoothing(space, smoothing_fwhm)
+    n_volumes, step, geometry = run_series_info(run.bold, run.mask, space)
+    check_smoothing(space, smoothing_fwhm, geometry)
+    if n_volumes < 2:
+        raise DataError(f"a surface run needs several volumes, got {n_volumes}", run.bold)
+    tr = repetition_time(run, None, allow_tr_mismatch, step, "CIFTI series axis")
+    X = designer.design(run, n_volumes, tr)
+    contrasts, dropped = designer.contrasts(list(X.columns))
+    confound_cols = [c for c in X.columns if c.startswith(_CONFOUND_PREFIXES)]
+    return PreparedRun(run, tr, n_volumes, 0.0, X, contrasts, dropped, confound_cols,
+                       mean_framewise_displacement(run.confounds), geometry=geometry)
+
+
+_CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "a_comp", "t_comp", "motion_outlier", "framewise", "csf", "white")
 
 
 def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings) -> list[str]:
@@ -135,7 +165,9 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
              ", ".join(f"{n.name} ({n.level}, {n.model_type})" for n in model.nodes))
     check_run_grouping(model, run_node, runs)
     designer = RunDesigner(bids_dir, derivatives, model, run_node)
-    prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch) for r in runs]  # all checked first
+    prepared = [prepare_model_run(r, designer, settings.allow_tr_mismatch, settings.smoothing_fwhm)
+                for r in runs]  # all checked first
+    check_surface_geometries(prepared)
     _check_contrasts_estimable(model, run_node, prepared)
     for edge in model.children(run_node.name):
         if model.node(edge.destination).level != "Dataset":
@@ -277,7 +309,10 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, ex
     written = []
     first = results[0].inputs
     entities = {k: v for k, v in first.entities.items() if k not in ("run", "echo")}
-    run_masks = {id(r): np.asanyarray(nib.load(str(r.mask_path)).dataobj) > 0 for r in results}  # read once
+    run_masks, grid = {}, None
+    for r in results:  # read once
+        values, grid = _read_any_map(r.mask_path)
+        run_masks[id(r)] = values > 0
     for con in contrasts:
         if con.test == "F":
             continue
@@ -286,27 +321,34 @@ def _ols_across_runs(results: list[RunResult], contrasts, labels, root: Path, ex
             log.warning("sub-%s: contrast '%s' has %d run(s); a glm across runs needs 2 or more "
                         "(Model.Type 'meta' combines any number)", first.subject, con.name, len(runs))
             continue
-        imgs = [nib.load(str(r.maps[con.name]["effect"])) for r in runs]
         mask = np.logical_and.reduce([run_masks[id(r)] for r in runs])
-        Y = np.stack([np.asanyarray(img.dataobj, dtype=np.float64)[mask] for img in imgs])
+        Y = np.stack([_read_any_map(r.maps[con.name]["effect"])[0].astype(np.float64)[mask] for r in runs])
         n = len(runs)
         effect = Y.mean(axis=0)
         variance = Y.var(axis=0, ddof=1) / n
         res = t_contrast(effect, variance, n - 1)
         values = {"effect": res.effect, "variance": res.variance, "t": res.stat, "z": res.z, "p": res.p}
         for stat in contrast_stats(con):
-            path = statmap_path(root, entities, labels[con.name], stat)
-            atomic_write_bytes(path, nifti_bytes(unmask(values[stat], mask), imgs[0].affine))
+            path = path_for_grid(statmap_path(root, entities, labels[con.name], stat), grid)
+            write_map(path, unmask(values[stat], mask), grid)
             atomic_write_json(sidecar_path(path), {
                 "Description": f"{stat} of contrast '{con.name}': one-sample OLS across runs",
                 "Contrast": {"Name": con.name, "Label": labels[con.name]},
                 "Statistic": stat, "Test": con.test, "DegreesOfFreedom": n - 1,
                 "Runs": [r.inputs.entities.get("run") for r in runs], **extra_sidecar})
             written.append(path)
-    mask_path = func_dir(root, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz"
+    mask_path = path_for_grid(func_dir(root, entities) / f"{entity_prefix(entities)}_desc-brain_mask.nii.gz", grid)
     all_masks = np.logical_and.reduce(list(run_masks.values()))
-    atomic_write_bytes(mask_path, nifti_bytes(all_masks.astype(np.float32), nib.load(str(results[0].mask_path)).affine))
+    write_map(mask_path, all_masks.astype(np.float32), grid)
     return written
+
+
+def _read_any_map(path: Path) -> tuple[np.ndarray, object]:
+    """Values and grid of a map: a volume and its affine, or surface elements and their Geometry."""
+    if kind_of_path(path) != "volume":
+        return read_map(path)
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img.affine
 
 
 # --- the Dataset node (group level) ---------------------------------------------------
@@ -524,7 +566,10 @@ def _dataset_over_runs(model: StatsModel, node: Node, source: Path) -> bool:
 
     if model.node(model.parent_edge(node.name).source).level != "Run":
         return False
-    maps = [parse_bids_name(p) for p in source.glob("sub-*/**/func/*_run-*_stat-effect_statmap.nii.gz")]
+    maps = [parse_bids_name(p) for pattern in ("*_run-*_stat-effect_statmap.nii.gz",
+                                               "*_run-*_stat-effect_statmap.dscalar.nii",
+                                               "*_run-*_hemi-L_*_stat-effect_statmap.shape.gii")
+            for p in source.glob(f"sub-*/**/func/{pattern}")]
     seen: dict[tuple, list] = {}
     for parsed in filter(None, maps):
         e = parsed.entities
@@ -559,7 +604,7 @@ def dataset_node_folders(output_dir: Path, model: StatsModel) -> list[Path]:
         root = node_root(output_dir, node)
         candidates = [root, *sorted(root.glob("*-*/")), *sorted(root.glob("ses-*/*-*/"))]
         for folder in dict.fromkeys(p for p in candidates if p.is_dir()):
-            if any(folder.glob("*_stat-z_statmap.nii.gz")):
+            if any(next(folder.glob(f"*_stat-z_statmap{ext}"), None) for ext in (".nii.gz", ".dscalar.nii", ".shape.gii")):
                 folders.append(folder)
     return folders
 

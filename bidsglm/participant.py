@@ -54,6 +54,7 @@ from .surfaces import (
     read_run_series,
     run_series_info,
     same_grid,
+    smooth_elements,
     usable_elements,
 )
 from .outputs import (
@@ -201,6 +202,7 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
     if kind_of_path(run.bold) != "volume":
         check_smoothing(run.entities.get("space", ""), settings.smoothing_fwhm)
         n_volumes, step, geometry = run_series_info(run.bold, run.mask, run.entities.get("space", ""))
+        check_smoothing(run.entities.get("space", ""), settings.smoothing_fwhm, geometry)
         if n_volumes < 2:
             raise DataError(f"a surface run needs several volumes, got {n_volumes}", run.bold)
         tr = repetition_time(run, None, settings.allow_tr_mismatch, step, "CIFTI series axis")
@@ -376,6 +378,8 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
     if kind_of_path(run.bold) != "volume":  # surfaces: elements with usable series; grid = geometry
         Y, mask_affine = read_run_series(run.bold, run.mask, run.entities.get("space", ""))
         mask = usable_elements(Y)
+        if settings.smoothing_fwhm:  # on the template mesh, between usable elements
+            Y = smooth_elements(Y, mask_affine, settings.smoothing_fwhm, mask)
         Y = np.ascontiguousarray(Y[:, mask])
     else:
         mask, mask_affine = load_mask(run.mask)

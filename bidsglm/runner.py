@@ -36,7 +36,8 @@ VOLUME_SMOOTHING_FWHM = 6.0
 
 
 def default_smoothing(args) -> float:
-    """--smoothing-fwhm, or its default: 6 mm on volumes, none on surfaces (not implemented there)."""
+    """--smoothing-fwhm, or its default: 6 mm on volumes, none on surfaces and grayordinates (fMRIPrep
+    resampled them already; a value > 0 smooths on the template mesh, surfaces.smooth_elements)."""
     if getattr(args, "smoothing_fwhm", None) is not None:
         return args.smoothing_fwhm
     space = (getattr(args, "space", None) or DEFAULT_SPACE).partition(":")[0]

@@ -622,3 +622,148 @@ def test_dataset_columns_are_checked_before_fitting(flanker, tmp_path, capsys, c
                          "--skip-bids-validation", "-q")
     assert code == 65 and len(err) == 1 and f"node 'data_level', field '{field}'" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# --- BIDS Stats Models on surfaces and grayordinates (the options path's format layer) ---------
+
+SURFACE_MODEL = {
+    "Name": "surfaceModel", "BIDSModelVersion": "1.0.0",
+    "Nodes": [
+        {"Level": "Run", "Name": "runs", "GroupBy": ["run", "subject"],
+         "Transformations": {"Transformer": "pybids-transforms-v1",
+                             "Instructions": [{"Name": "Factor", "Input": ["trial_type"]}]},
+         "Model": {"Type": "glm", "X": [1, "trial_type.congruent_correct", "trial_type.incongruent_correct",
+                                        "trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"],
+                   "HRF": {"Variables": ["trial_type.congruent_correct", "trial_type.incongruent_correct"],
+                           "Model": "glover"},
+                   "Options": {"HighPassFilterCutoffHz": 0.0078125}},
+         "Contrasts": [{"Name": "incongruentVsCongruent",
+                        "ConditionList": ["trial_type.incongruent_correct", "trial_type.congruent_correct"],
+                        "Weights": [1, -1], "Test": "t"}]},
+        {"Level": "Subject", "Name": "subjects", "GroupBy": ["subject", "contrast"],
+         "Model": {"Type": "meta", "X": [1]}, "DummyContrasts": {"Test": "t"}},
+        {"Level": "Dataset", "Name": "group", "GroupBy": ["contrast"],
+         "Model": {"Type": "glm", "X": [1]}, "DummyContrasts": {"Test": "t"}}],
+    "Edges": [{"Source": "runs", "Destination": "subjects"}, {"Source": "subjects", "Destination": "group"}],
+}
+SURFACE_SPACE = {"gifti": "fsaverage5", "cifti": "fsLR"}
+
+
+def _surface_values(path_l_or_dscalar) -> np.ndarray:
+    from bidsglm.surfaces import read_map
+
+    return np.asarray(read_map(path_l_or_dscalar)[0], float)
+
+
+def _surface_maps(folder, pattern: str) -> list:
+    return sorted(p for p in folder.rglob(pattern) if "_hemi-R_" not in p.name and not p.name.endswith(".json"))
+
+
+@pytest.fixture(scope="module", params=["gifti", pytest.param("cifti", marks=pytest.mark.slow)])
+def surface_model_results(request, tmp_path_factory, with_reports_module):
+    """The demo's surface variant (2 subjects x 2 runs), the model at both levels, with reports."""
+    from bidsglm.demo import main as demo
+
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"model-{kind}") / "demo"
+    assert demo([str(root), "--subjects", "2", "--voxel-size", "8", "--surface", kind]) == 0
+    model_path = root.parent / "model.json"
+    model_path.write_text(json.dumps(SURFACE_MODEL))
+    out = root.parent / "out"
+    space = SURFACE_SPACE[kind]
+    assert main([str(root), str(out), "participant", "--space", space, "--model", str(model_path),
+                 "--skip-bids-validation", "-q"]) == 0
+    assert main([str(root), str(out), "group", "--space", space, "--model", str(model_path), "-q"]) == 0
+    return kind, root, out
+
+
+@pytest.fixture(scope="module")
+def with_reports_module(_no_reports_by_default):
+    import bidsglm.cli
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(bidsglm.cli, "write_reports", _no_reports_by_default)
+    yield
+    patch.undo()
+
+
+def test_surface_model_run_maps_equal_nilearn_with_the_models_design(surface_model_results):
+    """Run node on GIfTI pairs / a CIFTI dtseries: z equals nilearn's run_glm on the same (time x
+    elements) matrix with the model's design (mean scaling, AR(1)), as the options path's maps do
+    (tests/test_surfaces.py)."""
+    from nilearn.glm.contrasts import compute_contrast
+    from nilearn.glm.first_level import mean_scaling, run_glm
+
+    from bidsglm import surfaces
+
+    kind, root, out = surface_model_results
+    func = out / "node-runs" / "sub-01" / "func"
+    z_path = _surface_maps(func, "*_run-1_*contrast-incongruentVsCongruent_stat-z_statmap.*")[0]
+    assert z_path.name.endswith(".shape.gii" if kind == "gifti" else ".dscalar.nii")
+    design = pd.read_csv(func / "sub-01_task-flanker_run-1_design.tsv", sep="\t")
+    src = root / "derivatives" / "fmriprep" / "sub-01" / "func"
+    if kind == "gifti":
+        Y, _ = surfaces.read_gifti_pair(*(src / f"sub-01_task-flanker_run-1_hemi-{h}_space-fsaverage5_bold.func.gii"
+                                          for h in "LR"), "fsaverage5")
+    else:
+        Y, _ = surfaces.read_cifti_series(src / "sub-01_task-flanker_run-1_space-fsLR_den-91k_bold.dtseries.nii")
+    usable = surfaces.usable_elements(Y)
+    Ys, _ = mean_scaling(np.asarray(Y[:, usable], np.float32))
+    labels, results = run_glm(Ys, design.to_numpy(), noise_model="ar1", n_jobs=1)
+    weights = np.array([{"trial_type.incongruent_correct": 1, "trial_type.congruent_correct": -1}.get(c, 0)
+                        for c in design.columns], float)
+    expected = compute_contrast(labels, results, weights, stat_type="t").z_score()
+    z = _surface_values(z_path)
+    # nilearn bins the AR(1) coefficient to 0.01: an element whose estimate falls on a bin edge (float32
+    # data) may take the neighbouring bin, a small z difference at a handful of the 20,000+ elements
+    close = np.isclose(z[usable], expected, rtol=0, atol=1e-3)
+    assert close.mean() > 0.999 and np.abs(z[usable] - expected).max() < 0.05
+    assert (z[~usable] == 0).all()
+    side = json.loads(sorted(func.glob("*_run-1_*contrast-incongruentVsCongruent_stat-z_statmap.json"))[0].read_text())
+    assert side["Node"] == "runs" and side["StatsModel"] == "surfaceModel"
+
+
+def test_surface_model_subject_and_dataset_nodes(surface_model_results):
+    """Subject node (meta): precision-weighted fixed effects of the run maps; Dataset node: scipy's
+    one-sample t-test of the subject effects; maps in the input's format, reports drawn or listed."""
+    kind, _, out = surface_model_results
+    subjects = ("01", "02")
+    effects = []
+    for sub in subjects:
+        runs = out / "node-runs" / f"sub-{sub}" / "func"
+        e = [_surface_values(p) for p in _surface_maps(runs, "*_run-*_contrast-incongruentVsCongruent_stat-effect_statmap.*")]
+        v = [_surface_values(p) for p in _surface_maps(runs, "*_run-*_contrast-incongruentVsCongruent_stat-variance_statmap.*")]
+        assert len(e) == len(v) == 2
+        inside = (v[0] > 0) & (v[1] > 0)
+        w = [1 / x[inside] for x in v]
+        subject = _surface_values(_surface_maps(out / "node-subjects" / f"sub-{sub}",
+                                                "*contrast-incongruentVsCongruent_stat-effect_statmap.*")[0])
+        np.testing.assert_allclose(subject[inside], (w[0] * e[0][inside] + w[1] * e[1][inside]) / (w[0] + w[1]),
+                                   rtol=1e-4, atol=1e-6)
+        effects.append(subject)
+    group = out / "node-group"
+    t = _surface_values(_surface_maps(group, "*contrast-incongruentVsCongruent_stat-t_statmap.*")[0])
+    Y = np.stack(effects)
+    inside = (Y != 0).all(axis=0)
+    np.testing.assert_allclose(t[inside], stats.ttest_1samp(Y[:, inside], 0.0).statistic, rtol=1e-4)
+    page = (group / "report.html").read_text()
+    assert "contrast-incongruentVsCongruent_stat-z_statmap" in page
+    if kind == "gifti":
+        assert "<img" in page and (out / "node-runs" / "sub-01.html").read_text().count("<figure") >= 3
+    else:  # no fsLR mesh drawn for the demo's stand-in cortex
+        assert "<img" not in page
+
+
+def test_model_mask_option_refused_on_surfaces(surface_model_results, tmp_path, capsys):
+    kind, root, _ = surface_model_results
+    if kind != "gifti":
+        pytest.skip("one surface kind is enough")
+    model = json.loads(json.dumps(SURFACE_MODEL))
+    model["Nodes"][0]["Model"]["Options"]["Mask"] = {"desc": "brain", "suffix": "mask"}
+    path = tmp_path / "mask.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, root, tmp_path / "out", "participant", "--space", "fsaverage5", "--model", path,
+                         "--skip-bids-validation")
+    assert code == 65 and len([e for e in err if "ERROR" in e]) == 1
+    assert "Model.Options.Mask is a volume" in err[-1]
+    assert not (tmp_path / "out" / "node-runs" / "sub-01").exists()
