@@ -223,9 +223,10 @@ class PreparedResiduals:
 
 
 def _prepared(store, keep, design: PermutationDesign, options: PermutationOptions) -> PreparedResiduals:
-    if options.clusters or options.tfce:
-        return _whole_map_tiles(store, keep, design)
-    return _voxel_level_null(store, keep, design, options)
+    with interrupts.deferred():  # Ctrl-C between kernel calls only (see interrupts.py)
+        if options.clusters or options.tfce:
+            return _whole_map_tiles(store, keep, design)
+        return _voxel_level_null(store, keep, design, options)
 
 
 def _whole_map_tiles(store, keep, design) -> PreparedResiduals:

@@ -144,3 +144,26 @@ def test_block_width_is_bounded_by_the_block_bytes():
     assert groupblocks.block_voxels(100, 235_000, 64 * 2**20) == 81_920
     assert groupblocks.block_voxels(10, 500, 64 * 2**20) == 500
     assert groupblocks.block_voxels(10**6, 100, 8) == 1
+
+
+def test_interrupt_in_blocked_fit_leaves_output_dir_as_before(synthetic, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the second model's maps are in the block file: exit 130; neither the
+    first model's files nor the block file are left."""
+    out = _copy(synthetic, tmp_path)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    real = groupblocks.BlockStore.read_block
+    reads = []
+
+    def interrupt_later(self, j):
+        reads.append(j)
+        if len(reads) > len(self.starts) + 3:  # the first model done, the second one started
+            assert list(out.glob(".bidsglm-session-*/tmp/.bidsglm-blocks-*/maps.f32"))
+            raise KeyboardInterrupt
+        return real(self, j)
+
+    monkeypatch.setattr(groupblocks, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(groupblocks, "BLOCK_BYTES", 8 * 8 * 5000)
+    monkeypatch.setattr(groupblocks.BlockStore, "read_block", interrupt_later)
+    assert main([str(out.parent / "raw"), str(out), "group", "-q", "--atlases", "none"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
