@@ -5,7 +5,7 @@ nilearn's brain mask, 235,375 voxels; 200 distinct maps, hard-linked for the sub
 beyond, to save generation time and disk) are written as a participant level would
 (subject maps, sidecars, brain masks, participants.tsv with an age column) into a
 temporary OUTPUT_DIR, then ``bidsglm ... group --covariates age --permutations P``
-runs in a fresh process per case, which reports its wall time and peak resident memory
+(``--tfce``: with TFCE) runs in a fresh process per case, which reports its wall time and peak resident memory
 (ru_maxrss). Modes: ``blocked`` (groupblocks.py, the default above
 groupblocks.STREAM_ABOVE_BYTES), ``memory`` (the in-memory path, forced) and ``auto``.
 
@@ -61,6 +61,7 @@ def make_outputs(out: Path, n: int, voxel_size: int = 2, seed: int = 0) -> int:
             atomic_write_bytes(effect, nifti_bytes(vol, affine))
         else:  # to save time and disk: a hard link to an earlier subject's map (files read as many times)
             first = f"{(s - 1) % POOL + 1:04d}"
+            func.mkdir(parents=True, exist_ok=True)
             os.link(out / f"sub-{first}" / "func" / effect.name.replace(sub, first), effect)
         atomic_write_json(effect.with_name(effect.name.replace(".nii.gz", ".json")),
                           {"Level": "subject", "Contrast": {"Name": "faces", "Label": "faces"}})
@@ -70,7 +71,7 @@ def make_outputs(out: Path, n: int, voxel_size: int = 2, seed: int = 0) -> int:
     return int(mask.sum())
 
 
-def run_group(out: Path, mode: str, permutations: int, n_cpus: int) -> None:
+def run_group(out: Path, mode: str, permutations: int, n_cpus: int, tfce: bool) -> None:
     """Child process: the group level, then one JSON line with wall time and peak memory."""
     from bidsglm import groupblocks
     from bidsglm.cli import main
@@ -82,7 +83,7 @@ def run_group(out: Path, mode: str, permutations: int, n_cpus: int) -> None:
     t0 = time.perf_counter()
     code = main([str(out.parent / "raw"), str(out), "group", "-q", "--covariates", "age", "--atlases", "none",
                  "--no-reports", "--permutations", str(permutations), "--random-seed", "1",
-                 "--n-cpus", str(n_cpus)])
+                 "--n-cpus", str(n_cpus), *(["--tfce"] if tfce else [])])
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
     print(json.dumps({"exit": code, "wall_s": round(wall, 1), "peak_gb": round(peak, 2)}))
@@ -100,13 +101,13 @@ def bench_group(args) -> None:
             for mode in args.modes:
                 shutil.rmtree(out / "group", ignore_errors=True)
                 child = subprocess.run([sys.executable, __file__, "_child", str(out), mode, str(args.permutations),
-                                        str(args.n_cpus)], capture_output=True, text=True)
+                                        str(args.n_cpus), str(int(args.tfce))], capture_output=True, text=True)
                 lines = child.stdout.strip().splitlines()
                 if child.returncode or not lines:
                     print(child.stdout, child.stderr, file=sys.stderr)
                     raise SystemExit(f"group level failed ({mode}, {n} maps)")
                 res = json.loads(lines[-1])
-                print(f"{n:>6} {voxels:>8} {mode:>8} {args.permutations:>6} {made:>9.0f}s {res['wall_s']:>11.1f}s "
+                print(f"{n:>6} {voxels:>8} {mode + ('+tfce' if args.tfce else ''):>8} {args.permutations:>6} {made:>9.0f}s {res['wall_s']:>11.1f}s "
                       f"{res['peak_gb']:>7.2f}GB  exit {res['exit']}", flush=True)
 
 
@@ -136,9 +137,8 @@ def bench_participant(args) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        _, _, out, mode, permutations, n_cpus = sys.argv
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")
-        run_group(Path(out), mode, int(permutations), int(n_cpus))
+        _, _, out, mode, permutations, n_cpus, tfce = sys.argv
+        run_group(Path(out), mode, int(permutations), int(n_cpus), tfce == "1")
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["group", "participant"])
@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["auto"], choices=["auto", "blocked", "memory"])
     p.add_argument("--permutations", type=int, default=1000)
     p.add_argument("--n-cpus", type=int, default=2)
+    p.add_argument("--tfce", action="store_true", help="TFCE permutations too (group level)")
     p.add_argument("--voxel-size", type=int, default=2)
     p.add_argument("--tmp", default=None, help="where the temporary OUTPUT_DIR goes (needs ~1 MB per map)")
     args = p.parse_args()

@@ -445,16 +445,17 @@ def _read_inputs(output_dir: Path, model: PlannedModel, grid=None) -> tuple[np.n
 
 
 def _group_mask(output_dir: Path, model: PlannedModel):
-    """The voxels every input covers, and their affine (or surface geometry)."""
-    masks, affine = [], None
+    """The voxels every input covers, and their affine (or surface geometry). Combined one
+    mask at a time: thousands of inputs' masks held at once would take GBs."""
+    group_mask, affine = None, None
     for m in model.inputs:
         mask, aff = map_mask(output_dir, m)
-        if affine is not None and (mask.shape != masks[0].shape or not same_grid(aff, affine)):
+        if affine is not None and (mask.shape != group_mask.shape or not same_grid(aff, affine)):
             raise DataError(f"map is on a different grid (or brain models) from sub-{model.inputs[0].subject}'s; "
                             "group models need every subject in one template space", m.effect)
-        masks.append(mask)
+        group_mask = mask if group_mask is None else group_mask & mask
         affine = aff if affine is None else affine
-    mask = np.logical_and.reduce(masks)
+    mask = group_mask
     if not mask.any():
         raise DataError(f"{_prefix(model)}: the subjects' brain masks do not overlap")
     return mask, affine

@@ -177,10 +177,13 @@ def residuals_and_observed(Y: np.ndarray, design: PermutationDesign, chunk: int 
 
 def count_rearrangements(design: PermutationDesign) -> float:
     n = len(design.blocks)
-    if design.scheme == SIGN_FLIP:
-        return 2.0 ** n
-    sizes = np.unique(design.blocks, return_counts=True)[1]
-    return float(math.prod(math.factorial(int(s)) for s in sizes))  # Python ints: no overflow
+    try:
+        if design.scheme == SIGN_FLIP:
+            return 2.0 ** n
+        sizes = np.unique(design.blocks, return_counts=True)[1]
+        return float(math.prod(math.factorial(int(s)) for s in sizes))  # Python ints: no overflow
+    except OverflowError:  # more than a float holds (over 1,023 sign-flipped or 170 permuted inputs)
+        return math.inf
 
 
 def all_sign_flips(n: int) -> np.ndarray:

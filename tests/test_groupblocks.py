@@ -167,3 +167,17 @@ def test_interrupt_in_blocked_fit_leaves_output_dir_as_before(synthetic, tmp_pat
     assert main([str(out.parent / "raw"), str(out), "group", "-q", "--atlases", "none"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("n, covariate_only", [(1100, False), (200, True)])
+def test_rearrangements_of_thousands_of_inputs_are_counted(n, covariate_only):
+    """2^1100 sign flips or 200! permutations overflow a float: counted as infinite (random
+    rearrangements), not an internal error."""
+    from bidsglm.permutation import PERMUTE, SIGN_FLIP, count_rearrangements
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    c = np.array([[0.0, 1.0]]) if covariate_only else np.array([[1.0, 0.0]])
+    design = permutation_design(X, c)
+    assert design.scheme == (PERMUTE if covariate_only else SIGN_FLIP)
+    assert count_rearrangements(design) == float("inf")
