@@ -84,3 +84,16 @@ def test_dask_option_usage_errors(demo_small, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'bidsglm[dask]'" in err[0]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_threaded_workers_in_this_process_give_the_same_files(demo_small, tmp_path):
+    """Workers as threads of this very process (LocalCluster(processes=False)) share its output
+    session: runs are staged inside OUTPUT_DIR's journal folder, and the files are the same."""
+    root, _ = demo_small
+    local, remote = tmp_path / "local", tmp_path / "dask"
+    assert _participant(root, local, "--participant-label", "01") == 0
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert _participant(root, remote, "--participant-label", "01",
+                            "--dask-scheduler", cluster.scheduler_address) == 0
+    assert _files(remote) == _files(local)
