@@ -97,3 +97,25 @@ def test_threaded_workers_in_this_process_give_the_same_files(demo_small, tmp_pa
         assert _participant(root, remote, "--participant-label", "01",
                             "--dask-scheduler", cluster.scheduler_address) == 0
     assert _files(remote) == _files(local)
+
+
+def test_interrupt_while_runs_come_back_leaves_nothing(demo_small, scheduler, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first run's files are written here: exit 130, OUTPUT_DIR not left
+    behind, whatever the workers still do."""
+    import bidsglm.runner
+
+    root, _ = demo_small
+    real = bidsglm.runner._write_staged
+    written = []
+
+    def interrupt_second(*args):
+        if written:
+            raise KeyboardInterrupt
+        written.append(real(*args))
+        return written[-1]
+
+    monkeypatch.setattr(bidsglm.runner, "_write_staged", interrupt_second)
+    out = tmp_path / "out"
+    assert _participant(root, out, "--dask-scheduler", scheduler) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert written and not out.exists()
