@@ -125,7 +125,7 @@ def bench_participant(args) -> None:
         t0 = time.perf_counter()
         assert main([*common[:1], str(Path(folder) / "local"), *common[2:], "--n-cpus", "2"]) == 0
         local = time.perf_counter() - t0
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
             t0 = time.perf_counter()
             assert main([*common[:1], str(Path(folder) / "dask"), *common[2:],
                          "--dask-scheduler", cluster.scheduler_address]) == 0

@@ -21,7 +21,7 @@ CONTRAST = ("--contrast", "IncongruentMinusCongruent=incongruent_correct - congr
 
 @pytest.fixture(scope="module")
 def scheduler():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   memory_limit="1GiB") as cluster:
         yield cluster.scheduler_address
 
@@ -93,7 +93,7 @@ def test_threaded_workers_in_this_process_give_the_same_files(demo_small, tmp_pa
     local, remote = tmp_path / "local", tmp_path / "dask"
     assert _participant(root, local, "--participant-label", "01") == 0
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None) as cluster:
+                                  dashboard_address=":0") as cluster:
         assert _participant(root, remote, "--participant-label", "01",
                             "--dask-scheduler", cluster.scheduler_address) == 0
     assert _files(remote) == _files(local)
