@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.level = "common"  # shown and accepted at both levels
     run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
                      help="runs fitted in parallel; threads for permutations (default: %(default)s)")
+    run.add_argument("--dask-scheduler", "--dask_scheduler", metavar="ADDRESS",
+                     help="participant level: fit the runs on this existing dask.distributed cluster "
+                          "(e.g. tcp://host:8786; needs pip install bidsglm[dask]); files are written here")
     run.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                      help="scratch folder (validator cache); default: system temporary folder")
     run.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip-bids-validator",
@@ -276,10 +279,26 @@ def _check_args(args) -> None:
         _check_model_options(args)
     if args.n_cpus < 1:
         raise UsageError(f"--n-cpus must be at least 1, got {args.n_cpus}")
+    _check_dask(args)
     if args.slice_time_ref is not None and not 0 <= args.slice_time_ref <= 1:
         raise UsageError(f"--slice-time-ref must be between 0 and 1, got {args.slice_time_ref}")
     _check_option_values(args)
     _check_contrast_names(args)
+
+
+def _check_dask(args) -> None:
+    """--dask-scheduler: participant level only, and dask.distributed installed."""
+    if getattr(args, "dask_scheduler", None) is None:
+        return
+    if args.analysis_level != "participant":
+        raise UsageError("--dask-scheduler applies to the participant level only (the group level runs here)")
+    if getattr(args, "model", None) is not None:
+        raise UsageError("--dask-scheduler with --model: BIDS Stats Models run here only for now (use --n-cpus)")
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise UsageError("--dask-scheduler needs dask.distributed, which is not installed: "
+                         "pip install 'bidsglm[dask]'") from None
 
 
 MIN_CLUSTER_FORMING_P = 1e-15  # two-sided z about 8.0; near 1e-300 the threshold becomes infinite

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import atlases as atlas_mod
+from . import groupblocks
 from .design import contrast_labels, parse_contrast, parse_contrast_option
 from .errors import DataError, ModelError, UsageError
 from .discovery import strip_prefix
@@ -422,19 +423,10 @@ def _prefix(model: PlannedModel) -> str:
     return f"task-{model.task}_{entity_prefix(model.space)}"
 
 
-def _read_inputs(output_dir: Path, model: PlannedModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, V) effects in the group mask (voxels every input covers), the mask and its affine."""
-    masks, affine = [], None
-    for m in model.inputs:
-        mask, aff = map_mask(output_dir, m)
-        if affine is not None and (mask.shape != masks[0].shape or not same_grid(aff, affine)):
-            raise DataError(f"map is on a different grid (or brain models) from sub-{model.inputs[0].subject}'s; "
-                            "group models need every subject in one template space", m.effect)
-        masks.append(mask)
-        affine = aff if affine is None else affine
-    mask = np.logical_and.reduce(masks)
-    if not mask.any():
-        raise DataError(f"{_prefix(model)}: the subjects' brain masks do not overlap")
+def _read_inputs(output_dir: Path, model: PlannedModel, grid=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, V) effects in the group mask (voxels every input covers), the mask and its affine
+    (``grid``: the group mask and affine when known)."""
+    mask, affine = grid or _group_mask(output_dir, model)
     Y = np.stack([read_effect(output_dir, m, mask, affine) for m in model.inputs])
     finite = np.isfinite(Y)
     share_bad = 1.0 - finite.mean(axis=1)
@@ -452,6 +444,23 @@ def _read_inputs(output_dir: Path, model: PlannedModel) -> tuple[np.ndarray, np.
     if not mask.any():
         raise DataError(f"{_prefix(model)}: no voxel has a finite effect in every input map")
     return Y, mask, affine
+
+
+def _group_mask(output_dir: Path, model: PlannedModel):
+    """The voxels every input covers, and their affine (or surface geometry). Combined one
+    mask at a time: thousands of inputs' masks held at once would take GBs."""
+    group_mask, affine = None, None
+    for m in model.inputs:
+        mask, aff = map_mask(output_dir, m)
+        if affine is not None and (mask.shape != group_mask.shape or not same_grid(aff, affine)):
+            raise DataError(f"map is on a different grid (or brain models) from sub-{model.inputs[0].subject}'s; "
+                            "group models need every subject in one template space", m.effect)
+        group_mask = mask if group_mask is None else group_mask & mask
+        affine = aff if affine is None else affine
+    mask = group_mask
+    if not mask.any():
+        raise DataError(f"{_prefix(model)}: the subjects' brain masks do not overlap")
+    return mask, affine
 
 
 MAX_NONFINITE_SHARE = 0.5  # an input map non-finite in more of the group mask is broken, not edgy
@@ -502,21 +511,26 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     """Fit one planned model on maps under ``output_dir``; write into ``group_dir`` (OUTPUT_DIR/group)."""
     t0 = time.perf_counter()
     group_dir = group_dir or output_dir / "group"
-    Y, mask, affine = _read_inputs(output_dir, model)
-    Y, mask, fit = _without_flat_voxels(Y, mask, model, fit_ols(Y, model.design.to_numpy()))
-    mixed = settings.estimator == "mixed"
-    if mixed:
-        Y, variances, mask = _with_variances(output_dir, model, Y, mask)
-        fit = fit_mixed(Y, variances, model.design.to_numpy())
-        del variances
-    subject_by_condition = _subject_by_condition(Y, model) if _corrects_sphericity(model, settings) else None
-    # permutations before any file: an interrupted run leaves no file of this model
     designs = model.permutation_designs or [None] * len(model.contrasts)
-    permuted = [None if design is None else
-                run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ",
-                                 **_surface_permutation_args(affine, mask, settings))
-                for (con, _), design in zip(model.contrasts, designs)]
-    del Y
+    mixed = settings.estimator == "mixed"
+    mask, affine = _group_mask(output_dir, model)
+    if groupblocks.streams(len(model.inputs), int(mask.sum()), settings.estimator, model.kind):
+        mask, fit, permuted, subject_by_condition = _fit_in_blocks(output_dir, model, settings, designs,
+                                                                   mask, affine)
+    else:
+        Y, mask, affine = _read_inputs(output_dir, model, (mask, affine))
+        Y, mask, fit = _without_flat_voxels(Y, mask, model, fit_ols(Y, model.design.to_numpy()))
+        if mixed:
+            Y, variances, mask = _with_variances(output_dir, model, Y, mask)
+            fit = fit_mixed(Y, variances, model.design.to_numpy())
+            del variances
+        subject_by_condition = _subject_by_condition(Y, model) if _corrects_sphericity(model, settings) else None
+        # permutations before any file: an interrupted run leaves no file of this model
+        permuted = [None if design is None else
+                    run_permutations(Y, design, mask, settings.permutations, label=f"contrast-{con.label}: ",
+                                     **_surface_permutation_args(affine, mask, settings))
+                    for (con, _), design in zip(model.contrasts, designs)]
+        del Y
     computed = [_contrast_values(model, con, weights, fit, settings, subject_by_condition, perm is not None)
                 for (con, weights), perm in zip(model.contrasts, permuted)]
     written = []
@@ -548,6 +562,22 @@ def fit_and_write(output_dir: Path, model: PlannedModel, settings: GroupSettings
     log.info("%s %s: %d contrast(s) written (%.1f s)", _prefix(model), model.name, len(model.contrasts),
              time.perf_counter() - t0)
     return written
+
+
+def _fit_in_blocks(output_dir, model, settings, designs, mask, affine):
+    """The fit and permutations of a large OLS model a block of voxels at a time
+    (groupblocks.py): mask, fit, permutation results; no sphericity data (no ANOVA)."""
+    labels = {id(d): f"contrast-{con.label}: " for (con, _), d in zip(model.contrasts, designs)}
+
+    def permute(design, final_mask, prepared):
+        return run_permutations(None, design, final_mask, settings.permutations, label=labels[id(design)],
+                                prepared=prepared, **_surface_permutation_args(affine, final_mask, settings))
+
+    blocked = groupblocks.fit_in_blocks(
+        model.inputs, lambda m: read_effect(output_dir, m, mask, affine), mask, model.design.to_numpy(),
+        f"{_prefix(model)} {model.name}", groupblocks.work_folder(output_dir), designs, settings.permutations,
+        permute)
+    return blocked.mask, blocked.fit, blocked.permuted, None
 
 
 def _without_flat_voxels(Y: np.ndarray, mask: np.ndarray, model: PlannedModel, fit):

@@ -177,10 +177,13 @@ def residuals_and_observed(Y: np.ndarray, design: PermutationDesign, chunk: int 
 
 def count_rearrangements(design: PermutationDesign) -> float:
     n = len(design.blocks)
-    if design.scheme == SIGN_FLIP:
-        return 2.0 ** n
-    sizes = np.unique(design.blocks, return_counts=True)[1]
-    return float(math.prod(math.factorial(int(s)) for s in sizes))  # Python ints: no overflow
+    try:
+        if design.scheme == SIGN_FLIP:
+            return 2.0 ** n
+        sizes = np.unique(design.blocks, return_counts=True)[1]
+        return float(math.prod(math.factorial(int(s)) for s in sizes))  # Python ints: no overflow
+    except OverflowError:  # more than a float holds (over 1,023 sign-flipped or 170 permuted inputs)
+        return math.inf
 
 
 def all_sign_flips(n: int) -> np.ndarray:
@@ -290,21 +293,25 @@ def _signed_for_max(stat: np.ndarray, design: PermutationDesign, two_sided: bool
 
 def run_permutations(Y: np.ndarray, design: PermutationDesign, mask: np.ndarray,
                      options: PermutationOptions, label: str = "", neighbours=None,
-                     tfce_extent: float = TFCE_E) -> PermutationResult:
+                     tfce_extent: float = TFCE_E, prepared=None) -> PermutationResult:
     """Y : (N, V) inputs in the mask (bool 3D array with V voxels); ``neighbours``: a table as
     clusterkernels.neighbour_table gives (default: the mask's neighbours at options.connectivity);
-    ``tfce_extent``: TFCE's E (0.5 for volumes; 1 is the usual choice on surfaces).
+    ``tfce_extent``: TFCE's E (0.5 for volumes; 1 is the usual choice on surfaces);
+    ``prepared``: instead of Y, residuals computed in voxel blocks (groupblocks.PreparedResiduals).
 
     An interrupt (Ctrl-C) is taken between batches of permutations, never inside a
     (parallel) numba kernel, which it would crash."""
     with interrupts.deferred():
-        return _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent)
+        return _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent, prepared)
 
 
-def _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent) -> PermutationResult:
+def _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent, prepared=None) -> PermutationResult:
     two_sided = options.two_sided and not design.f_test
     neighbours = ck.neighbour_table(mask, options.connectivity) if neighbours is None else neighbours
-    E, ss64, stat = residuals_and_observed(Y, design)
+    if prepared is None:
+        E, ss64, stat = residuals_and_observed(Y, design)
+    else:
+        stat = prepared.stat
     threshold = cluster_forming_threshold(options.cluster_forming_p, design, two_sided)
     observed = _observed_measures(stat, neighbours, threshold, two_sided, options.tfce, tfce_extent)
 
@@ -318,9 +325,12 @@ def _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent) 
         rearrangements = None
     n_total = len(rearrangements) if exhaustive else options.n_permutations
 
-    tiles, ss_tiles = ck.tile_residuals(E, ss64.astype(np.float32))
-    n_voxels = E.shape[1]
-    del E
+    if prepared is None:
+        tiles, ss_tiles = ck.tile_residuals(E, ss64.astype(np.float32))
+        del E
+    else:
+        tiles, ss_tiles = prepared.tiles, prepared.ss_tiles
+    n_voxels = len(stat)
     rows = design.basis.shape[0]
     spatial = options.clusters or options.tfce  # maps are kept only for cluster and TFCE nulls
     batch = int(max(1, min(256, options.batch_bytes // (4 * n_voxels)))) if spatial else 64
@@ -328,6 +338,8 @@ def _run_permutations(Y, design, mask, options, label, neighbours, tfce_extent) 
     null_size, null_mass, null_tfce = [observed["max_size"]], [observed["max_mass"]], [observed["max_tfce"]]
     progress = _Progress(n_total, label)
     done = 0
+    if prepared is not None and prepared.null_max_stat is not None:  # voxel-level null, done by block
+        null_stat, done = list(prepared.null_max_stat), n_total
     with threadpool_limits(1, "blas"):  # the kernels parallelise over voxel tiles themselves
         while done < n_total:
             count = min(batch, n_total - done)

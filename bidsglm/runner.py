@@ -8,8 +8,10 @@ from pathlib import Path
 
 from .design import contrast_labels, parse_contrast_option, read_events
 from .discovery import SpaceSpec, discover_runs, find_derivatives
+from .errors import UsageError
 from .outputs import (
     active_session,
+    atomic_write_bytes,
     attached,
     check_planned_folders,
     check_planned_names,
@@ -23,6 +25,8 @@ from .outputs import (
 from .surfaces import space_kind
 from .participant import (
     ModelSettings,
+    _completion_record,
+    _existing_result,
     check_surface_geometries,
     fit_run,
     model_contrasts,
@@ -69,6 +73,79 @@ def _fit_in_worker(level, session, *fit_args):
         return fit_run(*fit_args)
 
 
+def _fit_staged(level, prep, settings, labels, links, fingerprint):
+    """Dask task: fit one run into a private folder on the worker; returns its result and the
+    files written (path relative to the folder -> bytes). Nothing is written to OUTPUT_DIR here."""
+    import tempfile
+
+    from .logs import configure_logging
+
+    if not log.handlers:
+        configure_logging(verbose=1 if level <= logging.DEBUG else 0, quiet=level >= logging.WARNING)
+    # a worker thread of the calling process (LocalCluster(processes=False)) shares its output
+    # session, whose guard allows OUTPUT_DIR only: stage in the session's temporary folder there
+    session = active_session()
+    with tempfile.TemporaryDirectory(prefix="bidsglm-run-", dir=session.tmp_dir if session else None) as folder:
+        staging = Path(folder)
+        result = fit_run(prep, settings, staging, labels, links, fingerprint)
+        files = {p.relative_to(staging).as_posix(): p.read_bytes()
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
+    return result, str(staging), files
+
+
+def fit_on_dask(address: str, prepared: list, settings, output_dir: Path, labels, links, fingerprint) -> list:
+    """Runs fitted on an existing dask.distributed cluster (``--dask-scheduler``).
+
+    Workers fit runs and send their files back; they are written here, under this invocation's
+    output session (guard, journal, rollback), so an error or an interrupt leaves nothing partial
+    whatever the workers are still doing. Runs already done with this model are reused without
+    being sent (resumability, as locally); the first run that fails stops the rest and is raised."""
+    from distributed import Client, as_completed
+
+    results = {i: _existing_result(p, output_dir, fingerprint, labels) for i, p in enumerate(prepared)}
+    for i in [i for i, r in results.items() if r is not None]:
+        log.info("%s: already done with this model, reusing its maps", prepared[i].inputs.label)
+    todo = [i for i, r in results.items() if r is None]
+    if not todo:
+        return [results[i] for i in range(len(prepared))]
+    try:
+        client = Client(address, timeout=DASK_CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UsageError(f"--dask-scheduler {address}: cannot connect to a Dask scheduler there ({exc})") from exc
+    with client:
+        futures = {client.submit(_fit_staged, log.level, prepared[i], settings, labels, links, fingerprint,
+                                 pure=False): i for i in todo}
+        log.info("%d run(s) sent to the Dask cluster at %s (%d worker(s))", len(todo), address,
+                 len(client.scheduler_info().get("workers", {})))
+        try:
+            for future in as_completed(futures):
+                result, staging, files = future.result()  # a run's error is raised here
+                results[futures[future]] = _write_staged(prepared[futures[future]], result, Path(staging),
+                                                         files, output_dir)
+        except BaseException:
+            client.cancel(list(futures))
+            raise
+    return [results[i] for i in range(len(prepared))]
+
+
+DASK_CONNECT_TIMEOUT_S = 30
+
+
+def _write_staged(prep, result, staging: Path, files: dict, output_dir: Path):
+    """A worker's files written into OUTPUT_DIR (the completion record last, as fit_run does);
+    the result's paths moved from the worker's folder to OUTPUT_DIR."""
+    record = _completion_record(prep, staging).relative_to(staging).as_posix()
+    for rel in sorted(files, key=lambda r: r == record):
+        atomic_write_bytes(output_dir / rel, files[rel])
+
+    def moved(path):
+        return output_dir / Path(path).relative_to(staging) if path is not None else None
+
+    result.maps = {name: {stat: moved(p) for stat, p in maps.items()} for name, maps in result.maps.items()}
+    result.mask_path = moved(result.mask_path)
+    return result
+
+
 def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
     """Fit every selected run and subject; returns the subjects' labels."""
     from joblib import Parallel, delayed
@@ -109,7 +186,9 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
                  ", ".join(f"{c.name} [{labels[c.name]}]" for c in contrasts))
         jobs = (delayed(_fit_in_worker)(log.level, active_session(), p, settings, output_dir, labels, links, fingerprint)
                 for p in prepared)
-        if args.n_cpus > 1 and len(prepared) > 1:
+        if getattr(args, "dask_scheduler", None):
+            results = fit_on_dask(args.dask_scheduler, prepared, settings, output_dir, labels, links, fingerprint)
+        elif args.n_cpus > 1 and len(prepared) > 1:
             results = Parallel(n_jobs=min(args.n_cpus, len(prepared)))(jobs)
         else:
             results = [fit_run(p, settings, output_dir, labels, links, fingerprint) for p in prepared]
