@@ -398,7 +398,7 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
 
         folders = dataset_node_folders(output_dir, model)
         check_planned_folders(folders)  # report workers write unjournalled: check their folders here
-        paths = [reports.group_report(output_dir, folder) for folder in folders]
+        paths = [reports.group_report(output_dir, folder, args.n_cpus) for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
     elif _surface_results(args, output_dir):  # maps and tables only; figures on surfaces not drawn yet
@@ -411,7 +411,7 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
             paths = [surfacereports.participant_report(output_dir, s) for s in subjects]
     elif args.analysis_level == "group":
         check_planned_folders([output_dir / "group"])
-        paths = [reports.group_report(output_dir)]
+        paths = [reports.group_report(output_dir, n_jobs=args.n_cpus)]
     else:
         check_planned_folders([output_dir])
         if subjects is None:
