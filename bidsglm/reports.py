@@ -650,6 +650,26 @@ def _group_grid(path: Path, group_dir: Path):
     return _native_grid(str(masks[0]), "") if masks else _native_grid(str(path), "")
 
 
+# permutation settings of a map's sidecar, as the report names them
+_PERMUTATION_FIELDS = {"Rearrangement": "rearrangement", "NumberOfRearrangements": "number of rearrangements",
+                       "Exhaustive": "every rearrangement (exhaustive)", "RandomSeed": "random seed",
+                       "ClusterFormingP": "cluster-forming p", "ClusterFormingThreshold": "cluster-forming threshold",
+                       "FWEAlpha": "family-wise error rate", "TFCE": "TFCE (threshold-free cluster enhancement)"}
+
+
+def _setting_text(value) -> str:
+    """A sidecar value as text: yes/no, 'not set', numbers to 4 significant digits."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "not set"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting_text(v)}" for k, v in value.items())
+    return str(value)
+
+
 def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
     from .figures import read_map
 
@@ -661,9 +681,7 @@ def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
         side = _read_json(sidecar_path(logp))
         masked = group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz"
         clusters = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
-        info = {k: _esc(side[k]) for k in ("Rearrangement", "NumberOfRearrangements", "Exhaustive", "RandomSeed",
-                                           "ClusterFormingP", "ClusterFormingThreshold", "FWEAlpha",
-                                           "TFCE") if k in side}
+        info = {label: _esc(_setting_text(side[k])) for k, label in _PERMUTATION_FIELDS.items() if k in side}
         parts.append(f"<h4>{_esc(kind)} FWE</h4>{_kv_table(info) if info else ''}")
         alpha = float(side.get("FWEAlpha", 0.05))
         data, affine = read_map(logp)

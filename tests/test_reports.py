@@ -163,8 +163,9 @@ def test_group_report_written_and_complete(reported):
     page = report.read_text().replace("<wbr>", "")  # line-break hints in table cells
     for text in ("Participants", "Contents", "unthresholded z", "thresholded z", "Clusters",
                  "Permutation inference", "voxel FWE", "clustersize FWE", "clustermass FWE",
-                 "aal_peak", "sign flipping"):
+                 "aal_peak", "sign flipping", "number of rearrangements", "cluster-forming threshold"):
         assert text in page, text
+    assert "NumberOfRearrangements" not in page and "ClusterFormingThreshold" not in page  # words, not fields
     assert page.count('href="#') >= 3  # the index links to its sections
 
 
