@@ -454,7 +454,8 @@ def test_participant_rerun_draws_nothing_again(reported, tmp_path, monkeypatch, 
     shutil.copytree(out, work)
     pages = {s: (work / f"sub-{s}.html").read_text() for s in ("01", "02")}
     drawn = _count_drawn(monkeypatch)
-    assert main([str(root), str(work), "participant", "--skip-bids-validation", "-q", "--n-cpus", "2",
+    # --n-cpus 1: the reports are drawn in this process, where brain_figure is counted
+    assert main([str(root), str(work), "participant", "--skip-bids-validation", "-q", "--n-cpus", "1",
                  "--contrast", "IncongruentMinusCongruent=incongruent_correct - congruent_correct",
                  "--contrast", "errors=incongruent_incorrect"]) == 0
     assert drawn == []
