@@ -9,7 +9,11 @@ alone), and prints wall and CPU time with the share the reports add. Datasets:
   mask, real flanker timing, 3 contrasts), 200 volumes at 2 mm by default;
 - ``multicontrast``: the demo dataset (4 subjects x 2 runs, 4 mm) with 5 contrasts.
 
-    python benchmarks/bench_reports.py [--volumes 200] [--voxel-size 2] [--keep DIR] [--only NAME]
+    python benchmarks/bench_reports.py [--volumes 200] [--voxel-size 2] [--keep DIR] [--only NAME] [--n-cpus N]
+
+With --n-cpus N every run gets ``--n-cpus N`` (the figures of one report are then drawn in N
+threads, the reports of several subjects in N processes, whose CPU time is not counted:
+measure CPU time with the default of 1).
 
 CPU time is the steadier number on a shared machine; the load average is printed
 with the results, because wall times on a loaded machine are not comparable.
@@ -66,8 +70,8 @@ def run(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(name: str, root: Path, work: Path, contrasts: dict) -> None:
-    common = ["--skip-bids-validation", "-q"]
+def measure(name: str, root: Path, work: Path, contrasts: dict, n_cpus: int = 1) -> None:
+    common = ["--skip-bids-validation", "-q", "--n-cpus", str(n_cpus)]
     for label, expr in contrasts.items():
         common += ["--contrast", f"{label}={expr}"]
     results = {}
@@ -75,7 +79,14 @@ def measure(name: str, root: Path, work: Path, contrasts: dict) -> None:
         out = work / f"{name}-out-{'no' if extra else 'with'}-reports"
         shutil.rmtree(out, ignore_errors=True)
         results[label] = run([root, out, "participant", *common, *extra])
-    results["reports only"] = run([root, work / f"{name}-out-with-reports", "participant", "-q", "--reports-only"])
+    # the reports written again from scratch (the previous report removed: no figure to reuse)
+    for page in (work / f"{name}-out-with-reports").glob("sub-*.html"):
+        page.unlink()
+    results["reports only"] = run([root, work / f"{name}-out-with-reports", "participant", "-q", "--reports-only",
+                                   "--n-cpus", str(n_cpus)])
+    # and once more: every map unchanged, so no figure is drawn again
+    results["rerun reports"] = run([root, work / f"{name}-out-with-reports", "participant", "-q", "--reports-only",
+                                    "--n-cpus", str(n_cpus)])
     print(f"\n{name}: {root}")
     print(f"{'':18s} {'wall s':>8s} {'cpu s':>8s} {'report wall s':>14s} {'report cpu s':>13s} {'peak MB':>8s}")
     for label, r in results.items():
@@ -97,6 +108,7 @@ def main() -> None:
     p.add_argument("--voxel-size", type=int, default=2)
     p.add_argument("--keep", type=Path, help="folder for the data and outputs (default: temporary)")
     p.add_argument("--only", choices=["benchmark", "multicontrast"])
+    p.add_argument("--n-cpus", type=int, default=1)
     args = p.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bidsglm-bench-reports-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -107,14 +119,14 @@ def main() -> None:
             t = time.perf_counter()
             make_run(root, args.volumes, args.voxel_size)
             print(f"generated {args.volumes} volumes at {args.voxel_size} mm in {time.perf_counter() - t:.0f} s")
-        measure("benchmark", root, work, CONTRASTS)
+        measure("benchmark", root, work, CONTRASTS, args.n_cpus)
     if args.only in (None, "multicontrast"):
         from bidsglm.demo import make_demo
 
         root = work / "demo"
         if not (root / "dataset_description.json").exists():
             make_demo(root, n_subjects=4, voxel_size=4, seed=0)
-        measure("multicontrast", root, work, DEMO_CONTRASTS)
+        measure("multicontrast", root, work, DEMO_CONTRASTS, args.n_cpus)
     print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -418,7 +418,7 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
         from . import surfacereports
 
         paths = [surfacereports.group_report(folder) if not next(folder.glob("*_statmap.nii.gz"), None)
-                 and surfacereports.has_surface_maps(folder) else reports.group_report(output_dir, folder)
+                 and surfacereports.has_surface_maps(folder) else reports.group_report(output_dir, folder, args.n_cpus)
                  for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
@@ -432,7 +432,7 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
             paths = [surfacereports.participant_report(output_dir, s) for s in subjects]
     elif args.analysis_level == "group":
         check_planned_folders([output_dir / "group"])
-        paths = [reports.group_report(output_dir)]
+        paths = [reports.group_report(output_dir, n_jobs=args.n_cpus)]
     else:
         check_planned_folders([output_dir])
         if subjects is None:

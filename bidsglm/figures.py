@@ -303,8 +303,8 @@ def brain_figure(data: np.ndarray, affine: np.ndarray, grid: Grid, *, vmax: floa
 
     projected, planes, peak = _map_views(data, affine, grid, glass_threshold)
     at = peak if peak is not None else tuple(n // 2 for n in grid.shape)
-    if not grid.silhouettes:
-        grid.silhouettes.extend(p != 0 for p in _orient(*(grid.brain.any(axis=a) for a in range(3))))
+    if not grid.silhouettes:  # one assignment: figures of one grid may be drawn in parallel threads
+        grid.silhouettes = [p != 0 for p in _orient(*(grid.brain.any(axis=a) for a in range(3)))]
     glass, slices = [], []
     for values, sil in zip(projected, grid.silhouettes):
         base = np.where(sil[..., None], 236, 255).astype(np.float32) * np.ones(3, np.float32)

@@ -370,11 +370,16 @@ def _colour_bar(vmax: float, symmetric: bool, label: str) -> str:
             f"<span>{vmax:.2g}</span></div>")
 
 
-# Figures of the report being rewritten, by key: a rerun reuses the figure of a map whose file
-# (size, modification time) and drawing settings are unchanged instead of drawing it again.
+# Figures of the report being rewritten, by key: a rerun reuses the figure of a map whose values
+# and drawing settings are unchanged instead of drawing it again (a map written again with the
+# same values, as a rerun of the participant level does, is not drawn again).
 _REUSABLE: dict[str, str] = {}
 _FIGURE = re.compile(r'<figure data-key="([0-9a-f]{40})".*?</figure>', re.S)
 DRAWING_VERSION = "1"  # changes whenever figures.py draws differently
+# Figures of the report being written that are still to draw: placeholder -> arguments of
+# _figure_html. They are drawn together once the page is assembled (in threads with n_jobs > 1).
+_PENDING: dict[str, tuple] = {}
+_PLACEHOLDER = re.compile("\x00figure-[0-9]+\x00")  # NUL never occurs in the escaped page
 
 
 def _reusable_figures(report: Path) -> dict[str, str]:
@@ -385,26 +390,42 @@ def _reusable_figures(report: Path) -> dict[str, str]:
 
 
 def _file_id(path: Path | str | None) -> str:
+    """A file's name and a digest of its bytes (the name: OUTPUT_DIR may have moved)."""
     if not path:
         return ""
     try:
-        st = Path(path).stat()
+        return f"{Path(path).name}:{hashlib.sha1(Path(path).read_bytes()).hexdigest()}"
     except OSError:
         return f"{path}:absent"
-    return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"  # the name: OUTPUT_DIR may have moved
+
+
+def _content_id(data: np.ndarray, affine: np.ndarray) -> str:
+    """A digest of a map's values, shape and affine: what its figure is drawn from."""
+    digest = hashlib.sha1(np.ascontiguousarray(data).view(np.uint8))
+    digest.update(repr((data.dtype.str, data.shape)).encode())
+    digest.update(np.asarray(affine, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax: float, glass: float,
                  slice_threshold: float | None, symmetric: bool = True, stat: str = "z",
                  source: Path | None = None) -> str:
     """One brain figure with its title and a caption that says exactly what is drawn; reused
-    from the previous report when ``source`` (the map file) and every setting are unchanged."""
-    from .figures import brain_figure
-
-    key = hashlib.sha1(repr((DRAWING_VERSION, _file_id(source), grid.key, title, vmax, glass, slice_threshold,
-                             symmetric, stat)).encode()).hexdigest()
+    from the previous report when the map's values (read from ``source``) and every setting
+    are unchanged. Returns a placeholder that _draw_figures replaces with the figure."""
+    key = hashlib.sha1(repr((DRAWING_VERSION, _content_id(data, affine), grid.key, title, vmax, glass,
+                             slice_threshold, symmetric, stat)).encode()).hexdigest()
     if source is not None and key in _REUSABLE:
         return _REUSABLE[key]
+    placeholder = f"\x00figure-{len(_PENDING)}\x00"
+    _PENDING[placeholder] = (key, data, affine, grid, title, vmax, glass, slice_threshold, symmetric, stat)
+    return placeholder
+
+
+def _figure_html(key: str, data: np.ndarray, affine: np.ndarray, grid, title: str, vmax: float, glass: float,
+                 slice_threshold: float | None, symmetric: bool, stat: str) -> str:
+    from .figures import brain_figure
+
     fig = brain_figure(data, affine, grid, vmax=vmax, glass_threshold=glass, slice_threshold=slice_threshold,
                        symmetric=symmetric)
     value = f"|{stat}|" if symmetric else stat
@@ -418,6 +439,24 @@ def _brain_block(data: np.ndarray, affine: np.ndarray, grid, *, title: str, vmax
     return (f'<figure data-key="{key}" data-glass-threshold="{glass!r}" data-voxels-shown="{fig.n_shown}" '
             f'data-vmax="{vmax!r}"><figcaption>{_esc(title)}</figcaption><img src="{fig.uri}" alt="{_esc(title)}">'
             f'<div class="cap">{caption}</div></figure>')
+
+
+def _draw_figures(body: str, n_jobs: int = 1) -> str:
+    """The page body with every pending figure drawn in place of its placeholder; figures are
+    independent, so with ``n_jobs`` > 1 threads draw them (numpy and zlib release the GIL)
+    and the page is the same, byte for byte, as drawn one after another."""
+    pending = dict(_PENDING)
+    _PENDING.clear()
+    if not pending:
+        return body
+    if n_jobs > 1 and len(pending) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(n_jobs, len(pending)), thread_name_prefix="bidsglm-figure") as pool:
+            drawn = dict(zip(pending, pool.map(lambda args: _figure_html(*args), pending.values())))
+    else:
+        drawn = {placeholder: _figure_html(*args) for placeholder, args in pending.items()}
+    return _PLACEHOLDER.sub(lambda m: drawn[m.group(0)], body)
 
 
 def _shared_vmax(arrays) -> float:
@@ -441,18 +480,23 @@ def _run_grid(output_dir: Path, rec: RunRecord, map_path: Path):
     return _native_grid(str(mask), "")
 
 
-@functools.lru_cache(maxsize=8)
 def _native_grid(mask: str, anatomy: str):
+    return _native_grid_of(mask, anatomy, _file_id(mask), _file_id(anatomy))
+
+
+@functools.lru_cache(maxsize=8)
+def _native_grid_of(mask: str, anatomy: str, mask_id: str, anatomy_id: str):
+    """Cached by the files' contents too: a file rewritten with other values gets a new grid."""
     from .figures import native_grid, read_map
 
     brain, affine = read_map(Path(mask))
     values = read_map(Path(anatomy))[0] if anatomy else None
     grid = native_grid(affine, brain.shape, values, brain > 0)
-    grid.key = f"{_file_id(mask)}|{_file_id(anatomy)}"
+    grid.key = f"{mask_id}|{anatomy_id}"
     return grid
 
 
-def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRecord]) -> str:
+def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRecord], n_jobs: int = 1) -> str:
     from .figures import read_map
 
     subject_prefix = _subject_prefix(runs[0].map_prefix)
@@ -492,23 +536,24 @@ def _contrast_section(output_dir: Path, name: str, label: str, runs: list[RunRec
                for (title, path, rec), (data, affine) in zip(maps, loaded)]
     if figures:
         parts.append(f'<div class="maps">{"".join(figures)}</div>')
-    return "".join(parts + notes)
+    return _draw_figures("".join(parts + notes), n_jobs)  # now: only one contrast's maps are held
 
 
-def participant_report(output_dir: Path, subject: str) -> Path:
-    """Write ``sub-<subject>.html``; returns its path."""
+def participant_report(output_dir: Path, subject: str, n_jobs: int = 1) -> Path:
+    """Write ``sub-<subject>.html``; returns its path. ``n_jobs`` threads draw its figures."""
     runs = _run_records(output_dir, subject)
     if not runs:
         raise DataError(f"no participant-level results for sub-{subject} (no *_design.json)", output_dir)
     _REUSABLE.clear()
     _REUSABLE.update(_reusable_figures(output_dir / f"sub-{subject}.html"))
     try:
-        return _write_participant_report(output_dir, subject, runs)
+        return _write_participant_report(output_dir, subject, runs, n_jobs)
     finally:
         _REUSABLE.clear()
+        _PENDING.clear()
 
 
-def _write_participant_report(output_dir: Path, subject: str, runs: list[RunRecord]) -> Path:
+def _write_participant_report(output_dir: Path, subject: str, runs: list[RunRecord], n_jobs: int = 1) -> Path:
     body, index = [], []
     groups: dict[str, list[RunRecord]] = {}
     for rec in runs:  # one section per task (and session and space)
@@ -533,22 +578,24 @@ def _write_participant_report(output_dir: Path, subject: str, runs: list[RunReco
             ca = _anchor(f"{key}-contrast-{name}")
             index.append((ca, f"contrast {name}", 1))
             log.info("report sub-%s: %s contrast %s", subject, key, name)
-            section = _contrast_section(output_dir, name, label, recs) if label else \
+            section = _contrast_section(output_dir, name, label, recs, n_jobs) if label else \
                 '<p class="warn">Estimable in none of the runs.</p>'
             body.append(f'<h3 id="{ca}">Contrast {_esc(name)}</h3>{section}')
     path = output_dir / f"sub-{subject}.html"
-    atomic_write_bytes(path, _page(f"bidsglm participant report: sub-{subject}", "".join(body), index))
+    page = _page(f"bidsglm participant report: sub-{subject}", _draw_figures("".join(body), n_jobs), index)
+    atomic_write_bytes(path, page)
     return path
 
 
 def participant_reports(output_dir: Path, subjects: list[str], n_jobs: int = 1) -> list[Path]:
-    """One report per subject, in parallel over subjects."""
+    """One report per subject: several subjects in parallel processes, the figures of a single
+    subject's report in parallel threads."""
     if n_jobs > 1 and len(subjects) > 1:
         from joblib import Parallel, delayed
 
         return list(Parallel(n_jobs=min(n_jobs, len(subjects)))(
             delayed(participant_report)(output_dir, s) for s in subjects))
-    return [participant_report(output_dir, s) for s in subjects]
+    return [participant_report(output_dir, s, n_jobs) for s in subjects]
 
 
 def subjects_with_results(output_dir: Path, labels: list[str] | None = None) -> list[str]:
@@ -603,6 +650,26 @@ def _group_grid(path: Path, group_dir: Path):
     return _native_grid(str(masks[0]), "") if masks else _native_grid(str(path), "")
 
 
+# permutation settings of a map's sidecar, as the report names them
+_PERMUTATION_FIELDS = {"Rearrangement": "rearrangement", "NumberOfRearrangements": "number of rearrangements",
+                       "Exhaustive": "every rearrangement (exhaustive)", "RandomSeed": "random seed",
+                       "ClusterFormingP": "cluster-forming p", "ClusterFormingThreshold": "cluster-forming threshold",
+                       "FWEAlpha": "family-wise error rate", "TFCE": "TFCE (threshold-free cluster enhancement)"}
+
+
+def _setting_text(value) -> str:
+    """A sidecar value as text: yes/no, 'not set', numbers to 4 significant digits."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "not set"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting_text(v)}" for k, v in value.items())
+    return str(value)
+
+
 def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
     from .figures import read_map
 
@@ -614,9 +681,7 @@ def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
         side = _read_json(sidecar_path(logp))
         masked = group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz"
         clusters = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
-        info = {k: _esc(side[k]) for k in ("Rearrangement", "NumberOfRearrangements", "Exhaustive", "RandomSeed",
-                                           "ClusterFormingP", "ClusterFormingThreshold", "FWEAlpha",
-                                           "TFCE") if k in side}
+        info = {label: _esc(_setting_text(side[k])) for k, label in _PERMUTATION_FIELDS.items() if k in side}
         parts.append(f"<h4>{_esc(kind)} FWE</h4>{_kv_table(info) if info else ''}")
         alpha = float(side.get("FWEAlpha", 0.05))
         data, affine = read_map(logp)
@@ -679,8 +744,9 @@ def _group_contrast_section(group_dir: Path, z: Path) -> str:
     return "".join(parts)
 
 
-def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
-    """Write ``group/report.html`` (or ``report.html`` in a Dataset node's folder); returns its path."""
+def group_report(output_dir: Path, group_dir: Path | None = None, n_jobs: int = 1) -> Path:
+    """Write ``group/report.html`` (or ``report.html`` in a Dataset node's folder); returns its
+    path. ``n_jobs`` threads draw its figures."""
     group_dir = group_dir or output_dir / "group"
     models = _group_contrasts(group_dir)
     if not models:
@@ -688,12 +754,13 @@ def group_report(output_dir: Path, group_dir: Path | None = None) -> Path:
     _REUSABLE.clear()
     _REUSABLE.update(_reusable_figures(group_dir / "report.html"))
     try:
-        return _write_group_report(group_dir, models)
+        return _write_group_report(group_dir, models, n_jobs)
     finally:
         _REUSABLE.clear()
+        _PENDING.clear()
 
 
-def _write_group_report(group_dir: Path, models: dict[str, list[Path]]) -> Path:
+def _write_group_report(group_dir: Path, models: dict[str, list[Path]], n_jobs: int = 1) -> Path:
     body = ['<h2 id="participants">Participants</h2>', _participants_section(group_dir, models)]
     index = [("participants", "Participants", 0)]
     for design_name, maps in models.items():
@@ -722,7 +789,8 @@ def _write_group_report(group_dir: Path, models: dict[str, list[Path]]) -> Path:
             ca = _anchor(base)
             index.append((ca, f"contrast {_entities(base).get('contrast', base)}", 1))
             log.info("group report: %s", base)
-            body.append(f'<h3 id="{ca}">{_esc(base)}</h3>{_group_contrast_section(group_dir, z)}')
+            section = _draw_figures(_group_contrast_section(group_dir, z), n_jobs)  # one contrast's maps held
+            body.append(f'<h3 id="{ca}">{_esc(base)}</h3>{section}')
     path = group_dir / "report.html"
-    atomic_write_bytes(path, _page("bidsglm group report", "".join(body), index))
+    atomic_write_bytes(path, _page("bidsglm group report", _draw_figures("".join(body), n_jobs), index))
     return path

@@ -163,8 +163,9 @@ def test_group_report_written_and_complete(reported):
     page = report.read_text().replace("<wbr>", "")  # line-break hints in table cells
     for text in ("Participants", "Contents", "unthresholded z", "thresholded z", "Clusters",
                  "Permutation inference", "voxel FWE", "clustersize FWE", "clustermass FWE",
-                 "aal_peak", "sign flipping"):
+                 "aal_peak", "sign flipping", "number of rearrangements", "cluster-forming threshold"):
         assert text in page, text
+    assert "NumberOfRearrangements" not in page and "ClusterFormingThreshold" not in page  # words, not fields
     assert page.count('href="#') >= 3  # the index links to its sections
 
 
@@ -399,27 +400,97 @@ def test_native_space_maps_are_drawn_over_the_run_mean(tmp_path, with_reports):
     assert "MNI152" not in page.split("Contrast faceMinusHouse")[1]
 
 
-def test_rerun_draws_only_the_figures_of_changed_maps(reported, tmp_path, monkeypatch, with_reports):
-    import os
+def _count_drawn(monkeypatch) -> list:
+    """Threads in which brain figures are drawn, one entry per figure."""
+    import threading
 
     import bidsglm.figures as figures
 
-    root, out = reported
-    work = tmp_path / "moved" / "out"  # reuse survives moving OUTPUT_DIR (file times are kept)
-    shutil.copytree(out, work)
     drawn = []
     real = figures.brain_figure
-    monkeypatch.setattr(figures, "brain_figure", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    monkeypatch.setattr(figures, "brain_figure",
+                        lambda *a, **k: drawn.append(threading.current_thread().name) or real(*a, **k))
+    return drawn
+
+
+def test_rerun_draws_only_the_figures_of_changed_maps(reported, tmp_path, monkeypatch, with_reports):
+    import nibabel as nib
+
+    root, out = reported
+    work = tmp_path / "moved" / "out"  # reuse survives moving OUTPUT_DIR
+    shutil.copytree(out, work)
+    drawn = _count_drawn(monkeypatch)
     before = _figures((work / "sub-01.html").read_text(), "<body>")
     assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
     assert drawn == []
     assert _figures((work / "sub-01.html").read_text(), "<body>") == before
-    # a map written again (new modification time): its figure alone is drawn again
+    # a map written again with the same values (a new file, as a rerun of the participant level
+    # writes it): nothing is drawn again
     z = next((work / "sub-01").rglob("*_run-1_*contrast-?ncongruentMinusCongruent_stat-z_statmap.nii.gz"))
-    os.utime(z, ns=(z.stat().st_atime_ns, z.stat().st_mtime_ns + 10**9))
+    img = nib.load(z)
+    values = np.asanyarray(img.dataobj, dtype=np.float32)
+    z.unlink()
+    nib.save(nib.Nifti1Image(values, img.affine, img.header), z)
+    assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
+    assert drawn == []
+    # a map whose values changed (its largest |z|, so the contrast's colour scale, unchanged): its
+    # figure alone is drawn again
+    changed = np.where(np.abs(values) < 1, values / 2, values)
+    assert np.abs(changed).max() == np.abs(values).max() and not np.array_equal(changed, values)
+    nib.save(nib.Nifti1Image(changed, img.affine, img.header), z)
     assert main([str(root), str(work), "participant", "--reports-only", "--participant-label", "01", "-q"]) == 0
     assert len(drawn) == 1
     assert _figures((work / "sub-01.html").read_text(), "<body>") == before
-    # the group report likewise
+    # the group report likewise: unchanged group maps are not drawn again
     assert main([str(root), str(work), "group", "--reports-only", "-q"]) == 0
     assert len(drawn) == 1
+
+
+def test_participant_rerun_draws_nothing_again(reported, tmp_path, monkeypatch, with_reports):
+    """The participant level run again with the same options rewrites the reports without
+    drawing any figure: every map has the values it had."""
+    root, out = reported
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    pages = {s: (work / f"sub-{s}.html").read_text() for s in ("01", "02")}
+    drawn = _count_drawn(monkeypatch)
+    # --n-cpus 1: the reports are drawn in this process, where brain_figure is counted
+    assert main([str(root), str(work), "participant", "--skip-bids-validation", "-q", "--n-cpus", "1",
+                 "--contrast", "IncongruentMinusCongruent=incongruent_correct - congruent_correct",
+                 "--contrast", "errors=incongruent_incorrect"]) == 0
+    assert drawn == []
+    for s, page in pages.items():
+        assert _STAMP.sub("", (work / f"sub-{s}.html").read_text()) == _STAMP.sub("", page)
+
+
+_STAMP = re.compile(r"written \d{4}-\d\d-\d\d \d\d:\d\d")  # the time a page was written
+
+
+def test_reports_drawn_in_parallel_equal_serial(reported, tmp_path, monkeypatch):
+    """Reports of several subjects (processes) and the figures of one report (threads) drawn
+    in parallel: the same pages, byte for byte but the time they were written."""
+    from bidsglm.reports import group_report, participant_reports
+
+    _, out = reported
+    copies = {}
+    for name in ("serial", "subjects", "figures"):
+        copies[name] = tmp_path / name
+        shutil.copytree(out, copies[name])
+        for page in [*copies[name].glob("sub-*.html"), copies[name] / "group" / "report.html"]:
+            page.unlink()  # nothing to reuse: every figure is drawn
+    drawn = _count_drawn(monkeypatch)
+    participant_reports(copies["serial"], ["01", "02"], n_jobs=1)
+    group_report(copies["serial"], n_jobs=1)
+    assert drawn and set(drawn) == {"MainThread"}
+    participant_reports(copies["subjects"], ["01", "02"], n_jobs=2)  # worker processes
+    drawn.clear()
+    participant_reports(copies["figures"], ["01"], n_jobs=2)
+    participant_reports(copies["figures"], ["02"], n_jobs=2)
+    group_report(copies["figures"], n_jobs=2)
+    assert len(drawn) > 2 and all(name.startswith("bidsglm-figure") for name in drawn)  # threads drew them
+    pages = ["sub-01.html", "sub-02.html"]
+    for name in ("subjects", "figures"):
+        for page in pages + (["group/report.html"] if name == "figures" else []):
+            serial, parallel = (copies["serial"] / page).read_bytes(), (copies[name] / page).read_bytes()
+            assert _STAMP.sub("", parallel.decode()) == _STAMP.sub("", serial.decode()), (name, page)
+            assert b"\x00" not in parallel  # no placeholder left
