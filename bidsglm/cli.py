@@ -418,8 +418,8 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
         from . import surfacereports
 
         paths = [surfacereports.group_report(folder) if not next(folder.glob("*_statmap.nii.gz"), None)
-                 and surfacereports.has_surface_maps(folder) else reports.group_report(output_dir, folder, args.n_cpus)
-                 for folder in folders]
+                 and surfacereports.has_surface_maps(folder)
+                 else reports.group_report(output_dir, folder, args.n_cpus) for folder in folders]
         if not paths:
             raise DataError("no Dataset node maps to report on (run the group level with this model)", output_dir)
     elif _surface_results(args, output_dir):  # surface maps: drawn on the template mesh where one ships
