@@ -436,7 +436,8 @@ def _batch_statistics(design, chunk, tiles, ss_tiles, two_sided, keep, n_voxels)
         gather, starts = _level_gather(design, chunk)
         weights = design.level_weights
         if design.level_scale > 0:  # the total comes from the level sums: only the effect rows
-            weights = weights[:0] if design.k == weights.shape[1] - 1 else weights[:design.k]
+            every_contrast = design.f_test and design.k == weights.shape[1] - 1  # effect = the total
+            weights = weights[:0] if every_contrast else weights[:design.k]
         return ck.batch_statistics_levels(gather, starts, np.ascontiguousarray(weights, dtype=np.float32),
                                           np.float32(design.level_scale), design.k, tiles, ss_tiles, dof,
                                           design.f_test, two_sided, keep, n_voxels)
