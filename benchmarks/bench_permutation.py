@@ -13,7 +13,11 @@ observed statistics) and once with P permutations; the per-permutation cost is
 the difference divided by P - 1, and the time for 10,000 permutations is
 start-up + 10,000 x that. nilearn runs with fewer permutations where it is slow (TFCE:
 about 1.7 s each); the ratios compare the extrapolated 10,000-permutation times.
-Both use the same number of workers (--jobs).
+Both use the same number of workers (--jobs). CPU time is measured too (bidsglm: its
+process, numba threads included; nilearn: its process plus its workers, run with joblib's
+multiprocessing backend so that they are reaped and counted), with the same
+extrapolation: on a machine shared with other jobs wall times stretch with the load
+(printed), CPU times much less.
 
     python benchmarks/bench_permutation.py [--jobs 2] [--only voxel cluster tfce anova]
 """
@@ -21,6 +25,8 @@ Both use the same number of workers (--jobs).
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 import warnings
@@ -53,26 +59,34 @@ def make_maps(folder: Path, n: int, seed: int = 0):
     return paths, mask, mask_img
 
 
+def _cpu_with_children() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def time_nilearn(paths, mask_img, design, contrast, n_perm, jobs, threshold=None, tfce=False):
+    """(wall, CPU) seconds; the workers are processes that end with the call (counted in CPU)."""
+    import joblib
     from nilearn.glm.second_level import non_parametric_inference
 
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    t0, c0 = time.perf_counter(), _cpu_with_children()
+    with warnings.catch_warnings(), joblib.parallel_config(backend="multiprocessing"):
         warnings.simplefilter("ignore")
         non_parametric_inference([str(p) for p in paths], design_matrix=design, second_level_contrast=contrast,
                                  mask=mask_img, n_perm=n_perm, two_sided_test=True, random_state=0,
                                  n_jobs=jobs, threshold=threshold, tfce=tfce, verbose=0)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_with_children() - c0
 
 
 def time_bidsglm(paths, mask, design, contrast, n_perm, blocks=None, tfce=False, clusters=True):
     from bidsglm.permutation import PermutationOptions, permutation_design, run_permutations
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     Y = np.stack([np.asanyarray(nib.load(str(p)).dataobj)[mask] for p in paths])
     d = permutation_design(design.to_numpy(), np.atleast_2d(contrast), False, blocks)
     run_permutations(Y, d, mask, PermutationOptions(n_perm, seed=0, tfce=tfce, clusters=clusters))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def extrapolate(t_one: float, t_run: float, n: int) -> tuple[float, float]:
@@ -94,6 +108,7 @@ def main() -> None:
         paths, mask, mask_img = make_maps(Path(tmp), 144)
         print(f"{int(mask.sum())} voxels (2 mm MNI mask), {args.jobs} worker(s); times for {TARGET} "
               "permutations are start-up + 10,000 x the measured cost per permutation")
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         for case in args.only:
             n_nl, n_ours = COUNTS[case]
             if case == "anova":
@@ -110,18 +125,23 @@ def main() -> None:
                 contrast, inputs, blocks = np.array([1.0]), paths[:16], None
             threshold = 0.001 if case == "cluster" else None
             tfce = case == "tfce"
-            nl0 = time_nilearn(inputs, mask_img, design, contrast, 1, args.jobs, threshold, tfce)
-            nl = time_nilearn(inputs, mask_img, design, contrast, n_nl, args.jobs, threshold, tfce)
+            (nl0, nl0_cpu) = time_nilearn(inputs, mask_img, design, contrast, 1, args.jobs, threshold, tfce)
+            (nl, nl_cpu) = time_nilearn(inputs, mask_img, design, contrast, n_nl, args.jobs, threshold, tfce)
             clusters = case == "cluster"  # what nilearn computes in each case
-            us0 = time_bidsglm(inputs, mask, design, contrast, 1, blocks, tfce, clusters)
-            us = time_bidsglm(inputs, mask, design, contrast, n_ours, blocks, tfce, clusters)
+            us0, us0_cpu = time_bidsglm(inputs, mask, design, contrast, 1, blocks, tfce, clusters)
+            us, us_cpu = time_bidsglm(inputs, mask, design, contrast, n_ours, blocks, tfce, clusters)
             nl_per, nl_total = extrapolate(nl0, nl, n_nl)
             us_per, us_total = extrapolate(us0, us, n_ours)
+            nl_per_cpu, nl_total_cpu = extrapolate(nl0_cpu, nl_cpu, n_nl)
+            us_per_cpu, us_total_cpu = extrapolate(us0_cpu, us_cpu, n_ours)
             nl0, us0 = nl0 - nl_per, us0 - us_per
             print(f"{case:8s} {len(inputs):4d} maps | nilearn: start {nl0:6.1f} s, {1000 * nl_per:8.2f} ms/perm "
                   f"({n_nl} run) -> {nl_total:8.0f} s | bidsglm: start {us0:5.1f} s, {1000 * us_per:7.3f} ms/perm "
                   f"({n_ours} run) -> {us_total:6.1f} s | ratio {nl_total / us_total:6.1f}x "
                   f"(target {TARGET_RATIO[case]}x)", flush=True)
+            print(f"{'':8s} CPU time | nilearn: {1000 * nl_per_cpu:8.2f} ms/perm -> {nl_total_cpu:8.0f} s | "
+                  f"bidsglm: {1000 * us_per_cpu:7.3f} ms/perm -> {us_total_cpu:6.1f} s | ratio "
+                  f"{nl_total_cpu / us_total_cpu:6.1f}x | load average now {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def logger_off():

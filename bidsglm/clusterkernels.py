@@ -299,65 +299,72 @@ def batch_maxima(stats, neighbours, cluster_threshold, two_sided, with_tfce, E, 
 
 
 TILE = 2048  # voxels per tile: a tile of residuals and its products stay in cache
+LEVEL_TILE = 512  # tiles of the level kernel: (N, 512) float32 residuals fit a core's L2 cache
 
 
-def tile_residuals(E: np.ndarray, ss_total: np.ndarray):
-    """(N, V) residuals -> (tiles, N, TILE) contiguous blocks and (tiles, TILE) sums of
+def tile_residuals(E: np.ndarray, ss_total: np.ndarray, width: int = TILE):
+    """(N, V) residuals -> (tiles, N, width) contiguous blocks and (tiles, width) sums of
     squares, zero-padded (padding gets a sum of squares of 1 and statistic 0)."""
     n, v = E.shape
-    count = -(-v // TILE)
-    tiles = np.zeros((count, n, TILE), dtype=np.float32)
-    ss = np.ones((count, TILE), dtype=np.float32)
+    count = -(-v // width)
+    tiles = np.zeros((count, n, width), dtype=np.float32)
+    ss = np.ones((count, width), dtype=np.float32)
     for t in range(count):
-        width = min(TILE, v - t * TILE)
-        tiles[t, :, :width] = E[:, t * TILE:t * TILE + width]
-        ss[t, :width] = ss_total[t * TILE:t * TILE + width]
+        used = min(width, v - t * width)
+        tiles[t, :, :used] = E[:, t * width:t * width + used]
+        ss[t, :used] = ss_total[t * width:t * width + used]
     return tiles, ss
 
 
-@numba.njit(cache=CACHE, parallel=True, fastmath=True)
-def batch_statistics(A, tiles, ss_tiles, rows, k, dof, f_test, two_sided, keep, v):
-    """t or F of a batch of rearrangements, the product and the statistic fused per tile.
+@numba.njit(cache=CACHE, nogil=True, fastmath=True)
+def _effect_and_rss(Q, first, ss, used, rows, k, effect, rss):
+    """effect = sum of squares of Q's first k rows (from ``first``) and rss = ss - all rows'
+    squares (permutation.statistics_from_projections), along voxels (vectorised loops)."""
+    q0 = Q[first]
+    for i in range(used):
+        effect[i] = q0[i] * q0[i]
+    for r in range(1, k):
+        qr = Q[first + r]
+        for i in range(used):
+            effect[i] += qr[i] * qr[i]
+    for i in range(used):
+        rss[i] = ss[i] - effect[i]
+    for r in range(k, rows):
+        qr = Q[first + r]
+        for i in range(used):
+            rss[i] -= qr[i] * qr[i]
 
-    A : (B * rows, N) rows u' P of each rearrangement; tiles, ss_tiles : from
-    tile_residuals. The formula is permutation.statistics_from_projections'.
-    Returns the maps (B, v) (empty when not ``keep``) and each map's maximum (of
-    |t| when ``two_sided``). Without ``keep`` only the maximum of effect^2 / RSS is
-    tracked (no square root per voxel), which is all the voxel-level null needs.
-    Call with BLAS limited to one thread: the tiles are the parallel loop."""
-    b = A.shape[0] // rows
-    n_tiles, _, width = tiles.shape
-    out = np.empty((b if keep else 0, v), dtype=np.float32)
-    tile_best = np.full((n_tiles, b), -np.inf, dtype=np.float32)
+
+@numba.njit(cache=CACHE, nogil=True, fastmath=True)
+def _tile_best(q0, effect, rss, used, k, dof, f_test, two_sided, keep, out, j, start):
+    """t (q0 / sqrt(rss / dof)) or F (effect / k / (rss / dof)) of one rearrangement over one
+    tile; written to out[j, start:] when ``keep``. Returns their maximum (of |t| when
+    ``two_sided``); without ``keep`` only the maximum of effect / rss is tracked (no square
+    root per voxel), which is all the voxel-level null needs."""
     tiny = np.float32(1e-30)
-    for t in numba.prange(n_tiles):
-        Q = np.dot(A, tiles[t])
-        start = t * width
-        used = min(width, v - start)
-        for j in range(b):
-            best = np.float32(-np.inf)
-            first = j * rows
-            for i in range(used):
-                q = Q[first, i]
-                effect = q * q
-                for r in range(1, k):
-                    effect += Q[first + r, i] * Q[first + r, i]
-                rss = ss_tiles[t, i] - effect
-                for r in range(k, rows):
-                    rss -= Q[first + r, i] * Q[first + r, i]
-                rss = max(rss, tiny)
-                if keep:
-                    if f_test:
-                        value = effect / rss * (dof / k)
-                    else:
-                        value = q / np.sqrt(rss / dof)
-                    out[j, start + i] = value
-                    best = max(best, abs(value) if two_sided else value)
-                elif f_test or two_sided:
-                    best = max(best, effect / rss)
-                else:
-                    best = max(best, q * abs(q) / rss)  # signed square: same order as t
-            tile_best[t, j] = best
+    best = np.float32(-np.inf)
+    if keep:
+        for i in range(used):
+            r = max(rss[i], tiny)
+            if f_test:
+                value = effect[i] / r * (dof / k)
+            else:
+                value = q0[i] / np.sqrt(r / dof)
+            out[j, start + i] = value
+            best = max(best, abs(value) if two_sided else value)
+    elif f_test or two_sided:
+        for i in range(used):
+            best = max(best, effect[i] / max(rss[i], tiny))
+    else:
+        for i in range(used):
+            best = max(best, q0[i] * abs(q0[i]) / max(rss[i], tiny))  # signed square: same order as t
+    return best
+
+
+@numba.njit(cache=CACHE, nogil=True)
+def _batch_maxima_from_tiles(tile_best, keep, f_test, dof, k):
+    """Each rearrangement's maximum over the tiles, back on the statistic's scale."""
+    n_tiles, b = tile_best.shape
     maxima = np.empty(b, dtype=np.float64)
     for j in range(b):
         best = tile_best[0, j]
@@ -369,4 +376,105 @@ def batch_statistics(A, tiles, ss_tiles, rows, k, dof, f_test, two_sided, keep, 
             maxima[j] = best * dof / k
         else:
             maxima[j] = np.sign(best) * np.sqrt(abs(best) * dof)
-    return out, maxima
+    return maxima
+
+
+@numba.njit(cache=CACHE, parallel=True, fastmath=True)
+def batch_statistics(A, tiles, ss_tiles, rows, k, dof, f_test, two_sided, keep, v):
+    """t or F of a batch of rearrangements, the product and the statistic fused per tile.
+
+    A : (B * rows, N) rows u' P of each rearrangement; tiles, ss_tiles : from
+    tile_residuals. Returns the maps (B, v) (empty when not ``keep``) and each map's
+    maximum (of |t| when ``two_sided``).
+    Call with BLAS limited to one thread: the tiles are the parallel loop."""
+    b = A.shape[0] // rows
+    n_tiles, _, width = tiles.shape
+    out = np.empty((b if keep else 0, v), dtype=np.float32)
+    tile_best = np.full((n_tiles, b), -np.inf, dtype=np.float32)
+    for t in numba.prange(n_tiles):
+        Q = np.dot(A, tiles[t])
+        effect = np.empty(width, dtype=np.float32)
+        rss = np.empty(width, dtype=np.float32)
+        start = t * width
+        used = min(width, v - start)
+        for j in range(b):
+            _effect_and_rss(Q, j * rows, ss_tiles[t], used, rows, k, effect, rss)
+            tile_best[t, j] = _tile_best(Q[j * rows], effect, rss, used, k, dof, f_test, two_sided, keep,
+                                         out, j, start)
+    return out, _batch_maxima_from_tiles(tile_best, keep, f_test, dof, k)
+
+
+@numba.njit(cache=CACHE, nogil=True, fastmath=True)
+def _add_rows(acc, tile, rows, used):
+    """acc = sum of tile[rows], four rows per pass (fewer loads and stores of acc)."""
+    src = tile[rows[0]]
+    for i in range(used):
+        acc[i] = src[i]
+    m = 1
+    while m + 4 <= rows.shape[0]:
+        s1, s2, s3, s4 = tile[rows[m]], tile[rows[m + 1]], tile[rows[m + 2]], tile[rows[m + 3]]
+        for i in range(used):
+            acc[i] += (s1[i] + s2[i]) + (s3[i] + s4[i])
+        m += 4
+    while m < rows.shape[0]:
+        src = tile[rows[m]]
+        for i in range(used):
+            acc[i] += src[i]
+        m += 1
+
+
+@numba.njit(cache=CACHE, parallel=True, fastmath=True)
+def batch_statistics_levels(gather, starts, weights, scale, k, tiles, ss_tiles, dof, f_test, two_sided, keep, v):
+    """batch_statistics for designs whose projection rows take few distinct values ("levels",
+    the ANOVA's conditions): u' P E = sum over levels l of w_l * S_l, S_l the sum of the rows
+    of P E at level l, so a rearrangement costs N row additions per voxel plus a few
+    multiply-adds per level instead of (k + q) x N.
+
+    gather : (B, N) for each rearrangement the rows of E to add, grouped by level;
+    starts : (L + 1,) where each level's group begins in a row of ``gather``;
+    weights : (R, L) the rows computed explicitly, effect rows first;
+    scale : when > 0, the sum of squares of all k + q projections is scale * ||S||^2 (the
+        rows span every contrast of the levels and are orthonormal: a balanced ANOVA), so
+        only the k effect rows are explicit (none for an F test on all of them: R = 0);
+        when 0, all k + q rows are explicit (R = k + q).
+    Returns what batch_statistics returns."""
+    b = gather.shape[0]
+    explicit, levels = weights.shape
+    n_tiles, _, width = tiles.shape
+    out = np.empty((b if keep else 0, v), dtype=np.float32)
+    tile_best = np.full((n_tiles, b), -np.inf, dtype=np.float32)
+    for t in numba.prange(n_tiles):
+        tile = tiles[t]
+        ss = ss_tiles[t]
+        acc = np.empty(width, dtype=np.float32)
+        squares = np.empty(width, dtype=np.float32)
+        Q = np.empty((max(explicit, 1), width), dtype=np.float32)
+        effect = np.empty(width, dtype=np.float32)
+        rss = np.empty(width, dtype=np.float32)
+        start = t * width
+        used = min(width, v - start)
+        for j in range(b):
+            squares[:] = 0.0
+            Q[:] = 0.0
+            for lev in range(levels):
+                _add_rows(acc, tile, gather[j, starts[lev]:starts[lev + 1]], used)
+                if scale > 0:
+                    for i in range(used):
+                        squares[i] += acc[i] * acc[i]
+                for r in range(explicit):
+                    w = weights[r, lev]
+                    q = Q[r]
+                    for i in range(used):
+                        q[i] += w * acc[i]
+            if scale > 0:
+                if explicit == 0:  # F on every contrast of the levels
+                    for i in range(used):
+                        effect[i] = scale * squares[i]
+                else:
+                    _effect_and_rss(Q, 0, ss, used, k, k, effect, rss)
+                for i in range(used):
+                    rss[i] = ss[i] - scale * squares[i]
+            else:
+                _effect_and_rss(Q, 0, ss, used, explicit, k, effect, rss)
+            tile_best[t, j] = _tile_best(Q[0], effect, rss, used, k, dof, f_test, two_sided, keep, out, j, start)
+    return out, _batch_maxima_from_tiles(tile_best, keep, f_test, dof, k)

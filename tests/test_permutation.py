@@ -81,6 +81,88 @@ def test_batched_statistics_equal_refitting_the_model(name):
                                    rtol=1e-9, atol=1e-12)
 
 
+def _anova_case(contrast_rows, n_subjects=8, n_conditions=5, voxels=1300, seed=5):
+    """A repeated-measures design large enough for the level kernel (contrast rows
+    c0 - c1, c1 - c2, ...), with null data plus subject and condition effects the null
+    model must absorb."""
+    rng = np.random.default_rng(seed)
+    X, blocks = _anova(n_subjects, tuple(f"c{i}" for i in range(n_conditions)))
+    c = np.zeros((contrast_rows, X.shape[1]))
+    for r in range(contrast_rows):
+        c[r, r], c[r, r + 1] = 1.0, -1.0
+    Y = rng.standard_normal((len(X), voxels)) + np.repeat(rng.standard_normal(n_subjects), n_conditions)[:, None]
+    Y += np.tile(np.arange(n_conditions) * 0.3, n_subjects)[:, None]
+    return X, c, blocks, Y
+
+
+@pytest.mark.parametrize("contrast_rows, all_rows", [(1, False), (2, False), (4, False), (1, True)],
+                         ids=["t", "F", "F on every condition", "t, every row explicit"])
+def test_level_kernel_equals_refitting_the_model(contrast_rows, all_rows):
+    """The ANOVA's level sums (float32 kernel) against refitting the model in float64 on the
+    same permutations, and against the dense-product kernel (the former formulation): maps
+    and maxima agree to float32 rounding (1e-5 relative). Balanced designs take the total
+    sum of squares from the level sums (level_scale); the explicit-rows path is checked too."""
+    from dataclasses import replace
+
+    from bidsglm import clusterkernels as ck
+    from bidsglm.permutation import _batch_statistics, residuals_and_observed
+
+    f_test = contrast_rows > 1
+    X, c, blocks, Y = _anova_case(contrast_rows)
+    design = permutation_design(X, c, f_test, blocks)
+    assert design.levels is not None and design.level_weights.shape[1] == 5  # one level per condition
+    assert design.level_scale == pytest.approx(1 / 8)  # balanced: ||U' P E||^2 = ||level sums||^2 / subjects
+    if all_rows:
+        design = replace(design, level_scale=0.0)
+    dense = replace(design, levels=None, level_weights=None)
+    E, ss, observed = residuals_and_observed(Y, design)
+    moves = random_rearrangements(design, 12, RNG)
+    results = {}
+    for name, d, width in [("levels", design, ck.LEVEL_TILE), ("dense", dense, ck.TILE)]:
+        tiles, ss_tiles = ck.tile_residuals(E, ss.astype(np.float32), width)
+        with_maps = _batch_statistics(d, moves, tiles, ss_tiles, True, True, Y.shape[1])
+        maxima_only = _batch_statistics(d, moves, tiles, ss_tiles, True, False, Y.shape[1])[1]
+        results[name] = with_maps[0], with_maps[1], maxima_only
+    maps, maxima, maxima_only = results["levels"]
+    for j, move in enumerate(moves):
+        reference = _refit_statistic(Y, X, c, f_test, design, move)
+        scale = np.abs(reference).max()
+        np.testing.assert_allclose(maps[j], reference, rtol=1e-5, atol=1e-5 * scale)
+        np.testing.assert_allclose(maxima[j], np.abs(reference).max(), rtol=1e-5)
+        np.testing.assert_allclose(maxima_only[j], np.abs(reference).max(), rtol=1e-5)
+    for got, former in zip(results["levels"], results["dense"]):
+        np.testing.assert_allclose(got, former, rtol=1e-5, atol=1e-5 * np.abs(former).max())
+
+
+def test_level_kernel_gives_the_dense_kernels_null_and_p_values():
+    """A whole run through the level kernel and through the dense product, same seed: the same
+    maximum-statistic null (to float32 rounding) and the same FWE p-values."""
+    from dataclasses import replace
+
+    X, c, blocks, Y = _anova_case(1, voxels=700, seed=6)
+    Y[:, :40] += np.tile([3.0, 0, 0, 0, 0], 8)[:, None]  # an effect of a - b in 40 voxels
+    design = permutation_design(X, c, False, blocks)
+    mask = np.ones((7, 10, 10), bool)
+    options = PermutationOptions(500, seed=3, clusters=False)
+    ours = run_permutations(Y, design, mask, options)
+    former = run_permutations(Y, replace(design, levels=None, level_weights=None), mask, options)
+    np.testing.assert_allclose(ours.null_max_stat, former.null_max_stat, rtol=1e-5)
+    np.testing.assert_array_equal(ours.p_voxel, former.p_voxel)
+    assert (ours.p_voxel[:40] < 0.05).mean() > 0.5 and ours.p_voxel[40:].min() > 0.05  # p-values of both kinds
+
+
+def test_level_structure_only_where_it_saves_work():
+    designs = _designs()
+    for name in ("covariate", "two groups"):  # continuous values, or a single row
+        X, c, f, b = designs[name]
+        assert permutation_design(X, np.array(c), f, b).levels is None
+    X, c, blocks, _ = _anova_case(1)
+    d = permutation_design(X, c, False, blocks)
+    assert d.basis.shape[0] == 4 and sorted(set(d.levels.tolist())) == list(range(5))
+    # each input's level is its condition
+    assert all(len(set(d.levels[i::5].tolist())) == 1 for i in range(5))
+
+
 def test_rearrangement_schemes():
     designs = _designs()
     scheme = {name: permutation_design(X, np.array(c), f, b).scheme for name, (X, c, f, b) in designs.items()}
