@@ -465,6 +465,7 @@ def test_variables_not_convolved_are_sampled_on_the_scan_grid(flanker, tmp_path)
     model["Nodes"][0]["Transformations"]["Instructions"] = [{"Name": "Factor", "Input": ["trial_type"]}]
     model["Nodes"][0]["Model"]["X"] = [1, "trial_type.congruent_correct", "trans_x"]
     model["Nodes"][0]["Contrasts"] = []
+    model["Nodes"][0]["DummyContrasts"] = {"Test": "t"}  # a node without contrasts is refused
     model["Nodes"] = model["Nodes"][:1]
     path = tmp_path / "sparse.json"
     path.write_text(json.dumps(model))
