@@ -187,8 +187,8 @@ def load_model(path: Path) -> StatsModel:
     check = _Checker(path)
     check.keys(raw, "model", None, "")
     check.required(raw, ("Name", "BIDSModelVersion", "Nodes"), None, "")
-    if not isinstance(raw["Name"], str):
-        check.fail("must be a string", None, "Name")
+    if not isinstance(raw["Name"], str) or not raw["Name"].strip():
+        check.fail("must be a non-empty string (sidecars name the model by it)", None, "Name")
     if not isinstance(raw["Nodes"], list) or not raw["Nodes"]:
         check.fail("must be a non-empty list of nodes", None, "Nodes")
     model_input = raw.get("Input") or {}

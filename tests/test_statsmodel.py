@@ -267,6 +267,7 @@ def _run_contrast(**fields):
     (lambda m: m["Nodes"][0].update(Name="___"), "field 'Nodes[0].Name'", "no letter or digit"),
     (lambda m: m["Nodes"][0]["Contrasts"][0].update(Name=""), "node 'run', field 'Contrasts[0].Name'",
      "non-empty Name"),
+    (lambda m: m.update(Name=" "), "field 'Name'", "must be a non-empty string"),
     # attack C3 and A4: no variables, or the intercept only, in a Run node
     (lambda m: m["Nodes"][0]["Model"].update(X=[]), "node 'run', field 'Model.X'", "lists no variables"),
     (lambda m: (m["Nodes"][0]["Model"].update(X=[1]), m["Nodes"][0].update(Contrasts=[])),
