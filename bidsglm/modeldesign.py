@@ -101,19 +101,19 @@ class RunDesigner:
                                  "e.g. by Factor)", self.model.path, where=f"{where}, field 'Model.X'") from exc
             hint = (" (an n/a onset or duration in a convolved variable, e.g. a duration assigned from a "
                     "column with n/a values)" if "NaN" in str(exc) else "")
-            raise ModelError(f"{run.label}: the transformations failed: {_first_line(exc)}{hint}", self.model.path,
+            raise ModelError(f"{run.label}: the transformations failed: {first_line(exc)}{hint}", self.model.path,
                              where=f"{where}, field 'Transformations'") from exc
         except (BidsGlmError, MemoryError):
             raise
         except Exception as exc:
             if type(exc).__module__.startswith("formulaic"):  # Model.Formula's errors share no base class
-                raise ModelError(f"{run.label}: {type(exc).__name__}: {_first_line(exc)} (formula terms "
+                raise ModelError(f"{run.label}: {type(exc).__name__}: {first_line(exc)} (formula terms "
                                  "name Model.X variables, dotted names in backquotes: `trial_type.a`)",
                                  self.model.path, where=f"{where}, field 'Model.Formula'") from exc
             # anything else pybids raises on this model (NotImplementedError for what it does not
             # build, TypeError, IndexError...): the model's problem, named, never an internal error
             raise ModelError(f"pybids cannot build the design of {run.label} from this node "
-                             f"({type(exc).__name__}: {_first_line(exc)})", self.model.path, where=where) from exc
+                             f"({type(exc).__name__}: {first_line(exc)})", self.model.path, where=where) from exc
         if len(outputs) != 1:
             raise ModelError(f"{run.label}: the model's variables give {len(outputs)} designs for one run "
                              "(are the events and confounds found?)", self.model.path, where=where)
@@ -171,7 +171,7 @@ class RunDesigner:
         return node_contrasts(self.node, columns, self.model.path)
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
+def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's text, at most ``limit`` characters: one line on the terminal."""
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__

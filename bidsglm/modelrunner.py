@@ -36,9 +36,9 @@ import pandas as pd
 
 from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
-from .errors import DataError, ModelError
+from .errors import BidsGlmError, DataError, ModelError
 from .images import check_same_grid, read_header, unmask
-from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping
+from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping, first_line
 from .outputs import (
     active_session,
     atomic_write_json,
@@ -538,8 +538,11 @@ def _transformed_participants(model: StatsModel, node: Node, output_dir: Path, s
     except KeyError as exc:
         raise ModelError(f"variable {exc.args[0]!r} is not a participants.tsv column or the output of an "
                          "earlier transformation", model.path, where=where) from exc
-    except (ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise ModelError(f"the transformations failed: {exc}", model.path, where=where) from exc
+    except (BidsGlmError, MemoryError):
+        raise
+    except Exception as exc:  # whatever pybids raises on this node's instructions is the model's problem
+        raise ModelError(f"the transformations failed ({type(exc).__name__}: {first_line(exc)})", model.path,
+                         where=where) from exc
     wide = wide.set_index("subject")
     out = pd.DataFrame({c: wide[c].astype(str).where(wide[c].notna()) for c in wide.columns if c != "suffix"},
                        index=wide.index)

@@ -843,3 +843,29 @@ def test_many_missing_model_x_variables_give_a_short_line(flanker, tmp_path, cap
     err = _refused(capsys, flanker, tmp_path, model)
     assert "Model.X names 200 variable(s) not in the data: absent_000, absent_001," in err
     assert "absent_009 ... and 190 more" in err and len(err) < 600
+
+
+def test_dataset_transformation_failures_are_model_errors(tmp_path, monkeypatch):
+    """Whatever pybids raises on a Dataset node's Transformations (here NotImplementedError, with a
+    newline in its text) is a ModelError naming the node, in one line."""
+    from bids.modeling.transformations import TransformerManager
+
+    from bidsglm.errors import ModelError
+    from bidsglm.modelrunner import _transformed_participants
+
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t20\nsub-02\t30\n")
+    model = _flanker_model()
+    model["Nodes"][2]["Transformations"] = {"Transformer": "pybids-transforms-v1",
+                                            "Instructions": [{"Name": "Scale", "Input": ["age"]}]}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    loaded = load_model(path)
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("not in this version\nsee the issue tracker")
+
+    monkeypatch.setattr(TransformerManager, "transform", refuse)
+    with pytest.raises(ModelError) as err:
+        _transformed_participants(loaded, loaded.nodes[2], tmp_path, {"01", "02"})
+    assert "node 'data_level', field 'Transformations': the transformations failed (NotImplementedError: " \
+           "not in this version)" in err.value.message and "\n" not in err.value.message
