@@ -252,7 +252,8 @@ def node_contrasts(node: Node, columns: list[str], model_path: Path) -> tuple[li
     specs: dict[str, ContrastSpec] = {}
     dropped: dict[str, str] = {}
     if node.dummy_contrasts is not None:
-        listed = node.dummy_contrasts["Contrasts"] or node.x
+        listed = node.dummy_contrasts["Contrasts"]
+        listed = node.x if listed is None else listed  # absent: all of X; [] none (refused when alone)
         names = []
         for var in listed:
             var = "intercept" if var in (1, "1") else var

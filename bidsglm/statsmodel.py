@@ -219,8 +219,10 @@ def _check_nodes_produce(check: _Checker, nodes: list) -> None:
     DummyContrasts writes nothing, and the nodes it feeds get nothing. Refused, rather than a
     run that ends well with no maps."""
     for node in nodes:
-        if not node.contrasts and node.dummy_contrasts is None:
-            check.fail("the node defines no contrasts (Contrasts empty or absent, no DummyContrasts): it "
+        dummy = node.dummy_contrasts is not None and node.dummy_contrasts["Contrasts"] != []
+        if not node.contrasts and not dummy:
+            check.fail("the node defines no contrasts (Contrasts empty or absent, no DummyContrasts or "
+                       "DummyContrasts.Contrasts empty): it "
                        "would write no maps, and the nodes it feeds none either; add Contrasts or "
                        "DummyContrasts", node.name, "Contrasts")
 

@@ -869,3 +869,21 @@ def test_dataset_transformation_failures_are_model_errors(tmp_path, monkeypatch)
         _transformed_participants(loaded, loaded.nodes[2], tmp_path, {"01", "02"})
     assert "node 'data_level', field 'Transformations': the transformations failed (NotImplementedError: " \
            "not in this version)" in err.value.message and "\n" not in err.value.message
+
+
+def test_dummy_contrasts_listing_no_variable_give_none(tmp_path):
+    """DummyContrasts.Contrasts [] lists no variable (absent means all of Model.X): beside explicit
+    contrasts it adds nothing."""
+    from bidsglm.modeldesign import node_contrasts
+
+    model = _flanker_model()
+    model["Nodes"][0]["DummyContrasts"] = {"Contrasts": [], "Test": "t"}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    node = load_model(path).nodes[0]
+    columns = ["intercept", "trial_type.congruent_correct", "trial_type.incongruent_correct", "rt_reg.rt"]
+    usable, _ = node_contrasts(node, columns, path)
+    assert [c.name for c in usable] == ["inVcon", "inVbase", "rt"]
+    node.dummy_contrasts["Contrasts"] = None
+    usable, _ = node_contrasts(node, columns, path)
+    assert {"intercept", "trial_type.congruent_correct", "rt_reg.rt"} <= {c.name for c in usable}

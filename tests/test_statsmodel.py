@@ -275,6 +275,8 @@ def _run_contrast(**fields):
     # attack D2: a node without contrasts writes nothing (and feeds nothing)
     (lambda m: m["Nodes"][0].update(Contrasts=[]), "node 'run', field 'Contrasts'", "defines no contrasts"),
     (lambda m: m["Nodes"][1].pop("DummyContrasts"), "node 'subject', field 'Contrasts'", "defines no contrasts"),
+    (lambda m: m["Nodes"][1]["DummyContrasts"].update(Contrasts=[]), "node 'subject', field 'Contrasts'",
+     "defines no contrasts"),
     # attack F: a zero row of an F contrast is named as such; C1: weights that overflow the maps
     (lambda m: m["Nodes"][0]["Contrasts"][1].update(Weights=[[1, -1], [0, 0]]),
      "node 'run', field 'Contrasts[1] ('any').Weights'", "row 2 of the F contrast's weights is all zero"),
