@@ -179,6 +179,12 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
                          "nothing would be written", model.path, where=f"node '{run_node.name}', field 'Contrasts'")
     labels = contrast_labels(names)
     _check_labels_differ_in_more_than_case(model, run_node, labels)
+    for i, edge in enumerate(model.edges):  # a Filter that keeps none of the contrasts feeds nothing
+        wanted = edge.filter.get("contrast")
+        if edge.source == run_node.name and wanted and not set(wanted) & set(names):
+            raise ModelError(f"the Filter keeps contrast(s) {brief_list(wanted)}, which node '{run_node.name}' "
+                             f"does not produce ({brief_list(names)}): node '{edge.destination}' would write "
+                             "nothing", model.path, where=f"field 'Edges[{i}].Filter'")
     links = dataset_links(bids_dir, derivatives)
     root = node_root(output_dir, run_node)
     node_roots = [root] + [node_root(output_dir, model.node(e.destination)) for e in model.children(run_node.name)]

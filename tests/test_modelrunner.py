@@ -820,6 +820,12 @@ def test_nodes_that_write_nothing_are_refused(flanker, tmp_path, capsys):
     model["Nodes"][0]["DummyContrasts"] = {"Contrasts": ["trial_type.neutral"], "Test": "t"}
     err = _refused(capsys, flanker, tmp_path, model)
     assert "no contrast can be estimated in any run" in err and "trial_type.neutral" in err
+    model = _flanker_model()  # an edge whose Filter keeps none of the Run node's contrasts
+    model["Edges"] = [{"Source": "run_level", "Destination": "subject_level", "Filter": {"contrast": ["inVcn"]}},
+                      {"Source": "subject_level", "Destination": "data_level"}]
+    err = _refused(capsys, flanker, tmp_path, model)
+    assert "field 'Edges[0].Filter': the Filter keeps contrast(s) inVcn, which node 'run_level' does not " \
+           "produce (inVcon, inVbase, rt): node 'subject_level' would write nothing" in err
 
 
 def test_names_that_collide_on_case_insensitive_file_systems_are_refused(flanker, tmp_path, capsys):
