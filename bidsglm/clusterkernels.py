@@ -175,6 +175,33 @@ def max_cluster_size_mass(values, neighbours, threshold, two_sided):
     return best_size, best_mass
 
 
+TFCE_MAX_STEPS = 10_000  # height steps per map at most (dh 0.1 up to a statistic of 1,000)
+
+
+@numba.njit(cache=CACHE, nogil=True)
+def tfce_step(values, two_sided, dh):
+    """The height step used for a map: ``dh``, or peak / TFCE_MAX_STEPS when that is larger
+    (peak: the largest finite value, or |value| when ``two_sided``). A t of 1 degree of
+    freedom reaches 1e4..1e15 (permuted maps of 2 subjects): dh 0.1 would need up to 1e16
+    steps. The sum stays a fine approximation of TFCE's integral, and memory and time
+    never depend on the statistic's range."""
+    peak = 0.0
+    for i in range(values.shape[0]):
+        v = abs(values[i]) if two_sided else values[i]
+        if v > peak and v < np.inf:
+            peak = v
+    return max(dh, peak / TFCE_MAX_STEPS)
+
+
+@numba.njit(cache=CACHE, nogil=True)
+def _height_step(value, dh):
+    """floor(value / dh), at most TFCE_MAX_STEPS (rounding, or +inf)."""
+    ratio = value / dh
+    if ratio >= TFCE_MAX_STEPS:
+        return TFCE_MAX_STEPS
+    return int(np.floor(ratio))
+
+
 @numba.njit(cache=CACHE, nogil=True)
 def _tfce_positive(values, neighbours, E, H, dh, out, sign, write):
     """TFCE of the positive part of ``values``: adds sign * TFCE to ``out`` when
@@ -183,14 +210,17 @@ def _tfce_positive(values, neighbours, E, H, dh, out, sign, write):
     TFCE(v) = sum over heights h_i = i * dh <= value(v) (i = 1, 2, ...) of
     extent(v, h_i)^E * h_i^H * dh, extent being the size of v's cluster in {value >= h_i}.
     Only the height step of each voxel matters, so a counting sort on it
-    replaces a full sort: voxels within one step can join in any order."""
+    replaces a full sort: voxels within one step can join in any order.
+
+    ``dh`` comes from tfce_step, so there are at most TFCE_MAX_STEPS steps; +inf counts
+    as the top step and NaN as below every height."""
     n = values.shape[0]
     top = 0
     count = 0
     for i in range(n):
         if values[i] >= dh:
             count += 1
-            step = int(np.floor(values[i] / dh))
+            step = _height_step(values[i], dh)
             if step > top:
                 top = step
     if count == 0:
@@ -198,14 +228,14 @@ def _tfce_positive(values, neighbours, E, H, dh, out, sign, write):
     starts = np.zeros(top + 2, dtype=np.int64)  # counting sort, highest step first
     for i in range(n):
         if values[i] >= dh:
-            starts[top - int(np.floor(values[i] / dh)) + 1] += 1
+            starts[top - _height_step(values[i], dh) + 1] += 1
     for s in range(1, top + 2):
         starts[s] += starts[s - 1]
     order = np.empty(count, dtype=np.int64)
     steps = np.empty(count, dtype=np.int64)
     for i in range(n):
         if values[i] >= dh:
-            step = int(np.floor(values[i] / dh))
+            step = _height_step(values[i], dh)
             slot = starts[top - step]
             order[slot] = i
             steps[slot] = step
@@ -264,8 +294,10 @@ def _power_sum(m, H):
 
 @numba.njit(cache=CACHE, nogil=True)
 def tfce_map(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
-    """(V,) TFCE of a map; with ``two_sided`` the negative part gets negative TFCE."""
+    """(V,) TFCE of a map; with ``two_sided`` the negative part gets negative TFCE.
+    ``dh`` is the height step up to |value| dh * TFCE_MAX_STEPS, beyond which see tfce_step."""
     out = np.zeros(values.shape[0], dtype=np.float64)
+    dh = tfce_step(values, two_sided, dh)
     _tfce_positive(values, neighbours, E, H, dh, out, 1.0, True)
     if two_sided:
         _tfce_positive(-values, neighbours, E, H, dh, out, -1.0, True)
@@ -276,6 +308,7 @@ def tfce_map(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
 def tfce_max(values, neighbours, two_sided, E=0.5, H=2.0, dh=0.1):
     """Largest |TFCE| of a map (what the permutation null needs), without the map."""
     unused = np.empty(0, dtype=np.float64)
+    dh = tfce_step(values, two_sided, dh)
     best = _tfce_positive(values, neighbours, E, H, dh, unused, 1.0, False)
     if two_sided:
         best = max(best, _tfce_positive(-values, neighbours, E, H, dh, unused, -1.0, False))

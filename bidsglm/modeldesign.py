@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import pandas as pd
 
 from .design import ContrastSpec, leading_na_as_zero
 from .discovery import RunInputs
-from .errors import ModelError
-from .statsmodel import ModelContrast, Node, StatsModel
+from .errors import BidsGlmError, ModelError
+from .statsmodel import ModelContrast, Node, StatsModel, brief_list
 
 log = logging.getLogger("bidsglm")
 
@@ -94,21 +95,25 @@ class RunDesigner:
                              self.model.path, where=f"{where}, field 'Transformations' or 'Model.X'") from exc
         except ValueError as exc:
             if "X specification includes variable" in str(exc):  # pybids: a text column, or absent
-                raise ModelError(f"{run.label}: {exc} (a column of text must be turned into numbers first, "
+                missing = self._missing_x(str(exc))
+                raise ModelError(f"{run.label}: Model.X names {len(missing)} variable(s) not in the data: "
+                                 f"{brief_list(missing)} (a column of text must be turned into numbers first, "
                                  "e.g. by Factor)", self.model.path, where=f"{where}, field 'Model.X'") from exc
             hint = (" (an n/a onset or duration in a convolved variable, e.g. a duration assigned from a "
                     "column with n/a values)" if "NaN" in str(exc) else "")
-            raise ModelError(f"{run.label}: the transformations failed: {exc}{hint}", self.model.path,
+            raise ModelError(f"{run.label}: the transformations failed: {first_line(exc)}{hint}", self.model.path,
                              where=f"{where}, field 'Transformations'") from exc
-        except (IndexError, TypeError, AttributeError) as exc:
-            raise ModelError(f"{type(exc).__name__} while building the design of {run.label}: {exc}",
-                             self.model.path, where=where) from exc
-        except Exception as exc:  # formulaic's errors (Model.Formula) share no base class with the above
-            if not type(exc).__module__.startswith("formulaic"):
-                raise
-            raise ModelError(f"{run.label}: {type(exc).__name__}: {str(exc).splitlines()[0]} (formula terms "
-                             "name Model.X variables, dotted names in backquotes: `trial_type.a`)",
-                             self.model.path, where=f"{where}, field 'Model.Formula'") from exc
+        except (BidsGlmError, MemoryError):
+            raise
+        except Exception as exc:
+            if type(exc).__module__.startswith("formulaic"):  # Model.Formula's errors share no base class
+                raise ModelError(f"{run.label}: {type(exc).__name__}: {first_line(exc)} (formula terms "
+                                 "name Model.X variables, dotted names in backquotes: `trial_type.a`)",
+                                 self.model.path, where=f"{where}, field 'Model.Formula'") from exc
+            # anything else pybids raises on this model (NotImplementedError for what it does not
+            # build, TypeError, IndexError...): the model's problem, named, never an internal error
+            raise ModelError(f"pybids cannot build the design of {run.label} from this node "
+                             f"({type(exc).__name__}: {first_line(exc)})", self.model.path, where=where) from exc
         if len(outputs) != 1:
             raise ModelError(f"{run.label}: the model's variables give {len(outputs)} designs for one run "
                              "(are the events and confounds found?)", self.model.path, where=where)
@@ -121,6 +126,14 @@ class RunDesigner:
         if hp:
             X = pd.concat([X, cosine_drift(hp, np.arange(n_volumes) * tr)], axis=1)
         return X.astype(float)
+
+    def _missing_x(self, text: str) -> list[str]:
+        """The names pybids reports as not in the data, in Model.X's order (its list is a set)."""
+        listed = re.search(r"variable\(s\) \[(.*)\], but", text, re.S)
+        names = ([a or b for a, b in re.findall(r"'([^']*)'|\"([^\"]*)\"", listed.group(1))]
+                 if listed else [])
+        order = {str(v): i for i, v in enumerate(self.node.x)}
+        return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
     def _fill_leading_nan(self, X: pd.DataFrame, run: RunInputs) -> pd.DataFrame:
         """Leading n/a (fMRIPrep's derivative columns) become 0; n/a later, or throughout, is an error."""
@@ -156,6 +169,13 @@ class RunDesigner:
     def contrasts(self, columns: list[str]) -> tuple[list[ContrastSpec], dict]:
         """This run's contrasts (explicit and dummy) and those dropped, with why."""
         return node_contrasts(self.node, columns, self.model.path)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text, at most ``limit`` characters: one line on the terminal."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_run_grouping(model: StatsModel, node: Node, runs: list[RunInputs]) -> None:
@@ -232,7 +252,8 @@ def node_contrasts(node: Node, columns: list[str], model_path: Path) -> tuple[li
     specs: dict[str, ContrastSpec] = {}
     dropped: dict[str, str] = {}
     if node.dummy_contrasts is not None:
-        listed = node.dummy_contrasts["Contrasts"] or node.x
+        listed = node.dummy_contrasts["Contrasts"]
+        listed = node.x if listed is None else listed  # absent: all of X; [] none (refused when alone)
         names = []
         for var in listed:
             var = "intercept" if var in (1, "1") else var

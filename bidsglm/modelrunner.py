@@ -36,9 +36,9 @@ import pandas as pd
 
 from .design import contrast_labels, mean_framewise_displacement
 from .discovery import SpaceSpec, discover_runs, find_derivatives
-from .errors import DataError, ModelError
+from .errors import BidsGlmError, DataError, ModelError
 from .images import check_same_grid, read_header, unmask
-from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping
+from .modeldesign import PYBIDS_ENTITY, RunDesigner, check_run_grouping, first_line
 from .outputs import (
     active_session,
     atomic_write_json,
@@ -64,7 +64,7 @@ from .participant import (
 )
 from .surfaces import check_smoothing, kind_of_path, path_for_grid, read_map, run_series_info
 from .statistics import t_contrast
-from .statsmodel import Node, StatsModel, load_model, node_label
+from .statsmodel import Node, StatsModel, brief_list, load_model, node_label
 
 log = logging.getLogger("bidsglm")
 _FILENAME_ENTITY = {v: k for k, v in PYBIDS_ENTITY.items()}  # Model.Input's names -> filename entities
@@ -173,7 +173,18 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
         if model.node(edge.destination).level != "Dataset":
             _check_combining_node(model, model.node(edge.destination), [p.inputs for p in prepared])
     names = list(dict.fromkeys(c.name for p in prepared for c in p.contrasts))
+    if not names:  # e.g. DummyContrasts over variables that no run has: nothing would be written
+        reasons = sorted({why for p in prepared for why in p.dropped.values()})
+        raise ModelError(f"no contrast can be estimated in any run ({brief_list(reasons, 3) or 'none defined'}); "
+                         "nothing would be written", model.path, where=f"node '{run_node.name}', field 'Contrasts'")
     labels = contrast_labels(names)
+    _check_labels_differ_in_more_than_case(model, run_node, labels)
+    for i, edge in enumerate(model.edges):  # a Filter that keeps none of the contrasts feeds nothing
+        wanted = edge.filter.get("contrast")
+        if edge.source == run_node.name and wanted and not set(wanted) & set(names):
+            raise ModelError(f"the Filter keeps contrast(s) {brief_list(wanted)}, which node '{run_node.name}' "
+                             f"does not produce ({brief_list(names)}): node '{edge.destination}' would write "
+                             "nothing", model.path, where=f"field 'Edges[{i}].Filter'")
     links = dataset_links(bids_dir, derivatives)
     root = node_root(output_dir, run_node)
     node_roots = [root] + [node_root(output_dir, model.node(e.destination)) for e in model.children(run_node.name)]
@@ -203,6 +214,18 @@ def run_model_participant_level(args, bids_dir: Path, output_dir: Path, settings
     log.info("model '%s': participant level done in %.1f s; results in %s", model.name,
              time.perf_counter() - t_start, output_dir)
     return sorted({r.subject for r in runs})
+
+
+def _check_labels_differ_in_more_than_case(model: StatsModel, node: Node, labels: dict) -> None:
+    """Contrast file labels equal but for case (explicit and dummy contrasts together) are one
+    file on case-insensitive file systems (macOS, Windows, Docker Desktop mounts)."""
+    seen: dict[str, str] = {}
+    for name, label in labels.items():
+        other = seen.setdefault(label.lower(), name)
+        if other != name:
+            raise ModelError(f"contrasts {other!r} and {name!r} give file labels that differ only in case "
+                             f"({labels[other]}, {label}); rename one", model.path,
+                             where=f"node '{node.name}', field 'Contrasts'")
 
 
 def _check_supported_graph(model: StatsModel) -> None:
@@ -448,7 +471,7 @@ def _check_participant_columns(model: StatsModel, participants: Path) -> None:
                              where=f"node '{node.name}', field '{wanted[0][0]}'") from exc
         for field_name, name in wanted:
             if name not in columns:
-                raise ModelError(f"{name!r} is not a column of {participants} (columns: {', '.join(columns)})",
+                raise ModelError(f"{name!r} is not a column of {participants} (columns: {brief_list(columns)})",
                                  model.path, where=f"node '{node.name}', field '{field_name}'")
 
 
@@ -521,8 +544,11 @@ def _transformed_participants(model: StatsModel, node: Node, output_dir: Path, s
     except KeyError as exc:
         raise ModelError(f"variable {exc.args[0]!r} is not a participants.tsv column or the output of an "
                          "earlier transformation", model.path, where=where) from exc
-    except (ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise ModelError(f"the transformations failed: {exc}", model.path, where=where) from exc
+    except (BidsGlmError, MemoryError):
+        raise
+    except Exception as exc:  # whatever pybids raises on this node's instructions is the model's problem
+        raise ModelError(f"the transformations failed ({type(exc).__name__}: {first_line(exc)})", model.path,
+                         where=where) from exc
     wide = wide.set_index("subject")
     out = pd.DataFrame({c: wide[c].astype(str).where(wide[c].notna()) for c in wide.columns if c != "suffix"},
                        index=wide.index)
@@ -546,8 +572,8 @@ def _dataset_columns(model: StatsModel, node: Node, output_dir: Path,
     table, source = table or read_participants(output_dir)
     missing = [v for v in variables if v not in table.columns]
     if missing:
-        raise ModelError(f"{', '.join(missing)} not in participants.tsv (columns: "
-                         f"{', '.join(map(str, table.columns))})", model.path, where=where)
+        raise ModelError(f"{brief_list(missing)} not in participants.tsv (columns: "
+                         f"{brief_list(table.columns)})", model.path, where=where)
     factors = [v for v in variables if not _is_numeric(table[v].dropna())]
     if len(factors) != 1:
         raise ModelError("without the intercept, Model.X needs exactly one participants.tsv column of labels "

@@ -53,6 +53,19 @@ _QUERY_OPTIONS = {"return_type", "target", "scope", "regex_search", "absolute_pa
                   "drop_invalid_filters"}
 
 
+MAX_WEIGHT = 1e10  # larger contrast weights overflow the float32 effect and variance maps
+LISTED = 10  # names shown in a message before "... and N more"
+
+
+def brief_list(names, limit: int = LISTED) -> str:
+    """``a, b, c`` or, past ``limit`` names, the first ``limit`` and ``... and N more``, so a
+    message stays one readable line whatever the model lists."""
+    names = [str(n) for n in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" ... and {len(names) - limit} more"
+
+
 @dataclass(frozen=True)
 class ModelContrast:
     """A contrast of a node: t (one row of weights), F (several rows) or pass."""
@@ -174,8 +187,8 @@ def load_model(path: Path) -> StatsModel:
     check = _Checker(path)
     check.keys(raw, "model", None, "")
     check.required(raw, ("Name", "BIDSModelVersion", "Nodes"), None, "")
-    if not isinstance(raw["Name"], str):
-        check.fail("must be a string", None, "Name")
+    if not isinstance(raw["Name"], str) or not raw["Name"].strip():
+        check.fail("must be a non-empty string (sidecars name the model by it)", None, "Name")
     if not isinstance(raw["Nodes"], list) or not raw["Nodes"]:
         check.fail("must be a non-empty list of nodes", None, "Nodes")
     model_input = raw.get("Input") or {}
@@ -186,20 +199,55 @@ def load_model(path: Path) -> StatsModel:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         check.fail(f"node names must be unique; repeated: {', '.join(sorted(dup))}", None, "Nodes")
-    folders = [node_label(n) for n in names]
+    # folders differing only in case are one folder on macOS, Windows and Docker Desktop mounts
+    folders = [node_label(n).lower() for n in names]
     clash = {f for f in folders if folders.count(f) > 1}
     if clash:
-        check.fail(f"node names {', '.join(repr(n) for n, f in zip(names, folders) if f in clash)} give the same "
-                   f"folder name node-{sorted(clash)[0]}; rename one", None, "Nodes")
+        first = sorted(clash)[0]
+        same = [n for n, f in zip(names, folders) if f == first]
+        check.fail(f"node names {', '.join(repr(n) for n in same)} give the same folder name "
+                   f"node-{node_label(same[0])} (letters compared without case, as case-insensitive file "
+                   "systems do); rename one", None, "Nodes")
     edges = _edges(check, raw.get("Edges"), nodes)
+    _check_nodes_produce(check, nodes)
     return StatsModel(raw["Name"], path, nodes, edges,
                       {k: [str(v) for v in vals] for k, vals in model_input.items()}, raw)
+
+
+def _check_nodes_produce(check: _Checker, nodes: list) -> None:
+    """A node's outputs are its contrasts (BIDS Stats Models): a node with no Contrasts and no
+    DummyContrasts writes nothing, and the nodes it feeds get nothing. Refused, rather than a
+    run that ends well with no maps."""
+    for node in nodes:
+        dummy = node.dummy_contrasts is not None and node.dummy_contrasts["Contrasts"] != []
+        if not node.contrasts and not dummy:
+            check.fail("the node defines no contrasts (Contrasts empty or absent, no DummyContrasts or "
+                       "DummyContrasts.Contrasts empty): it "
+                       "would write no maps, and the nodes it feeds none either; add Contrasts or "
+                       "DummyContrasts", node.name, "Contrasts")
+
+
+def _check_node_name(check: _Checker, name, index: int) -> None:
+    """A node's name becomes its folder label node-<label> (BIDS labels: ASCII letters and
+    digits); a name that would lose letters on the way, or keep none, is refused."""
+    where = f"Nodes[{index}].Name"
+    if not isinstance(name, str) or not name.strip():
+        check.fail("a node needs a non-empty Name (it names the node's folder node-<label>)", None, where)
+    odd = list(dict.fromkeys(ch for ch in name if not ch.isascii()))
+    if odd:
+        check.fail(f"node name {name!r} has characters outside ASCII ({''.join(odd[:10])}); the name becomes "
+                   "the folder label node-<label>, which BIDS allows in ASCII letters and digits only: "
+                   "rename the node (the Description can hold any text)", None, where)
+    if not re.search(r"[A-Za-z0-9]", name):
+        check.fail(f"node name {name!r} has no letter or digit; it becomes the folder label node-<label>",
+                   None, where)
 
 
 def _node(check: _Checker, raw, index: int) -> Node:
     label = raw.get("Name") if isinstance(raw, dict) and isinstance(raw.get("Name"), str) else f"#{index + 1}"
     check.keys(raw, "node", label, "")
     check.required(raw, ("Level", "Name", "GroupBy", "Model"), label, "")
+    _check_node_name(check, raw["Name"], index)
     level = raw["Level"]
     if not isinstance(level, str) or level.capitalize() not in LEVELS:
         check.fail(f"{level!r} is not a level ({', '.join(LEVELS)})", label, "Level")
@@ -210,6 +258,13 @@ def _node(check: _Checker, raw, index: int) -> Node:
     if model["Type"] not in MODEL_TYPES:
         check.fail(f"{model['Type']!r} is not a model type ({', '.join(MODEL_TYPES)})", label, "Model.Type")
     x = check.string_list(model["X"], label, "Model.X", allow_one=True)
+    if not x:
+        check.fail("lists no variables: name the design's columns (and 1 for the intercept)", label, "Model.X")
+    if level == "Run" and all(v in (1, "1", "intercept") for v in x):
+        # the intercept of a run is the mean BOLD signal: no effect of an event or condition is
+        # estimated (pybids does not build such designs either)
+        check.fail("a Run node with the intercept only models nothing but the mean BOLD signal; list the "
+                   "variables of interest (events, confounds) in Model.X", label, "Model.X")
     formula = None
     if "Formula" in model:
         # formulaic would evaluate it as Python: only the parsed safe subset goes on, all names backquoted
@@ -262,7 +317,10 @@ def _node(check: _Checker, raw, index: int) -> Node:
             check.fail(f"{key!r} is not a BIDS entity", label, f"Model.Options.Mask.{key}")
         if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             check.fail("must be a string or a list of strings", label, f"Model.Options.Mask.{key}")
+    if "Contrasts" in raw and not isinstance(raw["Contrasts"], list):
+        check.fail("must be a list of contrasts", label, "Contrasts")
     node.contrasts = [_contrast(check, c, label, i) for i, c in enumerate(raw.get("Contrasts") or [])]
+    _check_contrast_names(check, node.contrasts, label)
     if raw.get("DummyContrasts") is not None:
         dummy = check.keys(raw["DummyContrasts"], "DummyContrasts", label, "DummyContrasts")
         if dummy.get("Test", "t") not in TESTS:
@@ -350,11 +408,31 @@ def _hrf(check: _Checker, raw, node: str, x: list) -> dict | None:
     return {"Variables": variables, "Model": str(raw["Model"]).lower()}
 
 
+def _check_contrast_names(check: _Checker, contrasts: list, node: str) -> None:
+    """Each contrast names its maps: the same name twice would overwrite the first's, and names
+    equal but for case give files that are one file on case-insensitive file systems."""
+    from .design import bids_label
+
+    seen: dict[str, int] = {}
+    for i, con in enumerate(contrasts):
+        key = bids_label(con.name).lower()
+        if key in seen:
+            j = seen[key]
+            same = con.name == contrasts[j].name
+            check.fail(f"Contrasts[{j}] and Contrasts[{i}] are both named {con.name!r}" if same else
+                       f"Contrasts[{j}] ({contrasts[j].name!r}) and Contrasts[{i}] ({con.name!r}) give file "
+                       "labels that differ only in case (one file on case-insensitive file systems)",
+                       node, "Contrasts")
+        seen[key] = i
+
+
 def _contrast(check: _Checker, raw, node: str, index: int) -> ModelContrast:
     prefix = f"Contrasts[{index}]"
     check.keys(raw, "contrast", node, prefix)
     check.required(raw, ("Name", "ConditionList", "Weights", "Test"), node, prefix)
     name = raw["Name"]
+    if not isinstance(name, str) or not name.strip():
+        check.fail("a contrast needs a non-empty Name", node, f"{prefix}.Name")
     where = f"Contrasts[{index}] ('{name}')"
     conditions = check.string_list(raw["ConditionList"], node, f"{where}.ConditionList", allow_one=True)
     repeated = sorted({str(c) for c in conditions if conditions.count(c) > 1})
@@ -365,13 +443,19 @@ def _contrast(check: _Checker, raw, node: str, index: int) -> ModelContrast:
         check.fail(f"{raw['Test']!r} is not a test ({', '.join(TESTS)})", node, f"{where}.Test")
     weights = raw["Weights"]
     rows = weights if weights and all(isinstance(w, list) for w in weights) else [weights]
-    for row in rows:
+    for r, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(conditions):
             check.fail(f"needs one weight per condition ({len(conditions)})", node, f"{where}.Weights")
         if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in row):
             check.fail("weights must be numbers", node, f"{where}.Weights")
-        if not all(np.isfinite(w) for w in row) or not any(row):
-            check.fail("weights must be finite and not all zero", node, f"{where}.Weights")
+        if not all(np.isfinite(w) for w in row):
+            check.fail("weights must be finite", node, f"{where}.Weights")
+        if any(abs(w) > MAX_WEIGHT for w in row):
+            check.fail(f"weights beyond {MAX_WEIGHT:g} in size overflow the effect and variance maps; t and z "
+                       "do not depend on the weights' scale (use weights near 1)", node, f"{where}.Weights")
+        if not any(row):
+            check.fail(f"row {r + 1} of the F contrast's weights is all zero (each row must test something; "
+                       "remove it)" if len(rows) > 1 else "weights are all zero", node, f"{where}.Weights")
     if raw["Test"] != "F" and len(rows) > 1:
         check.fail("several rows of weights need Test 'F'", node, f"{where}.Test")
     cond = tuple("intercept" if c in (1, "1") else c for c in conditions)
@@ -392,7 +476,7 @@ def _edges(check: _Checker, raw, nodes: list[Node]) -> list[Edge]:
         check.required(e, ("Source", "Destination"), None, f"Edges[{i}]")
         for key in ("Source", "Destination"):
             if e[key] not in names:
-                check.fail(f"no node named {e[key]!r} (nodes: {', '.join(names)})", None, f"Edges[{i}].{key}")
+                check.fail(f"no node named {e[key]!r} (nodes: {brief_list(names)})", None, f"Edges[{i}].{key}")
         flt = e.get("Filter") or {}
         if not isinstance(flt, dict) or not all(isinstance(v, list) for v in flt.values()):
             check.fail("must map entities to lists of values", None, f"Edges[{i}].Filter")

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from bidsglm.clusterkernels import (
+    TFCE_MAX_STEPS,
     cluster_roots,
     max_cluster_size_mass,
     neighbour_table,
@@ -84,6 +85,27 @@ def test_tfce_matches_nilearn_with_its_steps():
     keep = np.ones(mask.sum(), bool)
     keep[top] = False
     np.testing.assert_allclose(ours[keep], theirs[keep], rtol=1e-6, atol=1e-6)
+
+
+def test_tfce_steps_are_bounded_whatever_the_range():
+    """A t of 1 degree of freedom reaches 1e4..1e15 (a permuted map of 2 subjects): dh 0.1 would
+    need 1e16 steps (the kernel ran out of memory). Beyond 1,000 the map is integrated with
+    TFCE_MAX_STEPS steps of peak / TFCE_MAX_STEPS, which is the direct definition at that step."""
+    mask, volume = _smooth_map(7)
+    for peak in (3e4, 1e15):
+        big = volume * (peak / np.abs(volume[mask]).max())
+        dh = peak / TFCE_MAX_STEPS
+        ours = tfce_map(big[mask], neighbour_table(mask), True)
+        ref = reference_tfce(big, mask, True, dh=dh)
+        keep = np.abs(big[mask]) < np.abs(big[mask]).max()  # the peak sits exactly on the last step (rounding either way)
+        np.testing.assert_allclose(ours[keep], ref[keep], rtol=1e-6, atol=0)
+        assert tfce_max(big[mask], neighbour_table(mask), True) == pytest.approx(np.abs(ours).max(), rel=1e-12)
+        assert np.abs(ours).max() == pytest.approx(np.abs(ref).max(), rel=1e-3)
+    # +inf is the top step, NaN below every height: finite output, no crash
+    values = volume[mask] * 1e3
+    values[:3] = [np.inf, np.nan, -np.inf]
+    out = tfce_map(values, neighbour_table(mask), True)
+    assert np.isfinite(out).all() and out[0] > 0 and out[1] == 0 and out[2] < 0
 
 
 @pytest.mark.parametrize("two_sided", [True, False])

@@ -47,6 +47,8 @@ EXPECTED_REFUSALS = {
     "ds004920-ugdg": "Contrasts[7] ('paramdecision') names Decision_pmod, which is not in Model.X",
     "ds001715-dts": "Contrasts ('absmotionvcolor') lists signedcolor_abs twice with weights 1, -1: a contrast of "
                     "nothing (a typo for signedmotion_abs, surely)",
+    "ds002033-ChangeDetection": "two Run contrasts named 'digitsvletter' (the second's maps would overwrite the "
+                                "first's)",
 }
 CONFOUND_PREFIXES = ("trans_", "rot_", "cosine", "drift_", "a_comp_cor", "t_comp_cor", "framewise", "csf", "white_matter",
                      "global_signal", "motion_outlier", "non_steady_state", "dvars", "std_dvars", "rmsd")

@@ -465,6 +465,7 @@ def test_variables_not_convolved_are_sampled_on_the_scan_grid(flanker, tmp_path)
     model["Nodes"][0]["Transformations"]["Instructions"] = [{"Name": "Factor", "Input": ["trial_type"]}]
     model["Nodes"][0]["Model"]["X"] = [1, "trial_type.congruent_correct", "trans_x"]
     model["Nodes"][0]["Contrasts"] = []
+    model["Nodes"][0]["DummyContrasts"] = {"Test": "t"}  # a node without contrasts is refused
     model["Nodes"] = model["Nodes"][:1]
     path = tmp_path / "sparse.json"
     path.write_text(json.dumps(model))
@@ -767,3 +768,128 @@ def test_model_mask_option_refused_on_surfaces(surface_model_results, tmp_path, 
     assert code == 65 and len([e for e in err if "ERROR" in e]) == 1
     assert "Model.Options.Mask is a volume" in err[-1]
     assert not (tmp_path / "out" / "node-runs" / "sub-01").exists()
+
+
+def _flanker_model():
+    return json.loads(shared_path("models", "ds000102", "ds000102-flanker_specs.json").read_text())
+
+
+def _refused(capsys, flanker, tmp_path, model):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    code, err = _run_cli(capsys, flanker, tmp_path / "out", "participant", "--model", path,
+                         "--skip-bids-validation", "-q")
+    assert code == 65 and len(err) == 1 and "model.json" in err[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*statmap*"))
+    return err[0]
+
+
+def test_any_pybids_failure_is_a_model_error_naming_the_node(flanker):
+    """pybids raises NotImplementedError for a Run node of the intercept only (attack A4; bidsglm
+    refuses that model when it reads it, so the raw node is changed behind the check here): any
+    exception from pybids while building a design is a ModelError (65) naming the model and node."""
+    from bidsglm.errors import ModelError
+
+    model_path = shared_path("models", "ds000102", "ds000102-flanker_specs.json")
+    _, designer = _designs(flanker, model_path, "16")
+    designer.node.raw["Model"]["X"] = [1]
+    run = discover_runs(flanker, find_derivatives(flanker, None), SpaceSpec.parse("MNI152NLin2009cAsym"),
+                        ["16"], None, None)[0]
+    with pytest.raises(ModelError) as err:
+        designer.design(run, 146, 2.0)
+    message = err.value.message
+    assert "flanker_specs.json: node 'run_level': pybids cannot build the design" in message
+    assert "NotImplementedError: Run level intercept only models" in message and "\n" not in message
+
+
+def test_intercept_only_or_empty_run_model_is_refused(flanker, tmp_path, capsys):
+    model = _flanker_model()
+    model["Nodes"][0]["Model"]["X"] = [1]
+    model["Nodes"][0]["Contrasts"] = []
+    assert "field 'Model.X': a Run node with the intercept only" in _refused(capsys, flanker, tmp_path, model)
+    model["Nodes"][0]["Model"]["X"] = []  # attack C3: was "TypeError ... reduce() of empty iterable"
+    assert "field 'Model.X': lists no variables" in _refused(capsys, flanker, tmp_path, model)
+
+
+def test_nodes_that_write_nothing_are_refused(flanker, tmp_path, capsys):
+    """Attack D2: Contrasts [] gave exit 0 and no map; dummy contrasts over variables no run has too."""
+    model = _flanker_model()
+    model["Nodes"][0]["Contrasts"] = []
+    assert "node 'run_level', field 'Contrasts': the node defines no contrasts" in _refused(
+        capsys, flanker, tmp_path, model)
+    model["Nodes"][0]["DummyContrasts"] = {"Contrasts": ["trial_type.neutral"], "Test": "t"}
+    err = _refused(capsys, flanker, tmp_path, model)
+    assert "no contrast can be estimated in any run" in err and "trial_type.neutral" in err
+    model = _flanker_model()  # an edge whose Filter keeps none of the Run node's contrasts
+    model["Edges"] = [{"Source": "run_level", "Destination": "subject_level", "Filter": {"contrast": ["inVcn"]}},
+                      {"Source": "subject_level", "Destination": "data_level"}]
+    err = _refused(capsys, flanker, tmp_path, model)
+    assert "field 'Edges[0].Filter': the Filter keeps contrast(s) inVcn, which node 'run_level' does not " \
+           "produce (inVcon, inVbase, rt): node 'subject_level' would write nothing" in err
+
+
+def test_names_that_collide_on_case_insensitive_file_systems_are_refused(flanker, tmp_path, capsys):
+    model = _flanker_model()  # attack D1: node-Run and node-run
+    model["Nodes"][1]["Name"] = "RUN_level"
+    assert "node names 'run_level', 'RUN_level' give the same folder" in _refused(capsys, flanker, tmp_path, model)
+    model = _flanker_model()  # attack D3: the same contrast twice in a node
+    model["Nodes"][0]["Contrasts"].append(dict(model["Nodes"][0]["Contrasts"][0]))
+    assert "Contrasts[0] and Contrasts[3] are both named 'inVcon'" in _refused(capsys, flanker, tmp_path, model)
+    model = _flanker_model()  # an explicit contrast and a dummy one whose labels differ only in case
+    model["Nodes"][0]["DummyContrasts"] = {"Contrasts": ["trial_type.congruent_correct"], "Test": "t"}
+    model["Nodes"][0]["Contrasts"][0]["Name"] = "trialtype congruentcorrect"
+    err = _refused(capsys, flanker, tmp_path, model)
+    assert "give file labels that differ only in case" in err and "trialtypeCongruentcorrect" in err
+
+
+def test_many_missing_model_x_variables_give_a_short_line(flanker, tmp_path, capsys):
+    """Attack F: 200 absent columns in Model.X gave one line of ~5,000 characters."""
+    model = _flanker_model()
+    model["Nodes"][0]["Model"]["X"] += [f"absent_{i:03d}" for i in range(200)]
+    err = _refused(capsys, flanker, tmp_path, model)
+    assert "Model.X names 200 variable(s) not in the data: absent_000, absent_001," in err
+    assert "absent_009 ... and 190 more" in err and len(err) < 600
+
+
+def test_dataset_transformation_failures_are_model_errors(tmp_path, monkeypatch):
+    """Whatever pybids raises on a Dataset node's Transformations (here NotImplementedError, with a
+    newline in its text) is a ModelError naming the node, in one line."""
+    from bids.modeling.transformations import TransformerManager
+
+    from bidsglm.errors import ModelError
+    from bidsglm.modelrunner import _transformed_participants
+
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t20\nsub-02\t30\n")
+    model = _flanker_model()
+    model["Nodes"][2]["Transformations"] = {"Transformer": "pybids-transforms-v1",
+                                            "Instructions": [{"Name": "Scale", "Input": ["age"]}]}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    loaded = load_model(path)
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("not in this version\nsee the issue tracker")
+
+    monkeypatch.setattr(TransformerManager, "transform", refuse)
+    with pytest.raises(ModelError) as err:
+        _transformed_participants(loaded, loaded.nodes[2], tmp_path, {"01", "02"})
+    assert "node 'data_level', field 'Transformations': the transformations failed (NotImplementedError: " \
+           "not in this version)" in err.value.message and "\n" not in err.value.message
+
+
+def test_dummy_contrasts_listing_no_variable_give_none(tmp_path):
+    """DummyContrasts.Contrasts [] lists no variable (absent means all of Model.X): beside explicit
+    contrasts it adds nothing."""
+    from bidsglm.modeldesign import node_contrasts
+
+    model = _flanker_model()
+    model["Nodes"][0]["DummyContrasts"] = {"Contrasts": [], "Test": "t"}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    node = load_model(path).nodes[0]
+    columns = ["intercept", "trial_type.congruent_correct", "trial_type.incongruent_correct", "rt_reg.rt"]
+    usable, _ = node_contrasts(node, columns, path)
+    assert [c.name for c in usable] == ["inVcon", "inVbase", "rt"]
+    node.dummy_contrasts["Contrasts"] = None
+    usable, _ = node_contrasts(node, columns, path)
+    assert {"intercept", "trial_type.congruent_correct", "rt_reg.rt"} <= {c.name for c in usable}

@@ -329,3 +329,25 @@ def test_large_designs_are_sampled_not_enumerated():
     res = run_permutations(RNG.standard_normal((len(X), 30)), d, np.ones((30, 1, 1), bool),
                            PermutationOptions(20, seed=0))
     assert not res.exhaustive and res.n_rearrangements == 21
+
+
+def test_tfce_with_two_subjects_runs_and_cannot_reach_significance():
+    """A one-sample test of 2 subjects has 1 degree of freedom: its t reaches 1e4 and more (a
+    permuted map of two near-opposite values, 1e15), which made the TFCE kernel run out of
+    memory. It runs (TFCE's steps are bounded); the 4 sign flips are all used, so no FWE p is
+    below 1/4, as the group level warns."""
+    rng = np.random.default_rng(3)
+    shape = (10, 10, 8)
+    mask = np.ones(shape, bool)
+    maps = _smooth_null_maps(2, shape, rng)
+    maps[1] = maps[0] * (1 + 1e-6 * rng.standard_normal(maps[0].shape))  # near-identical: |t| up to 1e7
+    maps[1, :5] = -maps[0, :5]  # near-zero mean in part of the map: rearrangements give extreme t
+    design = permutation_design(np.ones((2, 1)), np.array([[1.0]]))
+    res = run_permutations(maps[:, mask], design, mask, PermutationOptions(100, seed=0, tfce=True))
+    assert res.exhaustive and res.n_rearrangements == 4
+    assert np.abs(res.stat).max() > 1e4
+    assert np.isfinite(res.tfce).all() and np.isfinite(res.null_max_tfce).all()
+    # the flips (+, -) give |t| ~ 1e15 where the maps are opposite: their TFCE is counted, not lost
+    # (the kernel's allocation failed there, and batch_maxima returned 0 for those maps)
+    assert res.null_max_stat.max() > 1e12 and res.null_max_tfce.max() > 1e30
+    assert res.p_tfce.min() >= 0.25 and res.p_voxel.min() >= 0.25

@@ -86,7 +86,9 @@ def test_strict_schema_rejects_unknown_fields(strict_schema):
 INVALID_CONTENT = {"ds003481-verbs": "field 'Contrasts[4] ('lexicalvprelexical').Weights': needs one weight per "
                                      "condition (3)",
                   "ds001715-dts": "field 'Contrasts[5] ('absmotionvcolor').ConditionList': names signedcolor_abs "
-                                  "more than once"}
+                                  "more than once",
+                  # two contrasts named digitsvletter: the second's maps would overwrite the first's
+                  "ds002033-ChangeDetection": "Contrasts[0] and Contrasts[1] are both named 'digitsvletter'"}
 
 
 @pytest.mark.parametrize("path", MODELS + CORPUS, ids=[p.name.removesuffix("_specs.json") for p in MODELS + CORPUS])
@@ -245,3 +247,64 @@ def test_aggregate_none_and_node_folder_labels(tmp_path):
     model["Nodes"][1]["Name"] = "run-level"
     with pytest.raises(ModelError, match="same folder name node-runLevel"):
         load_model(_write(tmp_path, model))
+
+
+def _run_contrast(**fields):
+    return {"Name": "c", "ConditionList": ["a", "b"], "Weights": [1, -1], "Test": "t", **fields}
+
+
+@pytest.mark.parametrize("change,where,words", [
+    # attack D1: node names equal but for case are one folder on case-insensitive file systems
+    (lambda m: m["Nodes"][1].update(Name="Run"), "field 'Nodes'", "node names 'run', 'Run' give the same folder"),
+    # attack D3: the same contrast name twice in a node (the second's maps overwrite the first's)
+    (lambda m: m["Nodes"][0]["Contrasts"].append(_run_contrast(Name="aVsB")), "node 'run', field 'Contrasts'",
+     "Contrasts[0] and Contrasts[2] are both named 'aVsB'"),
+    (lambda m: m["Nodes"][0]["Contrasts"].append(_run_contrast(Name="AVsB")), "node 'run', field 'Contrasts'",
+     "differ only in case"),
+    # attack F: names that lose letters, or have none, on their way to node-<label>
+    (lambda m: m["Nodes"][0].update(Name="rün_ノード"), "field 'Nodes[0].Name'", "outside ASCII (üノード)"),
+    (lambda m: m["Nodes"][0].update(Name=""), "field 'Nodes[0].Name'", "non-empty Name"),
+    (lambda m: m["Nodes"][0].update(Name="___"), "field 'Nodes[0].Name'", "no letter or digit"),
+    (lambda m: m["Nodes"][0]["Contrasts"][0].update(Name=""), "node 'run', field 'Contrasts[0].Name'",
+     "non-empty Name"),
+    (lambda m: m.update(Name=" "), "field 'Name'", "must be a non-empty string"),
+    # attack C3 and A4: no variables, or the intercept only, in a Run node
+    (lambda m: m["Nodes"][0]["Model"].update(X=[]), "node 'run', field 'Model.X'", "lists no variables"),
+    (lambda m: (m["Nodes"][0]["Model"].update(X=[1]), m["Nodes"][0].update(Contrasts=[])),
+     "node 'run', field 'Model.X'", "intercept only models nothing but the mean BOLD signal"),
+    # attack D2: a node without contrasts writes nothing (and feeds nothing)
+    (lambda m: m["Nodes"][0].update(Contrasts=[]), "node 'run', field 'Contrasts'", "defines no contrasts"),
+    (lambda m: m["Nodes"][1].pop("DummyContrasts"), "node 'subject', field 'Contrasts'", "defines no contrasts"),
+    (lambda m: m["Nodes"][1]["DummyContrasts"].update(Contrasts=[]), "node 'subject', field 'Contrasts'",
+     "defines no contrasts"),
+    # attack F: a zero row of an F contrast is named as such; C1: weights that overflow the maps
+    (lambda m: m["Nodes"][0]["Contrasts"][1].update(Weights=[[1, -1], [0, 0]]),
+     "node 'run', field 'Contrasts[1] ('any').Weights'", "row 2 of the F contrast's weights is all zero"),
+    (lambda m: m["Nodes"][0]["Contrasts"][0].update(Weights=[0, 0]),
+     "node 'run', field 'Contrasts[0] ('aVsB').Weights'", "weights are all zero"),
+    (lambda m: m["Nodes"][0]["Contrasts"][0].update(Weights=[1e300, -1e300]),
+     "node 'run', field 'Contrasts[0] ('aVsB').Weights'", "weights beyond 1e+10 in size overflow"),
+])
+def test_models_that_would_write_nothing_or_overwrite_are_refused(tmp_path, change, where, words):
+    model = copy.deepcopy(MINIMAL)
+    change(model)
+    with pytest.raises(ModelError) as err:
+        load_model(_write(tmp_path, model))
+    assert f"model.json: {where}: " in err.value.message and words in err.value.message
+    assert "\n" not in err.value.message
+
+
+def test_long_lists_in_messages_are_capped():
+    from bidsglm.statsmodel import brief_list
+
+    assert brief_list(["a", "b"]) == "a, b"
+    text = brief_list([f"c{i}" for i in range(200)])
+    assert text.startswith("c0, c1,") and text.endswith("c9 ... and 190 more") and len(text) < 80
+
+
+def test_dummy_contrasts_alone_and_ascii_names_still_load(tmp_path):
+    model = copy.deepcopy(MINIMAL)
+    model["Nodes"][0].pop("Contrasts")
+    model["Nodes"][0]["DummyContrasts"] = {"Test": "t"}
+    model["Nodes"][0]["Name"] = "run level 1"
+    assert load_model(_write(tmp_path, model)).nodes[0].dummy_contrasts == {"Contrasts": None, "Test": "t"}
