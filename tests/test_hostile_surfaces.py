@@ -219,3 +219,187 @@ def test_error_messages_are_folded_onto_one_line(tmp_path, capsys):
     code, err = participant(capsys, root, tmp_path / "out", "fsLR")
     assert code == 65
     assert path.name in error_line(err)
+
+
+# --- B2-B4: inputs checked against their templates, brain models and TR --------------------
+
+def test_vertex_count_checked_for_every_template_space(tmp_path, capsys):
+    """fsaverage5 data (10,242 vertices) named fsaverage6 (40,962): refused."""
+    root = gifti_dataset(tmp_path)
+    for path in (root / PREP).glob("*fsaverage5*"):
+        path.rename(path.with_name(path.name.replace("fsaverage5", "fsaverage6")))
+    code, err = participant(capsys, root, tmp_path / "out", "fsaverage6")
+    assert code == 65
+    assert "10242 vertices per hemisphere, but fsaverage6 has 40962" in error_line(err)
+
+
+@pytest.mark.parametrize("problem", ["vertex out of range", "duplicate vertex", "voxel out of range"])
+def test_cifti_brain_models_validated(tmp_path, capsys, problem):
+    root = cifti_dataset(tmp_path)
+    path = root / CIFTI_BOLD
+    img = nib.load(path)
+    bm = img.header.get_axis(1)
+    vertex, voxel = bm.vertex.copy(), bm.voxel.copy()
+    if problem == "vertex out of range":
+        vertex[5] = 99999
+    elif problem == "duplicate vertex":
+        vertex[5] = vertex[6]
+    else:
+        voxel[np.flatnonzero(bm.volume_mask)[0]] = (40, 0, 0)
+    bad = nib.cifti2.BrainModelAxis(name=bm.name, voxel=voxel, vertex=vertex, affine=bm.affine,
+                                    volume_shape=bm.volume_shape, nvertices=bm.nvertices)
+    nib.save(nib.Cifti2Image(img.get_fdata().astype(np.float32), header=(img.header.get_axis(0), bad)), path)
+    code, err = participant(capsys, root, tmp_path / "out", "fsLR")
+    assert code == 65
+    line = error_line(err)
+    assert path.name in line
+    assert {"vertex out of range": "vertex 99999, outside its surface of 576 vertices",
+            "duplicate vertex": "lists a vertex twice", "voxel out of range": "outside the volume"}[problem] in line
+    assert not (tmp_path / "out" / "sub-01").exists()
+
+
+@pytest.mark.parametrize("series", [nib.cifti2.SeriesAxis(0, 0.0, N_VOL, "SECOND"),
+                                    nib.cifti2.SeriesAxis(0, 0.5, N_VOL, "HERTZ")], ids=["step 0", "hertz"])
+def test_cifti_series_axis_not_in_seconds_refused(tmp_path, capsys, series):
+    root = cifti_dataset(tmp_path)
+    rewrite_cifti(root, lambda Y: Y, series=series)
+    code, err = participant(capsys, root, tmp_path / "out", "fsLR")
+    assert code == 65
+    line = error_line(err)
+    assert Path(CIFTI_BOLD).name in line and ("step is 0 s" in line or "not SECOND" in line)
+
+
+def test_gifti_derivative_sidecar_tr_checked_against_the_raw_one(tmp_path, capsys):
+    root = gifti_dataset(tmp_path)
+    sidecar = root / PREP / f"sub-01_task-test_run-1_{GIFTI_ENT}_bold.json"
+    sidecar.write_text(json.dumps({"RepetitionTime": 1.0}))
+    code, err = participant(capsys, root, tmp_path / "out", "fsaverage5")
+    assert code == 65
+    line = error_line(err)
+    assert "task-test_bold.json: RepetitionTime 2 s here differs from 1 s" in line and "--allow-tr-mismatch" in line
+    code, err = participant(capsys, root, tmp_path / "out2", "fsaverage5", "--allow-tr-mismatch")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out2" / DESIGN).read_text())["RepetitionTime"] == 1.0
+
+
+@pytest.mark.parametrize("step,code", [("1000", 65), ("2000", 0), ("2.0", 0)])
+def test_gifti_time_step_metadata_checked(tmp_path, capsys, step, code):
+    """Workbench's TimeStep (ms) or seconds, against the sidecar's 2 s."""
+    root = gifti_dataset(tmp_path)
+    rewrite_gifti(root, lambda Y: Y, meta={"TimeStep": step})
+    got, err = participant(capsys, root, tmp_path / "out", "fsaverage5")
+    assert got == code, err
+    if code:
+        assert "TR in the GIfTI TimeStep metadata (1 s) differs from RepetitionTime in the sidecar (2 s)" in error_line(err)
+
+
+def test_gifti_design_names_both_hemispheres_and_logs_no_smoothing(tmp_path, capsys):
+    root = gifti_dataset(tmp_path)
+    code, err = participant(capsys, root, tmp_path / "out", "fsaverage5")
+    assert code == 0, err
+    sources = json.loads((tmp_path / "out" / DESIGN).read_text())["Sources"]
+    assert any("hemi-L" in s for s in sources) and any("hemi-R" in s for s in sources)
+    assert "smooth" not in err and "reading 80 volumes" in err
+
+
+# --- group level ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def surface_outputs(tmp_path_factory):
+    """Participant-level outputs of 3 subjects, GIfTI (fsaverage5) and CIFTI."""
+    outs = {}
+    for kind, space in (("gifti", "fsaverage5"), ("cifti", "fsLR")):
+        root = make_dataset(tmp_path_factory.mktemp(kind) / "bids", kind, subjects=("01", "02", "03"), runs=(1,),
+                            seed=3)
+        out = root.parent / "out"
+        assert main([str(root), str(out), "participant", "--space", space, "--contrast", "AvsB=A-B",
+                     "--skip-bids-validation", "-q"]) == 0
+        outs[kind] = (root, out)
+    return outs
+
+
+def read_surface_map(path: Path, kind: str) -> np.ndarray:
+    if kind == "cifti":
+        return nib.load(path).get_fdata()[0]
+    return np.concatenate([nib.load(str(path).replace("_hemi-L_", f"_hemi-{h}_")).darrays[0].data for h in "LR"])
+
+
+@pytest.mark.parametrize("kind", ["gifti", "cifti"])
+def test_mixed_estimator_on_surfaces_writes_tau2_as_pymare(surface_outputs, capsys, kind):
+    """A1: the tau^2 map goes through the format layer; it, the effect and t equal PyMARE's REML on
+    the subject maps as written (float32 maps: 1e-4 relative), as on volumes."""
+    pytest.importorskip("pymare")
+    from pymare.estimators import VarianceBasedLikelihoodEstimator
+
+    root, out = surface_outputs[kind]
+    space = "fsLR" if kind == "cifti" else "fsaverage5"
+    code, err = run_cli(capsys, root, out, "group", "--space", space, "--group-estimator", "mixed")
+    assert code == 0, err
+    ent = "space-fsLR_den-91k" if kind == "cifti" else GIFTI_ENT
+    suffix = "dscalar.nii" if kind == "cifti" else "shape.gii"
+    hemi = "" if kind == "cifti" else "hemi-L_"
+    group = out / "group"
+    tau2_path = next(group.glob(f"task-test_{hemi}{ent}_contrast-*_stat-tau2_statmap.{suffix}"))
+    assert not list(group.glob("*tau2*.nii.gz"))
+    tau2 = read_surface_map(tau2_path, kind)
+    effect = read_surface_map(group / f"task-test_{hemi}{ent}_contrast-avsB_stat-effect_statmap.{suffix}", kind)
+
+    def subject(sub, stat):
+        func = out / f"sub-{sub}" / "func"
+        return read_surface_map(func / f"sub-{sub}_task-test_{hemi}{ent}_contrast-avsB_stat-{stat}_statmap.{suffix}",
+                                kind)
+    Y = np.array([subject(s, "effect") for s in ("01", "02", "03")], np.float64)
+    V = np.array([subject(s, "variance") for s in ("01", "02", "03")], np.float64)
+    cols = np.arange(0, Y.shape[1], max(1, Y.shape[1] // 300))  # 300 elements spread over the map
+    est = VarianceBasedLikelihoodEstimator(method="REML", small_sample_correction="wald", xtol=1e-12,
+                                           maxiter=200).fit(Y[:, cols], V[:, cols], np.ones((3, 1)))
+    summary = est.summary()
+    np.testing.assert_allclose(tau2[cols], np.asarray(summary.tau2).ravel(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(effect[cols], summary.get_fe_stats()["est"][0], rtol=1e-4, atol=1e-5)
+    assert (tau2 >= 0).all() and np.isfinite(tau2).all()
+
+
+def test_group_on_fsnative_refused(surface_outputs, capsys, tmp_path):
+    import shutil
+
+    _, out = surface_outputs["gifti"]
+    native = tmp_path / "out"
+    shutil.copytree(out, native, ignore=shutil.ignore_patterns("group"))
+    for path in sorted(native.rglob("*fsaverage5*")):
+        path.rename(path.with_name(path.name.replace("fsaverage5", "fsnative")))
+    code, err = run_cli(capsys, tmp_path / "nobids", native, "group", "--space", "fsnative")
+    assert code == 65
+    assert "vertices do not correspond across subjects" in error_line(err)
+    assert not (native / "group").exists()
+
+
+@pytest.mark.parametrize("options,flag", [(("--connectivity", "26"), "--connectivity 26"),
+                                          (("--connectivity", "18", "--cluster-extent", "5"), "--connectivity 18"),
+                                          (("--cluster-forming-p", "0.01"), "--cluster-forming-p 0.01 needs --permutations")])
+def test_options_that_do_nothing_on_surfaces_refused(surface_outputs, capsys, options, flag):
+    root, out = surface_outputs["gifti"]
+    code, err = run_cli(capsys, root, out, "group", "--space", "fsaverage5", *options)
+    assert code == 64
+    assert flag in error_line(err)
+
+
+def test_group_input_with_several_maps_or_a_series_refused(surface_outputs, tmp_path):
+    """B5: a subject map is a one-map dscalar; two maps (the first 100x the effect) or a series axis
+    would be read as its first row: refused, naming the file."""
+    from bidsglm.surfaces import read_map
+
+    _, out = surface_outputs["cifti"]
+    path = next((out / "sub-01" / "func").glob("*_contrast-avsB_stat-effect_statmap.dscalar.nii"))
+    img = nib.load(path)
+    values, models = img.get_fdata(), img.header.get_axis(1)
+    two = tmp_path / "two.dscalar.nii"
+    nib.save(nib.Cifti2Image(np.vstack([100 * values, values]).astype(np.float32),
+                             header=(nib.cifti2.ScalarAxis(["a", "b"]), models)), two)
+    series = tmp_path / "one.dtseries.nii"
+    nib.save(nib.Cifti2Image(values.astype(np.float32), header=(nib.cifti2.SeriesAxis(0, 2.0, 1), models)), series)
+    with pytest.raises(DataError, match="expected a dscalar with one map, got 2 rows") as exc:
+        read_map(two)
+    assert exc.value.path == two
+    with pytest.raises(DataError, match="got a series"):
+        read_map(series)
+    np.testing.assert_array_equal(read_map(path)[0], values[0].astype(np.float32))
