@@ -34,6 +34,8 @@ HEMIS = ("L", "R")
 SHIPPED_MESHES = {"fsaverage5": 10242}
 # vertices per hemisphere of each template space with a known size (fsnative: each subject's own)
 TEMPLATE_SPACE_VERTICES = {"fsaverage": 163842, "fsaverage6": 40962, "fsaverage5": 10242}
+# vertices per hemisphere of the fsLR mesh a CIFTI density (grayordinates, or mesh) label names
+FSLR_DENSITY_VERTICES = {"91k": 32492, "32k": 32492, "170k": 59412, "59k": 59412, "164k": 163842}
 _GIFTI_STRUCTURE = {"L": "CortexLeft", "R": "CortexRight"}
 
 
@@ -148,7 +150,22 @@ def cifti_series_info(path: Path) -> tuple[int, float | None, Geometry]:
     if not (np.isfinite(series.step) and series.step > 0):
         raise DataError(f"the series axis step is {series.step:g} s: a time series needs a positive step", path)
     check_brain_models(models, path)
+    check_fslr_density(models, path)
     return int(series.size), float(series.step), Geometry("cifti", len(models), brain_models=models)
+
+
+def check_fslr_density(models, path: Path) -> None:
+    """A ``space-fsLR_den-<label>`` file's cortex must be on the mesh its density names (den-91k and
+    den-32k: 32,492 vertices per hemisphere; den-170k/59k: 59,412; den-164k: 163,842)."""
+    name = Path(path).name
+    found = re.search(r"_space-fsLR_(?:[a-z]+-[A-Za-z0-9]+_)*?den-([A-Za-z0-9]+)_", name)
+    expected = FSLR_DENSITY_VERTICES.get(found.group(1)) if found else None
+    if expected is None:
+        return
+    for structure, count in models.nvertices.items():
+        if structure in _CIFTI_CORTEX and count != expected:
+            raise DataError(f"brain model {structure.replace('CIFTI_STRUCTURE_', '')} is on a surface of {count} "
+                            f"vertices, but fsLR den-{found.group(1)} has {expected} per hemisphere", path)
 
 
 def check_brain_models(models, path: Path) -> None:

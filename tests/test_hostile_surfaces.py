@@ -19,7 +19,7 @@ from bidsglm.errors import DataError, one_line
 from test_surfaces import GIFTI_ENT, N_VOL, TR, cifti_models, make_dataset
 
 PREP = "derivatives/fmriprep/sub-01/func"
-CIFTI_BOLD = f"{PREP}/sub-01_task-test_run-1_space-fsLR_den-91k_bold.dtseries.nii"
+CIFTI_BOLD = f"{PREP}/sub-01_task-test_run-1_space-fsLR_den-test_bold.dtseries.nii"
 GIFTI_BOLD = f"{PREP}/sub-01_task-test_run-1_hemi-%s_{GIFTI_ENT}_bold.func.gii"
 DESIGN = "sub-01/func/sub-01_task-test_run-1_design.json"
 
@@ -233,6 +233,17 @@ def test_vertex_count_checked_for_every_template_space(tmp_path, capsys):
     assert "10242 vertices per hemisphere, but fsaverage6 has 40962" in error_line(err)
 
 
+def test_cifti_density_label_checked_against_the_cortex_vertex_count(tmp_path, capsys):
+    """576-vertex cortex named den-91k (fsLR 32k: 32,492 vertices per hemisphere): refused."""
+    root = cifti_dataset(tmp_path)
+    for path in (root / PREP).glob("*den-test*"):
+        path.rename(path.with_name(path.name.replace("den-test", "den-91k")))
+    code, err = participant(capsys, root, tmp_path / "out", "fsLR")
+    assert code == 65
+    line = error_line(err)
+    assert "CORTEX_LEFT is on a surface of 576 vertices, but fsLR den-91k has 32492 per hemisphere" in line
+
+
 @pytest.mark.parametrize("problem", ["vertex out of range", "duplicate vertex", "voxel out of range"])
 def test_cifti_brain_models_validated(tmp_path, capsys, problem):
     root = cifti_dataset(tmp_path)
@@ -335,7 +346,7 @@ def test_mixed_estimator_on_surfaces_writes_tau2_as_pymare(surface_outputs, caps
     space = "fsLR" if kind == "cifti" else "fsaverage5"
     code, err = run_cli(capsys, root, out, "group", "--space", space, "--group-estimator", "mixed")
     assert code == 0, err
-    ent = "space-fsLR_den-91k" if kind == "cifti" else GIFTI_ENT
+    ent = "space-fsLR_den-test" if kind == "cifti" else GIFTI_ENT
     suffix = "dscalar.nii" if kind == "cifti" else "shape.gii"
     hemi = "" if kind == "cifti" else "hemi-L_"
     group = out / "group"
@@ -403,3 +414,43 @@ def test_group_input_with_several_maps_or_a_series_refused(surface_outputs, tmp_
     with pytest.raises(DataError, match="got a series"):
         read_map(series)
     np.testing.assert_array_equal(read_map(path)[0], values[0].astype(np.float32))
+
+
+# --- C1 on volumes: the same class, the same code -------------------------------------------
+
+def test_volume_bold_scaled_by_1e35_gives_the_same_maps(demo_copy, tmp_path, capsys):
+    """The demo's sub-01 run-1 BOLD x1e35 (float32, finite, varying): the same z map as the data
+    as they are, no raw warning (float32 means overflow; bidsglm takes them in float64 there)."""
+    bold = demo_copy / "derivatives/fmriprep/sub-01/func/sub-01_task-flanker_run-1_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
+    zs = []
+    for scale in (1.0, 1e35):
+        if scale != 1.0:
+            img = nib.load(bold)
+            data = (np.asanyarray(img.dataobj).astype(np.float64) * scale).astype(np.float32)
+            header = img.header.copy()
+            header.set_data_dtype(np.float32)
+            header.set_slope_inter(1, 0)
+            nib.save(nib.Nifti1Image(data, img.affine, header), bold)
+        out = tmp_path / f"out{scale:g}"
+        code, err = run_cli(capsys, demo_copy, out, "participant", "--participant-label", "01", "-q",
+                            "--smoothing-fwhm", "0", "--contrast", "congruent_correct")
+        assert code == 0, err
+        assert "RuntimeWarning" not in err and "left out" not in err, err
+        z = next(out.rglob("sub-01_task-flanker_run-1_*contrast-congruentCorrect_stat-z_statmap.nii.gz"))
+        zs.append(np.asanyarray(nib.load(z).dataobj))
+    np.testing.assert_allclose(zs[1], zs[0], atol=2e-3)
+
+
+def test_extreme_contrast_weights_refused_without_a_raw_warning():
+    """Weights of 1e300 overflow the effect: no raw numpy warning, and the map check refuses it."""
+    from bidsglm.firstlevel import RunGLM, check_statistic_maps
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.standard_normal(60), np.ones(60)])
+    Y = (100 + X[:, :1] * 2 + rng.standard_normal((60, 20))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        glm = RunGLM("ols").fit(Y, X)
+        res = glm.contrast(np.array([1e300, 1e300]))
+        with pytest.raises(DataError, match="non-finite"):
+            check_statistic_maps({"effect": res.effect, "variance": res.variance, "t": res.stat})
