@@ -34,7 +34,6 @@ from .design import (
 from .discovery import RunInputs
 from .errors import DataError, ModelError
 from .firstlevel import (
-    MAX_VOXELS_LEFT_OUT,
     RunGLM,
     check_design,
     check_estimable,
