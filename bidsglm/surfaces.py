@@ -206,11 +206,12 @@ def read_cifti_series(path: Path) -> tuple[np.ndarray, Geometry]:
     return data, geom
 
 
-def _gifti_arrays(path: Path) -> np.ndarray:
-    """(T, V) of a func.gii (one data array per volume) or (1, V) of a shape.gii."""
+def _gifti_arrays(path: Path, img=None) -> np.ndarray:
+    """(T, V) of a func.gii (one data array per volume) or (1, V) of a shape.gii (``img``: the file,
+    when the caller has loaded it)."""
     import nibabel as nib
 
-    img = _load(path)
+    img = _load(path) if img is None else img
     if not isinstance(img, nib.gifti.GiftiImage) or not img.darrays:
         raise DataError("not a GIfTI file with data arrays", path)
     arrays = [np.asarray(d.data) for d in img.darrays]
@@ -223,11 +224,11 @@ def _gifti_arrays(path: Path) -> np.ndarray:
 GIFTI_TIMESTEP_MS_ABOVE = 100.0  # a TimeStep above this is in milliseconds (Workbench writes ms)
 
 
-def gifti_time_step(path: Path) -> float | None:
+def gifti_time_step(path: Path, img=None) -> float | None:
     """Seconds between volumes from a func.gii's ``TimeStep`` metadata (file-level, else the first data
     array's), or None where absent. Workbench writes milliseconds, AFNI seconds: values above 100 are
     read as milliseconds (no fMRI TR is 100 s). A TimeStep that is not a positive number: DataError."""
-    img = _load(path)
+    img = _load(path) if img is None else img
     metas = [getattr(img, "meta", None)] + [getattr(d, "meta", None) for d in getattr(img, "darrays", [])[:1]]
     for meta in metas:
         value = (meta or {}).get("TimeStep") if meta is not None else None
@@ -251,9 +252,9 @@ def gifti_partner(path: Path) -> Path:
     return path.with_name(name.replace("_hemi-R_", "_hemi-L_"))
 
 
-def read_gifti_pair(left: Path, right: Path, space: str = "") -> tuple[np.ndarray, Geometry]:
-    """(T, V_L + V_R) data of a hemisphere pair, left then right."""
-    yl, yr = _gifti_arrays(left), _gifti_arrays(right)
+def read_gifti_pair(left: Path, right: Path, space: str = "", left_img=None) -> tuple[np.ndarray, Geometry]:
+    """(T, V_L + V_R) data of a hemisphere pair, left then right (``left_img``: the left file, loaded)."""
+    yl, yr = _gifti_arrays(left, left_img), _gifti_arrays(right)
     if yl.shape[0] != yr.shape[0]:
         raise DataError(f"hemispheres differ in length: {yl.shape[0]} volumes in {left.name}, "
                         f"{yr.shape[0]} here", right)
@@ -625,8 +626,9 @@ def run_series_info(bold: Path, partner: Path, space: str) -> tuple[int, float |
     geometry of a surface run."""
     if kind_of_path(bold) == "cifti":
         return cifti_series_info(bold)
-    Y, geom = read_gifti_pair(bold, partner, space)
-    return Y.shape[0], gifti_time_step(bold), geom
+    img = _load(bold)  # loaded once: its data and its TimeStep metadata
+    Y, geom = read_gifti_pair(bold, partner, space, img)
+    return Y.shape[0], gifti_time_step(bold, img), geom
 
 
 def read_run_series(bold: Path, partner: Path, space: str) -> tuple[np.ndarray, Geometry]:
