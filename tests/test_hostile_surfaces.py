@@ -454,3 +454,14 @@ def test_extreme_contrast_weights_refused_without_a_raw_warning():
         res = glm.contrast(np.array([1e300, 1e300]))
         with pytest.raises(DataError, match="non-finite"):
             check_statistic_maps({"effect": res.effect, "variance": res.variance, "t": res.stat})
+
+
+def test_cluster_forming_p_on_a_surface_without_cluster_inference_refused(surface_outputs, capsys):
+    """The test CIFTI cortex (576 vertices) is not on a shipped mesh: permutations give vertex-wise FWE
+    only, so a cluster-forming p would do nothing."""
+    root, out = surface_outputs["cifti"]
+    code, err = run_cli(capsys, root, out, "group", "--space", "fsLR", "--permutations", "10",
+                        "--cluster-forming-p", "0.01")
+    assert code == 64
+    line = error_line(err)
+    assert "--cluster-forming-p 0.01 on --space fsLR: cluster inference is not available" in line
