@@ -465,3 +465,26 @@ def test_cluster_forming_p_on_a_surface_without_cluster_inference_refused(surfac
     assert code == 64
     line = error_line(err)
     assert "--cluster-forming-p 0.01 on --space fsLR: cluster inference is not available" in line
+
+
+def test_mixed_on_surfaces_leaves_out_elements_without_a_positive_variance(surface_outputs, capsys, tmp_path):
+    """As on volumes: elements where a subject's first-level variance is negative or NaN leave the
+    group mask (the checks the tau^2 crash used to hide); the others are fitted."""
+    import shutil
+
+    root, out = surface_outputs["gifti"]
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("group"))
+    func = copy / "sub-01" / "func"
+    path = func / f"sub-01_task-test_hemi-L_{GIFTI_ENT}_contrast-avsB_stat-variance_statmap.shape.gii"
+    values = nib.load(path).darrays[0].data.copy()
+    values[:20] = -1.0
+    values[20:40] = np.nan
+    path.unlink()
+    nib.save(nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(values, datatype="NIFTI_TYPE_FLOAT32")]), path)
+    code, err = run_cli(capsys, root, copy, "group", "--space", "fsaverage5", "--group-estimator", "mixed")
+    assert code == 0, err
+    mask = read_surface_map(next((copy / "group").glob(f"*hemi-L_{GIFTI_ENT}*_mask.shape.gii")), "gifti") > 0
+    assert not mask[:40].any() and mask[40:].all()
+    tau2 = read_surface_map(next((copy / "group").glob(f"*hemi-L_{GIFTI_ENT}*stat-tau2_statmap.shape.gii")), "gifti")
+    assert (tau2[:40] == 0).all() and np.isfinite(tau2).all()
