@@ -173,8 +173,8 @@ class RunResult:
 
 def repetition_time(run: RunInputs, header, allow_mismatch: bool, header_tr: float | None = None,
                     where: str = "NIfTI header") -> float:
-    """RepetitionTime from the sidecar, checked against the NIfTI header (or ``header_tr``: a CIFTI
-    series step)."""
+    """RepetitionTime from the sidecar, checked against the NIfTI header, or (surfaces, no header) against
+    ``header_tr`` (a CIFTI series step, a GIfTI TimeStep) and every other sidecar stating one."""
     sidecar_tr = run.bold_sidecar.get("RepetitionTime")
     if sidecar_tr is None:
         raise DataError("no RepetitionTime in the BOLD sidecar JSON (raw or derivative)", run.bold)
@@ -184,6 +184,9 @@ def repetition_time(run: RunInputs, header, allow_mismatch: bool, header_tr: flo
         raise DataError(f"RepetitionTime {sidecar_tr!r} is not a number", run.bold_sidecar_files[-1]) from exc
     if not sidecar_tr > 0:
         raise DataError(f"RepetitionTime {sidecar_tr} must be positive", run.bold_sidecar_files[-1])
+    if header is None and kind_of_path(run.bold) != "volume":  # surfaces
+        where = "CIFTI series axis" if kind_of_path(run.bold) == "cifti" else "GIfTI TimeStep metadata"
+        check_sidecars_agree_on_tr(run, sidecar_tr, allow_mismatch)
     zooms = header.get_zooms() if header is not None else ()
     if len(zooms) > 3 and zooms[3] > 0:
         unit = header.get_xyzt_units()[1]
@@ -230,9 +233,7 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
         check_smoothing(run.entities.get("space", ""), settings.smoothing_fwhm, geometry)
         if n_volumes < 2:
             raise DataError(f"a surface run needs several volumes, got {n_volumes}", run.bold)
-        where = "CIFTI series axis" if kind_of_path(run.bold) == "cifti" else "GIfTI TimeStep metadata"
-        tr = repetition_time(run, None, settings.allow_tr_mismatch, step, where)
-        check_sidecars_agree_on_tr(run, tr, settings.allow_tr_mismatch)
+        tr = repetition_time(run, None, settings.allow_tr_mismatch, step)
     else:
         bold_hdr = read_header(run.bold)
         shape = bold_hdr.get_data_shape()

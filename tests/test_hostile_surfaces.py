@@ -488,3 +488,21 @@ def test_mixed_on_surfaces_leaves_out_elements_without_a_positive_variance(surfa
     assert not mask[:40].any() and mask[40:].all()
     tau2 = read_surface_map(next((copy / "group").glob(f"*hemi-L_{GIFTI_ENT}*stat-tau2_statmap.shape.gii")), "gifti")
     assert (tau2[:40] == 0).all() and np.isfinite(tau2).all()
+
+
+def test_gifti_tr_checked_on_the_stats_model_path_too(tmp_path, capsys):
+    """The TR checks live in participant.repetition_time, which both front doors use."""
+    root = gifti_dataset(tmp_path)
+    (root / PREP / f"sub-01_task-test_run-1_{GIFTI_ENT}_bold.json").write_text(json.dumps({"RepetitionTime": 1.0}))
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps({
+        "Name": "surf", "BIDSModelVersion": "1.0.0", "Input": {"task": ["test"]},
+        "Nodes": [{"Level": "Run", "Name": "runs", "GroupBy": ["run", "subject"],
+                   "Transformations": {"Transformer": "pybids-transforms-v1",
+                                       "Instructions": [{"Name": "Factor", "Input": ["trial_type"]}]},
+                   "Model": {"Type": "glm", "X": [1, "trial_type.A", "trial_type.B"]},
+                   "Contrasts": [{"Name": "AvsB", "ConditionList": ["trial_type.A", "trial_type.B"],
+                                  "Weights": [1, -1], "Test": "t"}]}]}))
+    code, err = participant(capsys, root, tmp_path / "out", "fsaverage5", "--model", model)
+    assert code == 65
+    assert "RepetitionTime 2 s here differs from 1 s" in error_line(err)
