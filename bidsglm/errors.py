@@ -3,7 +3,14 @@ into one-line messages and exit codes."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+
+def one_line(text: str) -> str:
+    """Text folded onto one line (messages from nibabel and others may hold newlines; a file name
+    may too): each line break, with the spaces around it, becomes one space."""
+    return re.sub(r"[ \t]*[\r\n]+[ \t]*", " ", str(text)).strip()
 
 EX_OK = 0
 EX_USAGE = 64  # bad command line
@@ -19,7 +26,7 @@ class BidsGlmError(Exception):
     exit_code = EX_SOFTWARE
 
     def __init__(self, problem: str, path: str | Path | None = None, where: str | None = None):
-        self.problem = problem
+        self.problem = one_line(problem)
         self.path = Path(path) if path is not None else None
         self.where = where
         super().__init__(self.message)
@@ -28,9 +35,9 @@ class BidsGlmError(Exception):
     def message(self) -> str:
         parts = []
         if self.path is not None:
-            parts.append(str(self.path))
+            parts.append(one_line(str(self.path)))
         if self.where:
-            parts.append(self.where)
+            parts.append(one_line(self.where))
         prefix = ": ".join(parts)
         return f"{prefix}: {self.problem}" if prefix else self.problem
 

@@ -36,12 +36,24 @@ ZERO_REGRESSOR = 1e-10  # a column whose largest value is below this fraction of
 ZERO_VARIANCE = 1e-12  # residual variance below this fraction of the mean square: fitted exactly
 
 
-def mean_scaling(Y: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """Percent signal change around each voxel's mean (nilearn's signal_scaling=0).
+def element_means(Y: np.ndarray) -> np.ndarray:
+    """Each voxel's mean over time, as nilearn computes it (in Y's precision); where that sum
+    overflows (values near the float32 limit), in float64: finite data have a finite mean."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = Y.mean(axis=0)
+        bad = ~np.isfinite(mean)
+        if bad.any():
+            mean[bad] = Y[:, bad].mean(axis=0, dtype=np.float64)
+    return mean
+
+
+def mean_scaling(Y: np.ndarray, in_place: bool = False, mean: np.ndarray | None = None) -> np.ndarray:
+    """Percent signal change around each voxel's mean (nilearn's signal_scaling=0; a mean below 1
+    is taken as 1, as nilearn does). ``mean``: element_means(Y), when the caller has it.
 
     In place, the same float operations run in the same order, without the
     temporary copies of ``100 * (Y / mean - 1)``."""
-    mean = np.maximum(Y.mean(axis=0), 1)
+    mean = np.maximum(element_means(Y) if mean is None else mean, 1)
     if not in_place:
         return 100 * (Y / mean - 1)
     Y /= mean
@@ -118,6 +130,31 @@ def check_estimable(c: np.ndarray, X: np.ndarray, columns: list[str], name: str)
     used = [columns[j] for j in np.flatnonzero(np.atleast_2d(c).any(axis=0))]
     raise ModelError(f"contrast '{name}' is not estimable: the design's columns are linearly dependent "
                      f"(duplicate regressors?) and its weights on {', '.join(used)} are not identified")
+
+
+# largest share of the mask that may be left out (constant, non-finite) before a run is refused
+MAX_VOXELS_LEFT_OUT = 0.5
+
+
+def check_left_out(valid: np.ndarray, unit: str = "brain-mask voxels", hint: str = "") -> str:
+    """The rule for elements without usable data (constant in time, non-finite, fitted exactly),
+    shared by volumes and surfaces: none usable, or more than half left out, is refused (DataError);
+    a few left out give the one-line note returned (to log and record); none gives ''.
+    ``hint`` is added to a refusal (e.g. why the data look constant)."""
+    valid = np.asarray(valid, bool)
+    n, left_out = valid.size, int((~valid).sum())
+    if not left_out:
+        return ""
+    hint = f" ({hint})" if hint else ""
+    if left_out == n:
+        raise DataError(f"BOLD is constant in time or non-finite in all {n} {unit}: nothing to model "
+                        f"(an empty or broken run){hint}")
+    share = left_out / n
+    if share > MAX_VOXELS_LEFT_OUT:
+        raise DataError(f"BOLD is constant in time, non-finite or fitted exactly by the design in {left_out} "
+                        f"of {n} {unit} ({share:.0%}): an empty or broken run{hint}")
+    return (f"{left_out} of {n} {unit} left out of this run's mask (BOLD constant in time, non-finite, or "
+            "fitted exactly by the design: no residual variance)")
 
 
 def check_statistic_maps(values: dict[str, np.ndarray]) -> None:
@@ -306,6 +343,11 @@ class RunGLM:
         c = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         if c.shape[1] != self.beta_.shape[0]:
             raise ValueError(f"contrast has {c.shape[1]} weights, design has {self.beta_.shape[0]} columns")
+        # extreme weights overflow to inf: check_statistic_maps refuses such maps, in one line
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._contrast(c)
+
+    def _contrast(self, c: np.ndarray) -> ContrastResult:
         if c.shape[0] == 1:
             effect = (c @ self.beta_)[0]
             scale = np.array([(c @ cov @ c.T).item() for cov in self.covs_])

@@ -216,6 +216,10 @@ def settings_from_args(args) -> GroupSettings:
     )
 
 
+DEFAULT_CONNECTIVITY = 6  # the command line's defaults (cli.py): an option that differs was given
+DEFAULT_CLUSTER_FORMING_P = 0.001
+
+
 def _permutation_options(args, two_sided: bool) -> PermutationOptions | None:
     if args.permutations < 0:
         raise UsageError(f"--permutations must not be negative, got {args.permutations}")
@@ -226,6 +230,9 @@ def _permutation_options(args, two_sided: bool) -> PermutationOptions | None:
     if args.permutations == 0:
         if args.tfce:
             raise UsageError("--tfce needs --permutations N (TFCE is assessed by permutation)")
+        if args.cluster_forming_p != DEFAULT_CLUSTER_FORMING_P:  # would do nothing: say so
+            raise UsageError(f"--cluster-forming-p {args.cluster_forming_p:g} needs --permutations N (it forms the "
+                             "clusters of cluster-size and cluster-mass permutation inference)")
         return None
     seed = args.random_seed
     if seed is None:  # drawn once, recorded in every sidecar so the run can be repeated
@@ -674,8 +681,9 @@ def _estimator_info(model: PlannedModel, fit, permuted: bool) -> dict:
 
 
 def _write_tau2(group_dir: Path, model: PlannedModel, fit, mask, affine) -> Path:
-    path = group_dir / f"{_prefix(model)}_contrast-{model.name}_stat-tau2_statmap.nii.gz"
-    atomic_write_bytes(path, nifti_bytes(unmask(fit.tau2, mask), affine))
+    # through the format layer, as every group map (NIfTI, dscalar or a GIfTI pair)
+    path = _write_map(group_dir / f"{_prefix(model)}_contrast-{model.name}_stat-tau2_statmap.nii.gz",
+                      fit.tau2, mask, affine)
     atomic_write_json(sidecar_path(path), {
         "Description": _STAT_WORDS["tau2"] + f", {fit.method} estimate, >= 0",
         "Level": "group",
@@ -774,6 +782,19 @@ def _check_surface_options(maps: list[SubjectMap], settings: GroupSettings) -> N
     kind = space_kind(space)
     if kind == "volume":
         return
+    if space == "fsnative":
+        raise DataError("maps in fsnative space: vertex i is a different place in each subject's own mesh, so "
+                        "vertices do not correspond across subjects and a vertex-wise group model is meaningless; "
+                        "resample to a template space (fsaverage5, fsLR) and rerun", maps[0].effect)
+    if settings.thresholding.connectivity != DEFAULT_CONNECTIVITY:
+        raise UsageError(f"--connectivity {settings.thresholding.connectivity} applies to volumes: on --space "
+                         f"{space} elements join along the template mesh's edges (CIFTI voxels by faces)")
+    forming_p = settings.permutations.cluster_forming_p if settings.permutations is not None else None
+    if forming_p is not None and forming_p != DEFAULT_CLUSTER_FORMING_P:
+        reason = mesh_or_reason(read_map(maps[0].effect)[1])[1]
+        if reason:
+            raise UsageError(f"--cluster-forming-p {forming_p:g} on --space {space}: {reason} "
+                             "(no cluster-size or cluster-mass inference uses it)")
     tfce = settings.permutations is not None and settings.permutations.tfce
     extent = settings.thresholding.cluster_extent > 1
     if not (tfce or extent):

@@ -33,7 +33,16 @@ from .design import (
 )
 from .discovery import RunInputs
 from .errors import DataError, ModelError
-from .firstlevel import RunGLM, check_design, check_estimable, check_statistic_maps, design_rank, mean_scaling
+from .firstlevel import (
+    RunGLM,
+    check_design,
+    check_estimable,
+    check_left_out,
+    check_statistic_maps,
+    design_rank,
+    element_means,
+    mean_scaling,
+)
 from .fixedeffects import DegenerateRunError, fixed_effects
 from .images import (
     check_same_grid,
@@ -118,10 +127,6 @@ class PreparedRun:
         check_run_design(self)
 
 
-# largest share of the mask that may be left out (constant, non-finite) before a run is refused
-MAX_VOXELS_LEFT_OUT = 0.5
-
-
 def _design_source(prep: "PreparedRun", column: str | None) -> Path:
     """The input a design column comes from, for messages."""
     if column in prep.confound_columns:
@@ -168,8 +173,8 @@ class RunResult:
 
 def repetition_time(run: RunInputs, header, allow_mismatch: bool, header_tr: float | None = None,
                     where: str = "NIfTI header") -> float:
-    """RepetitionTime from the sidecar, checked against the NIfTI header (or ``header_tr``: a CIFTI
-    series step)."""
+    """RepetitionTime from the sidecar, checked against the NIfTI header, or (surfaces, no header) against
+    ``header_tr`` (a CIFTI series step, a GIfTI TimeStep) and every other sidecar stating one."""
     sidecar_tr = run.bold_sidecar.get("RepetitionTime")
     if sidecar_tr is None:
         raise DataError("no RepetitionTime in the BOLD sidecar JSON (raw or derivative)", run.bold)
@@ -179,6 +184,9 @@ def repetition_time(run: RunInputs, header, allow_mismatch: bool, header_tr: flo
         raise DataError(f"RepetitionTime {sidecar_tr!r} is not a number", run.bold_sidecar_files[-1]) from exc
     if not sidecar_tr > 0:
         raise DataError(f"RepetitionTime {sidecar_tr} must be positive", run.bold_sidecar_files[-1])
+    if header is None and kind_of_path(run.bold) != "volume":  # surfaces
+        where = "CIFTI series axis" if kind_of_path(run.bold) == "cifti" else "GIfTI TimeStep metadata"
+        check_sidecars_agree_on_tr(run, sidecar_tr, allow_mismatch)
     zooms = header.get_zooms() if header is not None else ()
     if len(zooms) > 3 and zooms[3] > 0:
         unit = header.get_xyzt_units()[1]
@@ -193,6 +201,26 @@ def repetition_time(run: RunInputs, header, allow_mismatch: bool, header_tr: flo
     return sidecar_tr
 
 
+def check_sidecars_agree_on_tr(run: RunInputs, tr: float, allow_mismatch: bool) -> None:
+    """Surfaces have no NIfTI header to check the TR against: every sidecar that states a
+    RepetitionTime (the raw one, the derivative one) must agree with the one used (the most
+    specific), unless --allow-tr-mismatch."""
+    from .discovery import read_json
+
+    if allow_mismatch:
+        return
+    for path in run.bold_sidecar_files:
+        stated = read_json(path).get("RepetitionTime")
+        try:
+            stated = float(stated)
+        except (TypeError, ValueError):
+            continue  # absent here, or refused where it is the one used
+        if abs(stated - tr) > TR_TOLERANCE:
+            raise DataError(f"RepetitionTime {stated:g} s here differs from {tr:g} s in "
+                            f"{run.bold_sidecar_files[-1].name}; fix the sidecars or pass --allow-tr-mismatch "
+                            "to use the most specific one", path)
+
+
 def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[ContrastSpec],
                 events: pd.DataFrame | None = None) -> PreparedRun:
     """Check headers, grids, events and confounds and build the design.
@@ -205,7 +233,7 @@ def prepare_run(run: RunInputs, settings: ModelSettings, contrasts: list[Contras
         check_smoothing(run.entities.get("space", ""), settings.smoothing_fwhm, geometry)
         if n_volumes < 2:
             raise DataError(f"a surface run needs several volumes, got {n_volumes}", run.bold)
-        tr = repetition_time(run, None, settings.allow_tr_mismatch, step, "CIFTI series axis")
+        tr = repetition_time(run, None, settings.allow_tr_mismatch, step)
     else:
         bold_hdr = read_header(run.bold)
         shape = bold_hdr.get_data_shape()
@@ -373,42 +401,61 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         return existing
     run = prep.inputs
     t0 = time.perf_counter()
-    log.info("%s: reading and smoothing %d volumes, then fitting %d contrast(s)", run.label,
+    smoothing = "reading and smoothing" if settings.smoothing_fwhm else "reading"
+    log.info("%s: %s %d volumes, then fitting %d contrast(s)", run.label, smoothing,
              prep.n_volumes, len(prep.contrasts))
-    if kind_of_path(run.bold) != "volume":  # surfaces: elements with usable series; grid = geometry
+    surface = kind_of_path(run.bold) != "volume"
+    unit = "brain-mask voxels"
+    if surface:  # surfaces: elements with usable series; grid = geometry
         Y, mask_affine = read_run_series(run.bold, run.mask, run.entities.get("space", ""))
+        unit = "vertices" if mask_affine.kind == "gifti" else "grayordinates"
         mask = usable_elements(Y)
+        try:  # the volume rule (nothing usable, or more than half unusable: refused) before any fit
+            check_left_out(mask, unit)
+        except DataError as exc:
+            raise DataError(exc.problem, run.bold) from exc
         if settings.smoothing_fwhm:  # on the template mesh, between usable elements
             Y = smooth_elements(Y, mask_affine, settings.smoothing_fwhm, mask)
         Y = np.ascontiguousarray(Y[:, mask])
     else:
         mask, mask_affine = load_mask(run.mask)
         Y, _ = stream_masked_timeseries(run.bold, mask, settings.smoothing_fwhm)
-    log.info("%s: loaded and smoothed %d volumes x %d voxels (%.1f s)",
-             run.label, Y.shape[0], Y.shape[1], time.perf_counter() - t0)
+    log.info("%s: %s %d volumes x %d %s (%.1f s)", run.label,
+             "loaded and smoothed" if settings.smoothing_fwhm else "loaded",
+             Y.shape[0], Y.shape[1], "elements" if surface else "voxels", time.perf_counter() - t0)
     # BOLD-space runs: their mean image is the anatomy the report draws their maps over
     mean_bold = None if run.entities.get("space") else Y.mean(axis=0, dtype=np.float64).astype(np.float32)
-    Y = mean_scaling(Y, in_place=True)
+    means = element_means(Y)
+    low_mean = int((np.abs(means) < 1).sum())
+    Y = mean_scaling(Y, in_place=True, mean=means)
     t1 = time.perf_counter()
+    hint = (f"{low_mean} {unit} have a mean signal below 1 in magnitude (data scaled near zero or "
+            "demeaned?): percent signal scaling divides by max(mean, 1), so their variation is lost"
+            if low_mean else "")
     try:
         glm = RunGLM(settings.noise_model).fit(Y, prep.design.to_numpy())
     except DataError as exc:
-        raise DataError(f"BOLD in the brain mask: {exc.problem}", run.bold) from exc
+        raise DataError(f"BOLD in the brain mask: {exc.problem}" + (f" ({hint})" if hint else ""),
+                        run.bold) from exc
     del Y
     notes = list(prep.notes)
-    left_out = int((~glm.valid_).sum())
-    if left_out:
-        share = left_out / glm.valid_.size
-        if share > MAX_VOXELS_LEFT_OUT:
-            raise DataError(f"BOLD is constant in time, non-finite or fitted exactly by the design in {left_out} "
-                            f"of {glm.valid_.size} brain-mask voxels ({share:.0%}): an empty or broken run",
-                            run.bold)
-        note = (f"{left_out} of {glm.valid_.size} brain-mask voxels left out of this run's mask (BOLD constant "
-                "in time, non-finite, or fitted exactly by the design: no residual variance)")
+    usable = glm.valid_
+    if surface:  # unusable at reading and at the fit, counted once over all the elements
+        usable = mask.copy()
+        usable[mask] = glm.valid_
+    try:
+        note = check_left_out(usable, unit, hint)
+    except DataError as exc:
+        raise DataError(exc.problem, run.bold) from exc
+    left_out = int((~usable).sum())
+    if note:
         log.warning("%s: %s", run.bold, note)
         notes.append(note)
-        mask = mask.copy()
-        mask[mask] = glm.valid_
+        if surface:
+            mask = usable
+        else:
+            mask = mask.copy()
+            mask[mask] = glm.valid_
     log.info("%s: %s GLM fitted (%d regressors, %.1f s)", run.label, settings.noise_model,
              prep.design.shape[1], time.perf_counter() - t1)
 
@@ -461,13 +508,19 @@ def fit_run(prep: PreparedRun, settings: ModelSettings, output_dir: Path, labels
         "Mask": mask_path.relative_to(output_dir).as_posix(),
         "ModelFingerprint": fingerprint,
         "InputsSignature": _inputs_signature(run),
-        "Sources": [bids_uri(p, links) for p in (run.bold, run.events, run.confounds)],
+        "Sources": [bids_uri(p, links) for p in _run_sources(run)],
     })
     for name, reason in prep.dropped.items():
         log.warning("%s: contrast '%s' dropped: %s", run.label, name, reason)
     log.info("%s: wrote %d contrasts (%.1f s in all)", run.label, len(prep.contrasts),
              time.perf_counter() - t0)
     return result
+
+
+def _run_sources(run: RunInputs) -> list[Path]:
+    """The files a run's design and data come from: a GIfTI pair's both hemispheres."""
+    bold = [run.bold, run.mask] if kind_of_path(run.bold) == "gifti" else [run.bold]
+    return [*bold, run.events, run.confounds]
 
 
 def _check_contrast_maps(glm: RunGLM, contrasts: list[ContrastSpec], columns: list[str], bold: Path) -> None:

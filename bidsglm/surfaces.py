@@ -32,6 +32,10 @@ GIFTI_SPACES = ("fsaverage5", "fsaverage6", "fsaverage", "fsnative")
 HEMIS = ("L", "R")
 # template meshes that ship inside an installed package (nilearn), so clusters can be formed offline
 SHIPPED_MESHES = {"fsaverage5": 10242}
+# vertices per hemisphere of each template space with a known size (fsnative: each subject's own)
+TEMPLATE_SPACE_VERTICES = {"fsaverage": 163842, "fsaverage6": 40962, "fsaverage5": 10242}
+# vertices per hemisphere of the fsLR mesh a CIFTI density (grayordinates, or mesh) label names
+FSLR_DENSITY_VERTICES = {"91k": 32492, "32k": 32492, "170k": 59412, "59k": 59412, "164k": 163842}
 _GIFTI_STRUCTURE = {"L": "CortexLeft", "R": "CortexRight"}
 
 
@@ -135,34 +139,109 @@ def cifti_series_info(path: Path) -> tuple[int, float | None, Geometry]:
     img = _load(path)
     if not isinstance(img, nib.Cifti2Image):
         raise DataError("not a CIFTI-2 file", path)
-    series, models = img.header.get_axis(0), img.header.get_axis(1)
+    try:
+        series, models = img.header.get_axis(0), img.header.get_axis(1)
+    except Exception as exc:  # nibabel raises many types for a broken CIFTI header
+        raise DataError(f"unreadable CIFTI axes ({exc})", path) from exc
     if not isinstance(series, nib.cifti2.SeriesAxis) or not isinstance(models, nib.cifti2.BrainModelAxis):
         raise DataError("expected a dtseries: a series axis (rows) and brain models (columns)", path)
-    step = float(series.step) if series.unit.upper() == "SECOND" else None
-    return int(series.size), step, Geometry("cifti", len(models), brain_models=models)
+    if str(series.unit).upper() != "SECOND":
+        raise DataError(f"the series axis is in {series.unit}, not SECOND: not a time series", path)
+    if not (np.isfinite(series.step) and series.step > 0):
+        raise DataError(f"the series axis step is {series.step:g} s: a time series needs a positive step", path)
+    check_brain_models(models, path)
+    check_fslr_density(models, path)
+    return int(series.size), float(series.step), Geometry("cifti", len(models), brain_models=models)
+
+
+def check_fslr_density(models, path: Path) -> None:
+    """A ``space-fsLR_den-<label>`` file's cortex must be on the mesh its density names (den-91k and
+    den-32k: 32,492 vertices per hemisphere; den-170k/59k: 59,412; den-164k: 163,842)."""
+    name = Path(path).name
+    found = re.search(r"_space-fsLR_(?:[a-z]+-[A-Za-z0-9]+_)*?den-([A-Za-z0-9]+)_", name)
+    expected = FSLR_DENSITY_VERTICES.get(found.group(1)) if found else None
+    if expected is None:
+        return
+    for structure, count in models.nvertices.items():
+        if structure in _CIFTI_CORTEX and count != expected:
+            raise DataError(f"brain model {structure.replace('CIFTI_STRUCTURE_', '')} is on a surface of {count} "
+                            f"vertices, but fsLR den-{found.group(1)} has {expected} per hemisphere", path)
+
+
+def check_brain_models(models, path: Path) -> None:
+    """Brain models Workbench would accept: vertex indices within each surface's vertex count, voxel
+    indices within the volume, no grayordinate listed twice (DataError naming the file)."""
+    names = np.asarray(models.name)
+    vertices = np.asarray(models.vertex, dtype=np.int64)
+    surface = np.asarray(models.surface_mask, bool)
+    for name, count in models.nvertices.items():
+        these = vertices[surface & (names == name)]
+        bad = (these < 0) | (these >= count)
+        if bad.any():
+            raise DataError(f"brain model {name.replace('CIFTI_STRUCTURE_', '')} lists vertex {int(these[bad][0])}, "
+                            f"outside its surface of {count} vertices", path)
+        if np.unique(these).size != these.size:
+            raise DataError(f"brain model {name.replace('CIFTI_STRUCTURE_', '')} lists a vertex twice "
+                            "(duplicate grayordinate)", path)
+    volume = np.asarray(models.volume_mask, bool)
+    if volume.any():
+        ijk = np.asarray(models.voxel, dtype=np.int64)[volume]
+        shape = np.asarray(models.volume_shape if models.volume_shape is not None else (0, 0, 0))
+        bad = (ijk < 0).any(axis=1) | (ijk >= shape).any(axis=1)
+        if bad.any():
+            raise DataError(f"a voxel brain model lists voxel {tuple(int(i) for i in ijk[bad][0])}, outside the "
+                            f"volume of shape {tuple(int(n) for n in shape)}", path)
+        if np.unique(ijk, axis=0).shape[0] != ijk.shape[0]:
+            raise DataError("voxel brain models list a voxel twice (duplicate grayordinate)", path)
 
 
 def read_cifti_series(path: Path) -> tuple[np.ndarray, Geometry]:
     """(T, V) float32 data and the geometry of a dtseries."""
     _, _, geom = cifti_series_info(path)
     try:
-        data = np.asarray(_load(path).get_fdata(dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, left out as non-finite
+            data = np.asarray(_load(path).get_fdata(dtype=np.float32))
     except Exception as exc:
         raise DataError(f"cannot read CIFTI data ({exc})", path) from exc
     return data, geom
 
 
-def _gifti_arrays(path: Path) -> np.ndarray:
-    """(T, V) of a func.gii (one data array per volume) or (1, V) of a shape.gii."""
+def _gifti_arrays(path: Path, img=None) -> np.ndarray:
+    """(T, V) of a func.gii (one data array per volume) or (1, V) of a shape.gii (``img``: the file,
+    when the caller has loaded it)."""
     import nibabel as nib
 
-    img = _load(path)
+    img = _load(path) if img is None else img
     if not isinstance(img, nib.gifti.GiftiImage) or not img.darrays:
         raise DataError("not a GIfTI file with data arrays", path)
     arrays = [np.asarray(d.data) for d in img.darrays]
     if any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
         raise DataError("GIfTI data arrays are not vectors of one length (a mesh file, not data?)", path)
-    return np.stack(arrays).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, left out as non-finite
+        return np.stack(arrays).astype(np.float32)
+
+
+GIFTI_TIMESTEP_MS_ABOVE = 100.0  # a TimeStep above this is in milliseconds (Workbench writes ms)
+
+
+def gifti_time_step(path: Path, img=None) -> float | None:
+    """Seconds between volumes from a func.gii's ``TimeStep`` metadata (file-level, else the first data
+    array's), or None where absent. Workbench writes milliseconds, AFNI seconds: values above 100 are
+    read as milliseconds (no fMRI TR is 100 s). A TimeStep that is not a positive number: DataError."""
+    img = _load(path) if img is None else img
+    metas = [getattr(img, "meta", None)] + [getattr(d, "meta", None) for d in getattr(img, "darrays", [])[:1]]
+    for meta in metas:
+        value = (meta or {}).get("TimeStep") if meta is not None else None
+        if value is None:
+            continue
+        try:
+            step = float(value)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"GIfTI TimeStep metadata {value!r} is not a number", path) from exc
+        if not (np.isfinite(step) and step > 0):
+            raise DataError(f"GIfTI TimeStep metadata {value!r} is not a positive number of seconds", path)
+        return step / 1000 if step > GIFTI_TIMESTEP_MS_ABOVE else step
+    return None
 
 
 def gifti_partner(path: Path) -> Path:
@@ -173,16 +252,16 @@ def gifti_partner(path: Path) -> Path:
     return path.with_name(name.replace("_hemi-R_", "_hemi-L_"))
 
 
-def read_gifti_pair(left: Path, right: Path, space: str = "") -> tuple[np.ndarray, Geometry]:
-    """(T, V_L + V_R) data of a hemisphere pair, left then right."""
-    yl, yr = _gifti_arrays(left), _gifti_arrays(right)
+def read_gifti_pair(left: Path, right: Path, space: str = "", left_img=None) -> tuple[np.ndarray, Geometry]:
+    """(T, V_L + V_R) data of a hemisphere pair, left then right (``left_img``: the left file, loaded)."""
+    yl, yr = _gifti_arrays(left, left_img), _gifti_arrays(right)
     if yl.shape[0] != yr.shape[0]:
         raise DataError(f"hemispheres differ in length: {yl.shape[0]} volumes in {left.name}, "
                         f"{yr.shape[0]} here", right)
     if yl.shape[1] != yr.shape[1] and space != "fsnative":
         raise DataError(f"hemispheres differ in vertex count on template {space}: {yl.shape[1]} in "
                         f"{left.name}, {yr.shape[1]} here", right)
-    expected = SHIPPED_MESHES.get(space)
+    expected = TEMPLATE_SPACE_VERTICES.get(space)
     if expected is not None and yl.shape[1] != expected:
         raise DataError(f"{yl.shape[1]} vertices per hemisphere, but {space} has {expected}", left)
     geom = Geometry("gifti", yl.shape[1] + yr.shape[1], hemi_sizes=(yl.shape[1], yr.shape[1]), space=space)
@@ -193,7 +272,8 @@ def usable_elements(Y: np.ndarray) -> np.ndarray:
     """Elements with finite, non-constant time series: the surface "mask" (a constant element,
     such as zeros outside the data, has no variance to test)."""
     finite = np.isfinite(Y).all(axis=0)
-    varying = np.ptp(np.where(finite, Y, 0), axis=0) > 0
+    with np.errstate(over="ignore", invalid="ignore"):  # a range beyond float32 still varies
+        varying = np.ptp(np.where(finite, Y, 0), axis=0) > 0
     return finite & varying
 
 
@@ -203,10 +283,21 @@ def read_map(path: Path) -> tuple[np.ndarray, Geometry]:
         import nibabel as nib
 
         img = _load(path)
-        models = img.header.get_axis(1)
+        try:
+            maps, models = img.header.get_axis(0), img.header.get_axis(1)
+        except Exception as exc:  # nibabel raises many types for a broken CIFTI header
+            raise DataError(f"unreadable CIFTI axes ({exc})", path) from exc
         if not isinstance(models, nib.cifti2.BrainModelAxis):
             raise DataError("expected brain models on the columns of a CIFTI map", path)
-        values = np.asarray(img.get_fdata(dtype=np.float32))[0]
+        if not isinstance(maps, nib.cifti2.ScalarAxis) or len(maps) != 1:
+            what = "a series (dtseries)" if isinstance(maps, nib.cifti2.SeriesAxis) else f"{len(maps)} rows"
+            raise DataError(f"expected a dscalar with one map, got {what}", path)
+        check_brain_models(models, path)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = np.asarray(img.get_fdata(dtype=np.float32))[0]
+        except Exception as exc:
+            raise DataError(f"cannot read CIFTI data ({exc})", path) from exc
         return values, Geometry("cifti", len(models), brain_models=models)
     left = path if "_hemi-L_" in path.name else gifti_partner(path)
     right = gifti_partner(left)
@@ -531,11 +622,13 @@ def components(neighbours: np.ndarray, above: np.ndarray) -> np.ndarray:
 # --- runs -----------------------------------------------------------------------------
 
 def run_series_info(bold: Path, partner: Path, space: str) -> tuple[int, float | None, Geometry]:
-    """Volumes, series step (CIFTI; None for GIfTI) and geometry of a surface run."""
+    """Volumes, series step (CIFTI's series axis; GIfTI's TimeStep metadata, None where absent) and
+    geometry of a surface run."""
     if kind_of_path(bold) == "cifti":
         return cifti_series_info(bold)
-    Y, geom = read_gifti_pair(bold, partner, space)
-    return Y.shape[0], None, geom
+    img = _load(bold)  # loaded once: its data and its TimeStep metadata
+    Y, geom = read_gifti_pair(bold, partner, space, img)
+    return Y.shape[0], gifti_time_step(bold, img), geom
 
 
 def read_run_series(bold: Path, partner: Path, space: str) -> tuple[np.ndarray, Geometry]:

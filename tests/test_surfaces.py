@@ -1,7 +1,7 @@
 """Surfaces and grayordinates: CIFTI dtseries and GIfTI pairs at both levels.
 
 The test data are built here with nibabel, with the structure of fMRIPrep's outputs:
-a ``space-fsLR_den-91k_bold.dtseries.nii`` whose brain models are a left and a right
+a ``space-fsLR_den-test_bold.dtseries.nii`` (``den-91k`` when its cortex is on fsLR's 32k mesh) whose brain models are a left and a right
 cortex (vertex subsets of a mesh: the medial wall is left out, as in the real file's
 29,696 of 32,492 left vertices) followed by subcortical voxel structures on a 2 mm grid,
 a series axis in seconds; and ``hemi-L|R_space-fsaverage5_bold.func.gii`` pairs of
@@ -118,7 +118,9 @@ def make_dataset(root: Path, kind: str, subjects=("01", "02"), runs=(1, 2), seed
                 series = nib.cifti2.SeriesAxis(0, step, N_VOL, "SECOND")
                 img = nib.Cifti2Image(simulate_series(rng, len(models), patch=patch), header=(series, models))
                 img.nifti_header.set_intent("ConnDenseSeries")
-                name = f"{stem}_space-fsLR_den-91k_bold"
+                # test grids of 576 vertices are not fsLR's 32,492: another density label (den-91k names that mesh)
+                den = "91k" if set(models.nvertices.values()) == {32492} else "test"
+                name = f"{stem}_space-fsLR_den-{den}_bold"
                 nib.save(img, out / f"{name}.dtseries.nii")
                 (out / f"{name}.json").write_text(json.dumps({"RepetitionTime": TR}))
             else:
@@ -160,7 +162,7 @@ def nilearn_z(Y: np.ndarray, design: pd.DataFrame, weights: dict, noise_model: s
 def cifti_out(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("cifti") / "bids", "cifti", subjects=("01", "02", "03", "04"))
     out = root.parent / "out"
-    code = main([str(root), str(out), "participant", "--space", "fsLR:den-91k", "--contrast", "AvsB=A-B",
+    code = main([str(root), str(out), "participant", "--space", "fsLR:den-test", "--contrast", "AvsB=A-B",
                  "--contrast", "A=A", "--contrast", "B=B", "--noise-model", "ols", "--skip-bids-validation"])  # OLS: exact null distribution (white noise)
     assert code == 0
     return root, out
@@ -169,12 +171,12 @@ def cifti_out(tmp_path_factory):
 def test_cifti_run_maps_match_nilearn(cifti_out):
     root, out = cifti_out
     func = out / "sub-01" / "func"
-    z_path = func / "sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii"
+    z_path = func / "sub-01_task-test_run-1_space-fsLR_den-test_contrast-avsB_stat-z_statmap.dscalar.nii"
     assert z_path.is_file()
-    side = json.loads((func / "sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.json").read_text())
+    side = json.loads((func / "sub-01_task-test_run-1_space-fsLR_den-test_contrast-avsB_stat-z_statmap.json").read_text())
     assert side["RepetitionTime"] == TR and side["SmoothingFWHM"] is None
     img = nib.load(z_path)
-    bold = nib.load(root / "derivatives/fmriprep/sub-01/func/sub-01_task-test_run-1_space-fsLR_den-91k_bold.dtseries.nii")
+    bold = nib.load(root / "derivatives/fmriprep/sub-01/func/sub-01_task-test_run-1_space-fsLR_den-test_bold.dtseries.nii")
     assert img.header.get_axis(1) == bold.header.get_axis(1)  # brain models copied from the input
     design = pd.read_csv(func / "sub-01_task-test_run-1_design.tsv", sep="\t")
     expected = nilearn_z(np.asarray(bold.get_fdata()), design, side["Contrast"]["Weights"], "ols")
@@ -183,7 +185,7 @@ def test_cifti_run_maps_match_nilearn(cifti_out):
 
 def test_cifti_patch_found_nulls_at_nominal_rate(cifti_out):
     _, out = cifti_out
-    z = nib.load(out / "sub-01/func/sub-01_task-test_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii").get_fdata()[0]
+    z = nib.load(out / "sub-01/func/sub-01_task-test_space-fsLR_den-test_contrast-avsB_stat-z_statmap.dscalar.nii").get_fdata()[0]
     assert (z[PATCH] > 3.1).all()
     null = np.delete(z, PATCH)
     rate = np.mean(null > 1.6449)  # one-sided p < 0.05
@@ -197,7 +199,7 @@ def test_cifti_fixed_effects_precision_weighted(cifti_out):
     func = out / "sub-02" / "func"
 
     def read(run, stat):
-        ent = f"sub-02_task-test{'_run-' + str(run) if run else ''}_space-fsLR_den-91k"
+        ent = f"sub-02_task-test{'_run-' + str(run) if run else ''}_space-fsLR_den-test"
         return nib.load(func / f"{ent}_contrast-avsB_stat-{stat}_statmap.dscalar.nii").get_fdata()[0]
 
     eff = np.array([read(r, "effect") for r in (1, 2)])
@@ -305,9 +307,9 @@ def test_cifti_group_one_sample_and_voxelwise_permutations(cifti_out, capsys):
                         "--permutations", "100", "--random-seed", "1")
     assert code == 0, err
     group = out / "group"
-    ent = "task-test_space-fsLR_den-91k_contrast-avsB"
+    ent = "task-test_space-fsLR_den-test_contrast-avsB"
     t = nib.load(group / f"{ent}_stat-t_statmap.dscalar.nii").get_fdata()[0]
-    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    Y = subject_effects(out, "space-fsLR_den-test", ("01", "02", "03", "04"), "cifti")
     t_ref = stats.ttest_1samp(Y, 0).statistic
     np.testing.assert_allclose(t, t_ref, rtol=1e-4)
     # 4 subjects: all 16 sign flips; voxel-wise FWE p = share of flips whose max |t| reaches |t|
@@ -402,13 +404,13 @@ def test_cifti_group_repeated_measures_anova(cifti_out, capsys):
     code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--group-model", "anova",
                         "--conditions", "A", "B")
     assert code == 0, err
-    F = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-effectOfCondition_stat-F_statmap.dscalar.nii")
+    F = nib.load(out / "group" / "task-test_space-fsLR_den-test_contrast-effectOfCondition_stat-F_statmap.dscalar.nii")
     subjects = ("01", "02", "03", "04")
     effects = {}
     for name in ("A", "B"):
         rows = []
         for sub in subjects:
-            for side in (out / f"sub-{sub}" / "func").glob(f"sub-{sub}_task-test_space-fsLR_den-91k_contrast-*_stat-effect_statmap.json"):
+            for side in (out / f"sub-{sub}" / "func").glob(f"sub-{sub}_task-test_space-fsLR_den-test_contrast-*_stat-effect_statmap.json"):
                 if json.loads(side.read_text())["Contrast"]["Name"] == name:
                     rows.append(nib.load(str(side).replace(".json", ".dscalar.nii")).get_fdata()[0])
         effects[name] = np.array(rows)
@@ -429,8 +431,8 @@ def test_cifti_group_covariate(cifti_out, capsys):
     _, out = cifti_out
     code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--covariates", "age")
     assert code == 0, err
-    t = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-t_statmap.dscalar.nii").get_fdata()[0]
-    Y = subject_effects(out, "space-fsLR_den-91k", ("01", "02", "03", "04"), "cifti")
+    t = nib.load(out / "group" / "task-test_space-fsLR_den-test_contrast-avsB_stat-t_statmap.dscalar.nii").get_fdata()[0]
+    Y = subject_effects(out, "space-fsLR_den-test", ("01", "02", "03", "04"), "cifti")
     age = np.arange(4) + 20.0
     X = np.c_[np.ones(4), age - age.mean()]
     beta, *_ = np.linalg.lstsq(X, Y, rcond=None)
@@ -486,9 +488,9 @@ def test_cifti_group_run_exclusion_recomputes_fixed_effects(cifti_out, capsys):
     _, out = cifti_out
     code, err = run_cli(capsys, out.parent / "bids", out, "group", "--space", "fsLR", "--exclude-run", "sub-01_run-2")
     assert code == 0, err
-    effect = nib.load(out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-effect_statmap.dscalar.nii")
-    run1 = nib.load(out / "sub-01/func/sub-01_task-test_run-1_space-fsLR_den-91k_contrast-avsB_stat-effect_statmap.dscalar.nii")
-    others = subject_effects(out, "space-fsLR_den-91k", ("02", "03", "04"), "cifti")
+    effect = nib.load(out / "group" / "task-test_space-fsLR_den-test_contrast-avsB_stat-effect_statmap.dscalar.nii")
+    run1 = nib.load(out / "sub-01/func/sub-01_task-test_run-1_space-fsLR_den-test_contrast-avsB_stat-effect_statmap.dscalar.nii")
+    others = subject_effects(out, "space-fsLR_den-test", ("02", "03", "04"), "cifti")
     expected = np.vstack([run1.get_fdata()[0], others]).mean(axis=0)  # sub-01 = its one remaining run
     np.testing.assert_allclose(effect.get_fdata()[0], expected, rtol=1e-5, atol=1e-6)
 
@@ -914,7 +916,7 @@ def test_cifti_maps_drawn_through_the_template_mesh_accessor(cifti_out, capsys, 
         z_maps = list((out / "group").glob("*_stat-z_statmap.dscalar.nii"))
         assert "No template mesh" not in page and "not drawn" not in page
         assert page.count("<img") >= len(z_maps) >= 1  # each z map (and its thresholded map) drawn
-        z_path = out / "group" / "task-test_space-fsLR_den-91k_contrast-avsB_stat-z_statmap.dscalar.nii"
+        z_path = out / "group" / "task-test_space-fsLR_den-test_contrast-avsB_stat-z_statmap.dscalar.nii"
         values, geom = surfaces.read_map(z_path)
         parts = surfacereports._hemisphere_values(values.astype(float), geom, {"L": idx.size, "R": idx.size})
         assert np.isnan(parts["L"][MEDIAL]).all() and np.isfinite(np.delete(parts["L"], MEDIAL)).all()
