@@ -53,7 +53,7 @@ from .groupmodels import (
     is_estimable,
 )
 from .firstlevel import ZERO_VARIANCE, check_statistic_maps
-from .clusterkernels import CONNECTIVITY_NAMES, TFCE_CONNECTIVITY_NAMES
+from .clusterkernels import CONNECTIVITY_NAMES, TFCE_CONNECTIVITY_NAMES, TFCE_MAX_STEPS, tfce_step
 from .images import nifti_bytes, unmask
 from .mixedeffects import fit_mixed
 from .sphericity import NAMES as SPHERICITY_NAMES, corrected_f_tails, epsilon
@@ -82,6 +82,7 @@ from .inference import (
     threshold_map,
 )
 from .permutation import (
+    TFCE_DH,
     PermutationOptions,
     permutation_design,
     run_permutations,
@@ -950,10 +951,14 @@ def write_permutation_outputs(group_dir, base, model, con, result, mask, affine,
             p_maps = {"voxel": result.p_voxel}
     if result.p_tfce is not None:
         p_maps["tfce"] = result.p_tfce
-        tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, "dh": 0.1,
+        # the height step actually used: 0.1, or a map's peak / TFCE_MAX_STEPS when larger (1-dof t maps)
+        steps = {"dh": float(tfce_step(np.asarray(result.stat, dtype=np.float64), result.two_sided, TFCE_DH)),
+                 "dhRule": f"{TFCE_DH:g}, or each map's largest |value| / {TFCE_MAX_STEPS} when that is larger "
+                           "(each permuted map its own); dh is the observed map's"}
+        tfce_info = {"TFCE": {"E": 0.5, "H": 2.0, **steps,
                               "Connectivity": TFCE_CONNECTIVITY_NAMES[options.connectivity]}}
         if isinstance(affine, Geometry):
-            tfce_info = {"TFCE": {"E": SURFACE_TFCE_E, "H": 2.0, "dh": 0.1, "Connectivity": mesh.name}}
+            tfce_info = {"TFCE": {"E": SURFACE_TFCE_E, "H": 2.0, **steps, "Connectivity": mesh.name}}
         path = _write_map(group_dir / f"{base}_stat-tfce_statmap.nii.gz", result.tfce, mask, affine)
         atomic_write_json(sidecar_path(path), {"Description": f"TFCE of the {stat} map (negative where "
                                                "the t map is negative)", **common, **tfce_info})

@@ -255,7 +255,9 @@ def test_permutation_inference_from_the_command_line(outputs):
     side = json.loads((g / f"{PREFIX}_contrast-fmh_stat-logp_desc-tfceFWE_statmap.json").read_text())
     assert side["Rearrangement"] == "permutation within subjects of Freedman-Lane residuals"
     assert side["NumberOfRearrangements"] == 256 and side["Exhaustive"]  # 2!^8 <= 301: all of them
+    rule = side["TFCE"].pop("dhRule")
     assert side["TFCE"] == {"E": 0.5, "H": 2.0, "dh": 0.1, "Connectivity": "faces (6-neighbour)"}
+    assert rule.startswith("0.1, or each map's largest |value| / 10000")
     table = pd.read_csv(g / f"{PREFIX}_contrast-fmh_desc-clustermassFWE_clusters.tsv", sep="\t")
     assert (table["p_fwe"] < 0.05).all()
     first = {n: _data(g / n) for n in _perm_files(g, "fmh") if n.endswith(".nii.gz")}
