@@ -524,17 +524,13 @@ def _keep_level(parser: argparse.ArgumentParser, level: str) -> None:
 
 def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """The long options written on the command line, resolved as argparse does (unique prefixes)."""
-    known = [f for f in option_levels(parser) if f.startswith("--")]
     given = []
     for token in argv:
         if token == "--":
             break
-        if not token.startswith("--"):
-            continue
-        name = token.split("=", 1)[0]
-        matches = [name] if name in known else [f for f in known if f.startswith(name)]
-        if matches:
-            given.append(matches[0])
+        action = _option_action(parser, token) if token.startswith("--") else None
+        if action is not None:
+            given.append(next(f for f in action.option_strings if f.startswith("--")))
     return given
 
 

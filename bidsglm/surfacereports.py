@@ -179,14 +179,23 @@ def _contrast_of(path: Path) -> str:
     return found.group(1) if found else ""
 
 
+def _figures_heading(z_maps: list[Path]) -> tuple["_Drawer | None", list[str]]:
+    """The drawer of these maps' space and the section heading; no drawer, and a one-line note
+    instead, where no template mesh ships for the space."""
+    drawer = _Drawer(_space(z_maps[0]))
+    sections = ["<h2>Maps on the surface</h2>"]
+    if drawer.problem:
+        return None, sections + [f'<p class="note">{html.escape(drawer.problem)}</p>']
+    return drawer, sections
+
+
 def _participant_figures(output_dir: Path, maps: list[Path]) -> list[str]:
     z_maps = [p for p in maps if "_stat-z_statmap" in p.name]
     if not z_maps:
         return []
-    drawer = _Drawer(_space(z_maps[0]))
-    sections = ["<h2>Maps on the surface</h2>"]
-    if drawer.problem:
-        return sections + [f'<p class="note">{html.escape(drawer.problem)}</p>']
+    drawer, sections = _figures_heading(z_maps)
+    if drawer is None:
+        return sections
     for label in sorted({_contrast_of(p) for p in z_maps}):
         group = [p for p in z_maps if _contrast_of(p) == label]
         group.sort(key=lambda p: ("_run-" in p.name, p.name))  # the subject's map first, then runs
@@ -230,10 +239,9 @@ def _group_figures(group_dir: Path, maps: list[Path]) -> list[str]:
     z_maps = [p for p in maps if p.name.endswith(("_stat-z_statmap.shape.gii", "_stat-z_statmap.dscalar.nii"))]
     if not z_maps:
         return []
-    drawer = _Drawer(_space(z_maps[0]))
-    sections = ["<h2>Maps on the surface</h2>"]
-    if drawer.problem:
-        return sections + [f'<p class="note">{html.escape(drawer.problem)}</p>']
+    drawer, sections = _figures_heading(z_maps)
+    if drawer is None:
+        return sections
     for z in z_maps:
         thresholded = z.with_name(z.name.replace("_stat-z_statmap", "_stat-z_desc-thresholded_statmap"))
         applied = _side(thresholded).get("Threshold") if thresholded.is_file() else None
