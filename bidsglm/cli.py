@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--smoothing-fwhm", type=_positive_float, default=None, metavar="MM",
                      help=f"Gaussian smoothing FWHM in mm, 0 for none, at most {MAX_FWHM_MM:g} (default: 6 on "
                           "volumes; 0 on surfaces and grayordinates (--space fsLR, fsaverage*, fsnative), where a "
-                          "value > 0 smooths by heat diffusion on the template mesh (fsaverage5; subcortical "
+                          "value > 0 smooths by heat diffusion on the template mesh (fsaverage5, fsLR 32k; subcortical "
                           "CIFTI voxels as volumes) and is refused for spaces whose mesh does not ship offline)")
     mod.add_argument("--hrf-model", default="glover",
                      choices=["glover", "spm", "glover + derivative", "spm + derivative",
