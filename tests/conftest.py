@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def shared_path(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"shared material not available: {path}")
     return path
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one test worker per usable core, at most four. Each
+    worker holds its own imports and session fixtures, and several tests start threads or
+    processes of their own, so more workers would add memory, not speed."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 @pytest.fixture(scope="session", autouse=True)
