@@ -13,7 +13,7 @@ in time (rho 0.3) and Gaussian-smoothed in space; motion confounds are random
 walks unrelated to the signal. ``make_demo`` returns the truth masks so tests
 can score detections.
 
-Command line: ``bidsglm-demo DIR [--subjects N] [--voxel-size MM]``.
+Command line: ``bidsglm-demo DIR [--subjects N] [--voxel-size MM] [--seed S] [--surface cifti|gifti]``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -235,33 +237,143 @@ def make_demo(root: Path, n_subjects: int = 4, voxel_size: float = 4.0, amplitud
     return DemoTruth(affine, brain, blobs, amplitude)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+EX_USAGE, EX_SOFTWARE, EX_CANTCREAT, EX_INTERRUPTED = 64, 70, 73, 130
+SUBJECTS_RANGE = (1, 50)
+VOXEL_SIZE_RANGE = (2, 10)  # 1 mm would be 8.5 million voxels x 150 volumes per run: gigabytes and minutes
+OPTIONS_RECORD = Path("code") / "bidsglm-demo.json"  # BIDS keeps code/ out of validation
+
+
+class _DemoParser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 64 (as bidsglm's own)
+        sys.stderr.write(f"bidsglm-demo: error: {message} (usage: bidsglm-demo DIR [options]; see --help)\n")
+        sys.exit(EX_USAGE)
+
+
+def _whole_number_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _DemoParser(
         prog="bidsglm-demo", description=__doc__.split("\n\n")[0],
         epilog="The dataset holds raw BIDS files (events, sidecars) and fMRIPrep-style derivatives under "
                "derivatives/fmriprep (MNI152NLin2009cAsym BOLD, brain masks, confounds), two flanker runs per "
-               "participant with real event timing. Then: bidsglm OUTPUT OUT_DIR participant. An existing "
-               "demo in OUTPUT is reused; any other non-empty OUTPUT is refused (exit 64).")
+               "participant with real event timing. Then: bidsglm OUTPUT OUT_DIR participant. A demo made with "
+               "the same options in OUTPUT is reused; one made with other options, or any other non-empty "
+               "OUTPUT, is refused (exit 64). Interrupted (Ctrl-C, exit 130) or failing to write (exit 73), "
+               "it leaves nothing behind.")
     p.add_argument("output", type=Path, help="folder to create the demo BIDS dataset in (new or empty)")
-    p.add_argument("--subjects", type=int, default=4, help="number of participants (default 4)")
-    p.add_argument("--voxel-size", type=int, default=4.0,
-                   help="voxel size of the simulated MNI grid in mm; smaller is slower and larger on disk "
-                        "(default 4)")
+    p.add_argument("--subjects", type=_whole_number_in(*SUBJECTS_RANGE), default=4,
+                   help="number of participants, %d to %d (default 4)" % SUBJECTS_RANGE)
+    p.add_argument("--voxel-size", type=_whole_number_in(*VOXEL_SIZE_RANGE), default=4,
+                   help="voxel size of the simulated MNI grid in whole mm, %d to %d; smaller is slower and "
+                        "larger on disk (default 4)" % VOXEL_SIZE_RANGE)
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the simulated noise: the same seed gives the same dataset (default 42)")
     p.add_argument("--surface", choices=["cifti", "gifti"], default=None,
                    help="also write surface BOLD: fsaverage5 GIfTI pairs, or CIFTI dtseries with fsLR 32k "
                         "cortex (see README, 'Surfaces and grayordinates')")
-    args = p.parse_args(argv)
+    return p
+
+
+def _options_text(args) -> str:
+    return f"--subjects {args.subjects} --voxel-size {args.voxel_size} --seed {args.seed}"
+
+
+def _existing_demo_refusal(args) -> str | None:
+    """Why OUTPUT cannot take (or be reused as) this demo, or None."""
+    out = args.output
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is not a folder"
+    desc = out / "dataset_description.json"
+    if desc.is_file() and "bidsglm demo" in desc.read_text(errors="replace"):
+        record = out / OPTIONS_RECORD
+        made = json.loads(record.read_text()).get("options") if record.is_file() else None
+        if made is not None and made != _options_text(args):
+            return (f"{out} holds a demo made with {made}, not {_options_text(args)}; remove it or choose "
+                    "another folder")
+        return None
+    if out.is_dir() and any(out.iterdir()):
+        return f"{out} exists and is not empty"
+    return None
+
+
+def _remove_new_paths(root: Path, before: set[Path] | None) -> None:
+    """Undo an interrupted or failed demo: remove ``root`` if it did not exist (``before`` is
+    None), else every path under it that is not in ``before``."""
+    if before is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for path in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        if path not in before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _write_demo(args) -> str:
     desc = args.output / "dataset_description.json"
-    if desc.is_file() and "bidsglm demo" in desc.read_text():
-        print(f"demo dataset already present in {args.output}; reusing it")
+    if desc.is_file():
+        message = f"demo dataset already present in {args.output}; reusing it"
         pattern = {"cifti": "*.dtseries.nii", "gifti": "*.func.gii"}.get(args.surface)
         if pattern and not next((args.output / "derivatives").rglob(pattern), None):
             from .demosurface import add_surface_runs
 
             add_surface_runs(args.output, args.surface)
-        return 0
+        return message
+    make_demo(args.output, args.subjects, args.voxel_size, seed=args.seed)
+    _write_json(args.output / OPTIONS_RECORD, {"options": _options_text(args)})
+    if args.surface:
+        from .demosurface import add_surface_runs
+
+        add_surface_runs(args.output, args.surface)
+    return f"demo dataset written to {args.output}"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    refusal = _existing_demo_refusal(args)
+    if refusal:
+        print(f"bidsglm-demo: error: {refusal}", file=sys.stderr)
+        return EX_USAGE
+    before = set(args.output.rglob("*")) if args.output.is_dir() else None
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        message = _write_demo(args)
+    except KeyboardInterrupt:
+        _remove_new_paths(args.output, before)
+        print("bidsglm-demo: interrupted; nothing of this demo was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else EX_INTERRUPTED
+    except OSError as exc:
+        _remove_new_paths(args.output, before)
+        print(f"bidsglm-demo: error: cannot write the demo in {args.output}: {exc.strerror or exc} "
+              f"({exc.filename or args.output})", file=sys.stderr)
+        return EX_CANTCREAT
+    except Exception as exc:  # a bug of the demo writer: one line, nothing kept
+        _remove_new_paths(args.output, before)
+        print(f"bidsglm-demo: internal error ({type(exc).__name__}: {exc}); nothing was kept", file=sys.stderr)
+        return EX_SOFTWARE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(message)
+    return 0
     if args.output.exists() and any(args.output.iterdir()):
         print(f"bidsglm-demo: {args.output} exists and is not empty", file=sys.stderr)
         return 64

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import pandas as pd
 import pytest
 
@@ -69,3 +74,57 @@ def test_surface_demo_runs_both_levels_and_finds_its_patches(tmp_path, capsys, k
 
     clusters = pd.read_csv(table, sep="\t")
     assert len(clusters) >= 1 and (clusters["cluster_size_mm2"] > 0).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--voxel-size", "0"], "--voxel-size: 0 is outside 2..10"),
+    (["--voxel-size", "2.5"], "'2.5' is not a whole number"),
+    (["--subjects", "0"], "--subjects: 0 is outside 1..50"),
+    (["--subjects", "-3"], "--subjects: -3 is outside 1..50"),
+])
+def test_demo_options_out_of_range_are_usage_errors(tmp_path, capsys, args, message):
+    """--voxel-size 0 once built a 1 mm grid for ten minutes and 5 GB; --subjects 0 raised a traceback."""
+    from bidsglm.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exc:
+        demo_main([str(tmp_path / "demo"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 64 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_a_file_and_a_demo_made_with_other_options(tmp_path, capsys):
+    from bidsglm.demo import main as demo_main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert demo_main([str(a_file)]) == 64
+    assert "exists and is not a folder" in capsys.readouterr().err
+    root = tmp_path / "demo"
+    assert demo_main([str(root), "--subjects", "1", "--voxel-size", "10"]) == 0
+    listing = sorted(root.rglob("*"))
+    assert demo_main([str(root), "--subjects", "1", "--voxel-size", "10"]) == 0  # the same: reused
+    assert "reusing" in capsys.readouterr().out
+    assert demo_main([str(root), "--subjects", "2", "--voxel-size", "10"]) == 64
+    err = capsys.readouterr().err
+    assert "made with --subjects 1 --voxel-size 10 --seed 42, not --subjects 2" in err
+    assert sorted(root.rglob("*")) == listing
+
+
+@pytest.mark.parametrize("signum, code, existed", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, True)])
+def test_interrupted_demo_leaves_nothing(tmp_path, signum, code, existed):
+    """Interrupted while writing subjects: the folder is removed (or emptied again, if it was
+    given empty), so a rerun is not refused as 'not empty' or handed a partial dataset."""
+    root = tmp_path / "demo"
+    if existed:
+        root.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "bidsglm.demo", str(root), "--subjects", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (root / "sub-02").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines() == ["bidsglm-demo: interrupted; nothing of this demo was kept"]
+    assert (list(root.iterdir()) == [] if existed else not root.exists())
