@@ -135,7 +135,8 @@ CLUSTERS_SHOWN = 20  # a cluster table shows its largest clusters; the rest are 
 # column names of the clusters TSVs (kept there) as the report's headers say them
 _CLUSTER_HEADERS = {"cluster_id": "Cluster", "peak_z": "Peak z", "cluster_size_voxels": "Size (voxels)",
                     "cluster_size_mm3": "Size (mm³)", "p_fwe": "FWE p", "hemisphere": "Hemisphere",
-                    "structure": "Structure", "vertex": "Vertex"}
+                    "structure": "Structure", "vertex": "Vertex", "cluster_size_vertices": "Size (vertices)",
+                    "cluster_size_mm2": "Area (mm²)"}
 _ATLAS_NAMES = {"aal": "AAL", "harvard_oxford": "Harvard-Oxford", "juelich": "Jülich", "destrieux": "Destrieux"}
 
 
@@ -159,10 +160,11 @@ def _largest_clusters(table: pd.DataFrame, shown: int) -> tuple[np.ndarray, int]
     """Rows of the ``shown`` largest clusters (a cluster's sub-peak rows, '1a', go with it), in
     the table's order, and the number of clusters."""
     number = table["cluster_id"].astype(str).str.extract(r"^(\d+)", expand=False)
-    size_column = next((c for c in ("cluster_size_voxels", "cluster_size_mm3", "cluster_size_vertices",
-                                    "cluster_area_mm2") if c in table.columns), None)
-    sizes = (pd.to_numeric(table[size_column], errors="coerce") if size_column
-             else pd.Series(0.0, index=table.index))
+    # size: voxels, or on surfaces vertices (plus the voxels of a CIFTI's subcortical part)
+    size_columns = [c for c in ("cluster_size_vertices", "cluster_size_voxels") if c in table.columns] \
+        or [c for c in ("cluster_size_mm3", "cluster_size_mm2") if c in table.columns][:1]
+    sizes = sum((pd.to_numeric(table[c], errors="coerce") for c in size_columns),
+                pd.Series(0.0, index=table.index))
     per_cluster = sizes.groupby(number, sort=False).max().fillna(0.0)  # sub-peak rows carry no size
     # largest first; equal sizes in the table's order (stable sort)
     order = np.argsort(-per_cluster.to_numpy(), kind="stable")
