@@ -187,8 +187,7 @@ def cluster_table(table: pd.DataFrame, shown: int = CLUSTERS_SHOWN) -> str:
             peak, cluster = table.pop(f"{atlas}_peak"), table.pop(f"{atlas}_cluster")
             table[f"{atlas}_labels"] = [_LabelPair(p, c) for p, c in zip(peak, cluster)]
             headers[f"{atlas}_labels"] = f"{_atlas_name(atlas)} (peak, cluster)"
-    label_columns = [c for c in table.columns if c.endswith(("_peak", "_cluster", "_labels"))
-                     and c not in ("cluster_id",)]
+    label_columns = [c for c in table.columns if c.endswith(("_peak", "_cluster", "_labels"))]
     if "cluster_id" in table.columns:
         top, n_clusters = _largest_clusters(table, shown)
     else:
@@ -199,7 +198,8 @@ def cluster_table(table: pd.DataFrame, shown: int = CLUSTERS_SHOWN) -> str:
     if folded.empty:
         return f'<div class="tbl clusters">{html_table(shown_part)}</div>'
     n_folded = n_clusters - min(shown, n_clusters)
-    caption = f'<p class="cap">The {min(shown, n_clusters)} largest of {n_clusters} clusters; {n_folded} more below.</p>'
+    caption = (f'<p class="cap">The {min(shown, n_clusters)} largest of {n_clusters} clusters; '
+               f"{n_folded} more below.</p>")
     return (f'{caption}<div class="tbl clusters">{html_table(shown_part)}</div>'
             f"<details><summary>{n_folded} more cluster{'s' if n_folded != 1 else ''} "
             f"({len(folded)} rows)</summary>"
