@@ -35,6 +35,7 @@ from .outputs import atomic_write_bytes, sidecar_path
 
 log = logging.getLogger("bidsglm")
 
+INTERCEPT_NAME = "mean"  # the one-sample group contrast (groupmodels.INTERCEPT)
 VIF_LIMIT = 10.0  # variance inflation above this gets a warning (a common rule of thumb)
 GLASS_THRESHOLD = 3.09  # |z| shown on glass brains of unthresholded maps (p < 0.001 one-sided)
 PERMUTATION_KINDS = ("voxel", "clustersize", "clustermass", "tfce")
@@ -44,10 +45,12 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1400px;
 padding:0 24px 48px;color:#1d2330;line-height:1.4}
 h1{border-bottom:3px solid #34609a;padding-bottom:6px}h2{margin-top:40px;border-bottom:1px solid #ccd}
-h3{margin-top:28px}h4{margin:18px 0 6px}
+h3{margin-top:28px}h4{margin:18px 0 6px}h5{font-size:15px;margin:16px 0 6px}h6{font-size:14px;margin:12px 0 4px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 td,th{border:1px solid #ccd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eef1f6}
 .tbl td,.tbl th{max-width:24em}.tbl .n{white-space:nowrap;text-align:right}
+.clusters table{width:100%}.clusters th{white-space:nowrap}.clusters .lab{font-size:12px;min-width:7em}
+.clusters th.lab{white-space:normal}.clusters .cl{color:#445;border-top:1px dotted #bbc;margin-top:2px}
 img{display:block;margin:6px 0 6px;image-rendering:pixelated}
 .warn{background:#fff3cd;border-left:4px solid #e0a800;padding:6px 10px;margin:8px 0}
 .ok{color:#2a7a2a}.muted{color:#667}code{background:#f2f3f6;padding:0 3px}
@@ -83,30 +86,132 @@ def _kv_table(rows: dict) -> str:
     return f"<table>{body}</table>"
 
 
+def _cell(value, tag: str, cls: str = "") -> str:
+    attr = f' class="{cls}"' if cls else ""
+    if isinstance(value, _LabelPair):
+        peak = _cell_text(value.peak)
+        cluster = _cell_text(value.cluster) if not _missing(value.cluster) else ""
+        return (f"<{tag}{attr}><div>{peak}</div>" + (f'<div class="cl">{cluster}</div>' if cluster else "")
+                + f"</{tag}>")
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        text = "n/a" if pd.isna(value) else f"{value:.4g}"
+        return f'<{tag} class="n">{text}</{tag}>'
+    return f"<{tag}{attr}>{_cell_text(value)}</{tag}>"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
+
+
+def _cell_text(value) -> str:
+    # long labels (atlas regions, file names) may wrap after _ and ; only, never inside a word
+    text = _esc("n/a" if _missing(value) else value)
+    return text.replace("_", "_<wbr>").replace(";", ";<wbr>")
+
+
+def _html_table(part: pd.DataFrame, headers: dict | None = None, classes: dict | None = None) -> str:
+    headers, classes = headers or {}, classes or {}
+    head = "".join(_cell(str(headers.get(c, c)), "th", classes.get(c, "")) for c in part.columns)
+    column_classes = [classes.get(c, "") for c in part.columns]
+    rows = "".join("<tr>" + "".join(_cell(v, "td", k) for v, k in zip(row, column_classes)) + "</tr>"
+                   for row in part.itertuples(index=False, name=None))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
 def _df_table(df: pd.DataFrame, shown: int = 20) -> str:
     """The first ``shown`` rows; the rest folded below them (a <details>, no script)."""
     if df.empty:
         return '<p class="muted">none</p>'
-
-    def cell(value, tag: str) -> str:
-        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-            text = "n/a" if pd.isna(value) else f"{value:.4g}"
-            return f'<{tag} class="n">{text}</{tag}>'
-        # long labels (atlas regions, file names) may wrap after _ and ; only, never inside a word
-        text = _esc("n/a" if value is None or (isinstance(value, float) and pd.isna(value)) else value)
-        return f"<{tag}>{text.replace('_', '_<wbr>').replace(';', ';<wbr>')}</{tag}>"
-
-    def html_table(part: pd.DataFrame) -> str:
-        head = "".join(cell(str(c), "th") for c in part.columns)
-        rows = "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>"
-                       for row in part.itertuples(index=False, name=None))
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-
-    table = f'<div class="tbl">{html_table(df.head(shown))}</div>'
+    table = f'<div class="tbl">{_html_table(df.head(shown))}</div>'
     if len(df) > shown:
         table += (f"<details><summary>{len(df) - shown} more rows</summary>"
-                  f'<div class="tbl">{html_table(df.iloc[shown:])}</div></details>')
+                  f'<div class="tbl">{_html_table(df.iloc[shown:])}</div></details>')
     return table
+
+
+# --- cluster tables ---------------------------------------------------------------
+
+CLUSTERS_SHOWN = 20  # a cluster table shows its largest clusters; the rest are folded
+# column names of the clusters TSVs (kept there) as the report's headers say them
+_CLUSTER_HEADERS = {"cluster_id": "Cluster", "peak_z": "Peak z", "cluster_size_voxels": "Size (voxels)",
+                    "cluster_size_mm3": "Size (mm³)", "p_fwe": "FWE p", "hemisphere": "Hemisphere",
+                    "structure": "Structure", "vertex": "Vertex", "cluster_size_vertices": "Size (vertices)",
+                    "cluster_size_mm2": "Area (mm²)"}
+_ATLAS_NAMES = {"aal": "AAL", "harvard_oxford": "Harvard-Oxford", "juelich": "Jülich", "destrieux": "Destrieux"}
+
+
+def _atlas_name(atlas: str) -> str:
+    return _ATLAS_NAMES.get(atlas, atlas.replace("_", " ").capitalize())
+
+
+def cluster_header(column: str) -> str:
+    """'peak_z' -> 'Peak z', 'harvard_oxford_cluster' -> 'Harvard-Oxford (cluster)'."""
+    if column in _CLUSTER_HEADERS:
+        return _CLUSTER_HEADERS[column]
+    if column.startswith("peak_"):
+        return f"Peak {column.removeprefix('peak_')}"
+    for part in ("peak", "cluster"):
+        if column.endswith(f"_{part}"):
+            return f"{_atlas_name(column.removesuffix(f'_{part}'))} ({part})"
+    return column.replace("_", " ")
+
+
+def _largest_clusters(table: pd.DataFrame, shown: int) -> tuple[np.ndarray, int]:
+    """Rows of the ``shown`` largest clusters (a cluster's sub-peak rows, '1a', go with it), in
+    the table's order, and the number of clusters."""
+    number = table["cluster_id"].astype(str).str.extract(r"^(\d+)", expand=False)
+    # size: voxels, or on surfaces vertices (plus the voxels of a CIFTI's subcortical part)
+    size_columns = [c for c in ("cluster_size_vertices", "cluster_size_voxels") if c in table.columns] \
+        or [c for c in ("cluster_size_mm3", "cluster_size_mm2") if c in table.columns][:1]
+    sizes = sum((pd.to_numeric(table[c], errors="coerce") for c in size_columns),
+                pd.Series(0.0, index=table.index))
+    per_cluster = sizes.groupby(number, sort=False).max().fillna(0.0)  # sub-peak rows carry no size
+    # largest first; equal sizes in the table's order (stable sort)
+    order = np.argsort(-per_cluster.to_numpy(), kind="stable")
+    kept = set(per_cluster.index[order[:shown]])
+    return number.isin(kept).to_numpy(), len(per_cluster)
+
+
+def cluster_table(table: pd.DataFrame, shown: int = CLUSTERS_SHOWN) -> str:
+    """A cluster table with readable headers: the ``shown`` largest clusters in the table's order
+    (peak |z|), the rest folded below; an atlas's peak and cluster labels share one cell when
+    there are more than two atlases, so that four fit the page's width."""
+    if table.empty:
+        return '<p class="muted">no clusters</p>'
+    table = table.copy()
+    atlases = [c.removesuffix("_peak") for c in table.columns
+               if c.endswith("_peak") and f"{c.removesuffix('_peak')}_cluster" in table.columns]
+    headers = {c: cluster_header(c) for c in table.columns}
+    if len(atlases) > 2:
+        for atlas in atlases:
+            peak, cluster = table.pop(f"{atlas}_peak"), table.pop(f"{atlas}_cluster")
+            table[f"{atlas}_labels"] = [_LabelPair(p, c) for p, c in zip(peak, cluster)]
+            headers[f"{atlas}_labels"] = f"{_atlas_name(atlas)} (peak, cluster)"
+    label_columns = [c for c in table.columns if c.endswith(("_peak", "_cluster", "_labels"))]
+    if "cluster_id" in table.columns:
+        top, n_clusters = _largest_clusters(table, shown)
+    else:
+        top, n_clusters = np.arange(len(table)) < shown, len(table)
+    classes = {c: "lab" for c in label_columns}
+    shown_part, folded = table[top], table[~top]
+    html_table = functools.partial(_html_table, headers=headers, classes=classes)
+    if folded.empty:
+        return f'<div class="tbl clusters">{html_table(shown_part)}</div>'
+    n_folded = n_clusters - min(shown, n_clusters)
+    caption = (f'<p class="cap">The {min(shown, n_clusters)} largest of {n_clusters} clusters; '
+               f"{n_folded} more below.</p>")
+    return (f'{caption}<div class="tbl clusters">{html_table(shown_part)}</div>'
+            f"<details><summary>{n_folded} more cluster{'s' if n_folded != 1 else ''} "
+            f"({len(folded)} rows)</summary>"
+            f'<div class="tbl clusters">{html_table(folded)}</div></details>')
+
+
+@dataclass(frozen=True)
+class _LabelPair:
+    """An atlas's label at the peak and over the cluster, drawn as two lines of one cell."""
+
+    peak: object
+    cluster: object
 
 
 def _nav(index: list[tuple]) -> str:
@@ -473,26 +578,31 @@ def _run_grid(output_dir: Path, rec: RunRecord, map_path: Path):
     if _is_mni(map_path.name):
         return mni_grid()
     mask = output_dir / rec.record.get("Mask", "")
+    # named: the subject map (runs combined) is drawn over one of its runs' images
+    run = " ".join(p for p in rec.label.split() if p.startswith(("run-", "echo-")))
     for suffix in ("_desc-mean_boldref.nii.gz", "_boldref.nii.gz"):
         anatomy = output_dir / f"{rec.map_prefix}{suffix}"
         if anatomy.is_file():
-            return _native_grid(str(mask), str(anatomy))
-    return _native_grid(str(mask), "")
+            return _native_grid(str(mask), str(anatomy), run)
+    return _native_grid(str(mask), "", run)
 
 
-def _native_grid(mask: str, anatomy: str):
-    return _native_grid_of(mask, anatomy, _file_id(mask), _file_id(anatomy))
+def _native_grid(mask: str, anatomy: str, run: str = ""):
+    return _native_grid_of(mask, anatomy, _file_id(mask), _file_id(anatomy), run)
 
 
 @functools.lru_cache(maxsize=8)
-def _native_grid_of(mask: str, anatomy: str, mask_id: str, anatomy_id: str):
+def _native_grid_of(mask: str, anatomy: str, mask_id: str, anatomy_id: str, run: str = ""):
     """Cached by the files' contents too: a file rewritten with other values gets a new grid."""
     from .figures import native_grid, read_map
 
     brain, affine = read_map(Path(mask))
     values = read_map(Path(anatomy))[0] if anatomy else None
     grid = native_grid(affine, brain.shape, values, brain > 0)
-    grid.key = f"{mask_id}|{anatomy_id}"
+    if run:  # "the mean BOLD image of run-1", not "the run's": the subject map has several runs
+        grid.background = (f"the mean BOLD image of {run}" if values is not None
+                           else f"the brain mask of {run}")
+    grid.key = f"{mask_id}|{anatomy_id}|{grid.background}"  # the caption names the background
     return grid
 
 
@@ -618,15 +728,16 @@ def _group_contrasts(group_dir: Path) -> dict[str, list[Path]]:
     return models
 
 
-def _participants_section(group_dir: Path, models: dict[str, list[Path]]) -> str:
+def _participants_section(group_dir: Path, models: dict[str, list[Path]], names: dict) -> str:
     parts = []
     for excl in sorted(group_dir.glob("*_exclusions.tsv")):
         table = pd.read_csv(excl, sep="\t", dtype=str, keep_default_na=False)
-        parts.append(f"<h4>Excluded: <code>{_esc(excl.name)}</code></h4>{_df_table(table)}")
+        task = _entities(excl.name).get("task", "?")
+        parts.append(f"<h4>Excluded from task {_esc(task)} <code>{_esc(excl.name)}</code></h4>{_df_table(table)}")
     for design, maps in models.items():
         side = _read_json(sidecar_path(maps[0]))
         people = side.get("Participants", [])
-        parts.append(f"<h4>Included in <code>{_esc(design)}</code> ({len(people)})</h4>"
+        parts.append(f"<h4>Included in {_esc(names[design][0])}, {_esc(names[design][1])} ({len(people)})</h4>"
                      f"<p>{_esc(', '.join(people))}</p>")
     return "".join(parts)
 
@@ -682,7 +793,7 @@ def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
         masked = group_dir / f"{base}_stat-{stat}_desc-{kind}FWE_statmap.nii.gz"
         clusters = group_dir / f"{base}_desc-{kind}FWE_clusters.tsv"
         info = {label: _esc(_setting_text(side[k])) for k, label in _PERMUTATION_FIELDS.items() if k in side}
-        parts.append(f"<h4>{_esc(kind)} FWE</h4>{_kv_table(info) if info else ''}")
+        parts.append(f"<h6>{_esc(kind)} FWE</h6>{_kv_table(info) if info else ''}")
         alpha = float(side.get("FWEAlpha", 0.05))
         data, affine = read_map(logp)
         vmax = max(_shared_vmax([data]), -np.log10(alpha))
@@ -698,7 +809,7 @@ def _permutation_section(group_dir: Path, base: str, stat: str, grid) -> str:
             scale += _colour_bar(mvmax, True, f"{stat} (right-hand map):")
         parts.append(scale + f'<div class="maps">{"".join(figures)}</div>')
         if clusters.is_file():
-            parts.append(_df_table(pd.read_csv(clusters, sep="\t")))
+            parts.append(cluster_table(pd.read_csv(clusters, sep="\t")))
     return "".join(parts)
 
 
@@ -714,7 +825,7 @@ def _group_contrast_section(group_dir: Path, z: Path) -> str:
     thr_side = _read_json(thr_side_path) if thr_side_path.is_file() else {}
     con = side.get("Contrast", {})
     parts = [_kv_table({
-        "contrast": f"{_esc(con.get('Name'))} = <code>{_esc(con.get('Expression'))}</code>",
+        "contrast": _esc(_group_contrast_text(con)),
         "test": f"{_esc(stat)}, degrees of freedom {_esc(_number(side.get('DegreesOfFreedom')))}, "
                 f"{_esc(side.get('NumberOfInputs'))} inputs",
         "model": _esc(side.get("Model")),
@@ -737,10 +848,10 @@ def _group_contrast_section(group_dir: Path, z: Path) -> str:
         for d, a, title, thr, src in maps) + "</div>")
     clusters = group_dir / f"{base}_clusters.tsv"
     if clusters.is_file():
-        parts.append("<h4>Clusters</h4>" + _df_table(pd.read_csv(clusters, sep="\t")))
+        parts.append("<h5>Clusters</h5>" + cluster_table(pd.read_csv(clusters, sep="\t")))
     perm = _permutation_section(group_dir, base, stat, grid)
     if perm:
-        parts.append("<h4>Permutation inference</h4>" + perm)
+        parts.append("<h5>Permutation inference</h5>" + perm)
     return "".join(parts)
 
 
@@ -760,37 +871,91 @@ def group_report(output_dir: Path, group_dir: Path | None = None, n_jobs: int = 
         _PENDING.clear()
 
 
+def _model_names(models: dict[str, list[Path]]) -> dict[str, tuple[str, str, str]]:
+    """Each group design as the report names it: (section, model, heading), e.g. ('task flanker',
+    'contrast incongruentMinusCongruent', 'task flanker, contrast incongruentMinusCongruent:
+    one-sample t-test, 4 subjects'); the space (and other entities) only where models differ in it."""
+    ents = {d: _entities(d.removesuffix("_design.tsv")) for d in models}
+    others = {d: " ".join(f"{k} {v}" for k, v in e.items() if k not in ("task", "contrast", "desc"))
+              for d, e in ents.items()}
+    several = len(set(others.values())) > 1
+    names = {}
+    for design, maps in models.items():
+        side = _read_json(sidecar_path(maps[0]))
+        section = ", ".join(p for p in (f"task {ents[design].get('task', '?')}", others[design] if several else "")
+                            if p)
+        kind = str(side.get("Model", "group model")).split(" (")[0]
+        if "contrast" in ents[design]:
+            model = f"contrast {side.get('SubjectContrast') or ents[design]['contrast']}"
+        else:
+            model = kind
+        people = len(side.get("Participants", [])) or side.get("NumberOfInputs")
+        what = f"{kind}, {people} subjects" if model != kind else f"{people} subjects"
+        names[design] = (section, model, f"{section}, {model}: {what}")
+    return names
+
+
 def _write_group_report(group_dir: Path, models: dict[str, list[Path]], n_jobs: int = 1) -> Path:
-    body = ['<h2 id="participants">Participants</h2>', _participants_section(group_dir, models)]
+    names = _model_names(models)
+    body = ['<h2 id="participants">Participants</h2>', _participants_section(group_dir, models, names)]
     index = [("participants", "Participants", 0)]
-    for design_name, maps in models.items():
-        anchor = _anchor(design_name)
-        index.append((anchor, design_name.removesuffix("_design.tsv"), 0))
-        body.append(f'<h2 id="{anchor}">Model <code>{_esc(design_name)}</code></h2>')
-        design_path = group_dir / design_name
-        if design_path.is_file():
-            design = pd.read_csv(design_path, sep="\t", index_col=0)
-            body.append(design_block(design, f"group design {design_name}", diverging=True,
-                                     row_px=float(np.clip(300 / max(len(design), 1), 3, 40)))
-                        + '<p class="cap">Rows: participants, in the order of the values table; each column '
-                          "scaled to its largest absolute value (blue negative, white 0, red positive).</p>")
-            body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index(), 10**6)}"
-                        "</details>")
-        weights = {}
-        for z in maps:
-            con = _read_json(sidecar_path(z)).get("Contrast", {})
-            w = con.get("Weights", {})
-            weights[con.get("Label", z.name)] = "; ".join(
-                ", ".join(f"{k} {v:g}" for k, v in row.items() if v) for row in (w if isinstance(w, list) else [w]))
-        body.append("<h3>Contrasts</h3>" + _df_table(pd.DataFrame(
-            {"label": list(weights), "weights (rows separated by ;)": list(weights.values())})))
-        for z in maps:
-            base = z.name.removesuffix("_stat-z_statmap.nii.gz")
-            ca = _anchor(base)
-            index.append((ca, f"contrast {_entities(base).get('contrast', base)}", 1))
-            log.info("group report: %s", base)
-            section = _draw_figures(_group_contrast_section(group_dir, z), n_jobs)  # one contrast's maps held
-            body.append(f'<h3 id="{ca}">{_esc(base)}</h3>{section}')
+    sections: dict[str, list[str]] = {}  # task (and space) -> its designs, in the order found
+    for design_name in models:
+        sections.setdefault(names[design_name][0], []).append(design_name)
+    for section, designs in sections.items():
+        index.append((_anchor(section), section, 0))
+        body.append(f'<h2 id="{_anchor(section)}">{_esc(section)}</h2>')
+        for design_name in designs:
+            body.append(_group_model_section(group_dir, design_name, models[design_name], names[design_name],
+                                             index, n_jobs))
     path = group_dir / "report.html"
     atomic_write_bytes(path, _page("bidsglm group report", _draw_figures("".join(body), n_jobs), index))
     return path
+
+
+def _group_model_section(group_dir: Path, design_name: str, maps: list[Path], name: tuple[str, str, str],
+                         index: list, n_jobs: int) -> str:
+    """One group model: its design and contrasts, then each group contrast's maps and tables."""
+    _, model, heading = name
+    anchor = _anchor(design_name)
+    index.append((anchor, model, 1))
+    body = [f'<h3 id="{anchor}">{_esc(heading)}</h3>',
+            f'<p class="muted">design matrix: <code>{_esc(design_name)}</code></p>']
+    design_path = group_dir / design_name
+    if design_path.is_file():
+        design = pd.read_csv(design_path, sep="\t", index_col=0)
+        body.append(design_block(design, f"group design {design_name}", diverging=True,
+                                 row_px=float(np.clip(300 / max(len(design), 1), 3, 40)))
+                    + '<p class="cap">Rows: participants, in the order of the values table; each column '
+                      "scaled to its largest absolute value (blue negative, white 0, red positive).</p>")
+        body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index(), 10**6)}"
+                    "</details>")
+    weights = {}
+    for z in maps:
+        con = _read_json(sidecar_path(z)).get("Contrast", {})
+        w = con.get("Weights", {})
+        weights[con.get("Name", z.name)] = "; ".join(
+            ", ".join(f"{k} {v:g}" for k, v in row.items() if v) for row in (w if isinstance(w, list) else [w]))
+    body.append("<h4>Group contrasts</h4>" + _df_table(pd.DataFrame(
+        {"group contrast": list(weights), "weights (rows separated by ;)": list(weights.values())})))
+    for z in maps:
+        base = z.name.removesuffix("_stat-z_statmap.nii.gz")
+        ca = _anchor(base)
+        con = _read_json(sidecar_path(z)).get("Contrast", {})
+        if len(maps) > 1:  # a single group contrast is reached through its model's entry
+            index.append((ca, f"group contrast {con.get('Name', base)}", 2))
+        log.info("group report: %s", base)
+        section = _draw_figures(_group_contrast_section(group_dir, z), n_jobs)  # one contrast's maps held
+        body.append(f'<h4 id="{ca}">{_esc(model)}, group contrast {_esc(_group_contrast_text(con))}</h4>{section}')
+    return "".join(body)
+
+
+def _group_contrast_text(con: dict) -> str:
+    """'mean: the group mean (intercept)'; 'a - b'; a name with its expression only where they differ."""
+    name, expression = con.get("Name"), con.get("Expression")
+    if name == INTERCEPT_NAME:
+        return f"{name}: the group mean (intercept)"
+    if expression is None or expression == name:
+        return str(name)
+    expression = "; ".join(expression) if isinstance(expression, list) else expression
+    return f"{name} = {expression}"

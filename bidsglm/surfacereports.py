@@ -23,6 +23,7 @@ import pandas as pd
 
 from .errors import BidsGlmError, DataError
 from .outputs import atomic_write_bytes, sidecar_path
+from .reports import cluster_table
 from .surfaces import HEMIS, Geometry, kind_of_path, read_map
 
 _MAP_PATTERNS = ("*_statmap.dscalar.nii", "*_hemi-L_*_statmap.shape.gii")
@@ -272,7 +273,7 @@ def group_report(group_dir: Path) -> Path:
     sections = _group_figures(group_dir, maps)
     sections += ["<h2>Maps</h2>", _maps_table(group_dir, maps), "<h2>Cluster tables</h2>"]
     for table in sorted(group_dir.glob("*_clusters.tsv")):
-        sections.append(f"<h3>{html.escape(table.name)}</h3>" + _table(pd.read_csv(table, sep="\t")))
+        sections.append(f"<h3>{html.escape(table.name)}</h3>" + cluster_table(pd.read_csv(table, sep="\t")))
     thresholded = [p for p in maps if "desc-thresholded" in p.name]
     for p in thresholded:
         side = _side(p)

@@ -163,9 +163,14 @@ def test_group_report_written_and_complete(reported):
     page = report.read_text().replace("<wbr>", "")  # line-break hints in table cells
     for text in ("Participants", "Contents", "unthresholded z", "thresholded z", "Clusters",
                  "Permutation inference", "voxel FWE", "clustersize FWE", "clustermass FWE",
-                 "aal_peak", "sign flipping", "number of rearrangements", "cluster-forming threshold"):
+                 "AAL (peak)", "sign flipping", "number of rearrangements", "cluster-forming threshold"):
         assert text in page, text
     assert "NumberOfRearrangements" not in page and "ClusterFormingThreshold" not in page  # words, not fields
+    # headers in words; the TSVs keep their column names
+    assert ">aal_peak<" not in page and ">cluster_size_mm3<" not in page and ">peak_z<" not in page
+    tsv = next((out / "group").glob("*contrast-?ncongruentMinusCongruent_clusters.tsv"))
+    assert {"cluster_id", "peak_z", "cluster_size_mm3", "aal_peak"} <= set(pd.read_csv(tsv, sep="\t").columns)
+    assert "the group mean (intercept)" in page and "= <code>mean</code>" not in page
     assert page.count('href="#') >= 3  # the index links to its sections
 
 
@@ -274,15 +279,118 @@ def test_reports_read_like_text(reported):
                      r"run-1: design</a>", nav), nav
 
 
-def test_cluster_tables_show_20_rows_and_fold_the_rest():
-    from bidsglm.reports import _df_table
+def test_group_report_contents_are_task_then_contrast(reported):
+    _, out = reported
+    page = (out / "group" / "report.html").read_text()
+    nav = page[page.index("<nav>"):page.index("</nav>")]
+    # task, then its contrasts one level below, in words (no file-name prefixes)
+    assert re.search(r'<li><a href="#task-flanker">task flanker</a><ul><li><a href="#[^"]+">'
+                     r"contrast IncongruentMinusCongruent</a>", nav), nav
+    texts = re.findall(r">([^<]+)</a>", nav)
+    assert texts == ["Participants", "task flanker", "contrast IncongruentMinusCongruent"], texts
+    n = len(json.loads(next((out / "group").glob("*contrast-?ncongruentMinusCongruent_stat-z_statmap.json"))
+                       .read_text())["Participants"])
+    assert f"task flanker, contrast IncongruentMinusCongruent: one-sample t-test, {n} subjects</h3>" in page
+    assert "Model <code>" not in page  # the design file is named below the heading, not as it
 
-    table = pd.DataFrame({"cluster_id": range(1, 31), "aal_peak": ["Supp_Motor_Area_L"] * 30})
-    page = _df_table(table)
-    shown, folded = page.split("<details>")
-    assert shown.count("<tr>") == 21 and folded.count("<tr>") == 11  # header + rows
-    assert "10 more rows" in folded
+
+def test_group_contents_group_models_by_task_and_space(tmp_path):
+    from bidsglm.reports import _model_names, _nav
+
+    models = {}
+    for task, space, con in [("flanker", "MNI152NLin2009cAsym", "a"), ("flanker", "MNI152NLin6Asym", "a"),
+                             ("stroop", "MNI152NLin2009cAsym", "b")]:
+        z = tmp_path / f"task-{task}_space-{space}_contrast-{con}_stat-z_statmap.nii.gz"
+        (tmp_path / z.name.replace(".nii.gz", ".json")).write_text(json.dumps(
+            {"Model": "one-sample t-test (OLS)", "SubjectContrast": con, "Participants": ["sub-01", "sub-02"]}))
+        models[f"task-{task}_space-{space}_contrast-{con}_design.tsv"] = [z]
+    names = _model_names(models)
+    assert [n[:2] for n in names.values()] == [("task flanker, space MNI152NLin2009cAsym", "contrast a"),
+                                               ("task flanker, space MNI152NLin6Asym", "contrast a"),
+                                               ("task stroop, space MNI152NLin2009cAsym", "contrast b")]
+    assert list(names.values())[2][2] == "task stroop, space MNI152NLin2009cAsym, contrast b: one-sample t-test, " \
+                                         "2 subjects"
+    one_space = {k: v for k, v in models.items() if "NLin6" not in k}
+    assert [n[0] for n in _model_names(one_space).values()] == ["task flanker", "task stroop"]  # space unsaid
+    nav = _nav([("t1", "task flanker", 0), ("c1", "contrast a", 1), ("t2", "task stroop", 0), ("c2", "contrast b", 1)])
+    assert nav == ('<ul><li><a href="#t1">task flanker</a><ul><li><a href="#c1">contrast a</a></li></ul></li>'
+                   '<li><a href="#t2">task stroop</a><ul><li><a href="#c2">contrast b</a></li></ul></li></ul>')
+
+
+def _clusters(n: int, sizes, atlases=("aal", "harvard_oxford")) -> pd.DataFrame:
+    """A clusters TSV as the group level writes it: ordered by peak |z|, one row per cluster."""
+    table = pd.DataFrame({"cluster_id": range(1, n + 1), "x": 0.0, "y": 0.0, "z": 0.0,
+                          "peak_z": np.linspace(8, 3.1, n), "peak_t": np.linspace(20, 4, n),
+                          "cluster_size_voxels": sizes, "cluster_size_mm3": np.asarray(sizes) * 8.0})
+    for atlas in atlases:
+        table[f"{atlas}_peak"] = "Supp_Motor_Area_L"
+        table[f"{atlas}_cluster"] = "60.0% Left_Lateral_Occipital_Cortex_superior_division; 40.0% Supp_Motor_Area_L"
+    return table
+
+
+def test_cluster_tables_have_readable_headers():
+    from bidsglm.reports import cluster_table
+
+    page = cluster_table(_clusters(3, [5, 4, 3]))
+    head = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+    assert head == ["Cluster", "x", "y", "z", "Peak z", "Peak t", "Size (voxels)", "Size (mm³)",
+                    "AAL (peak)", "AAL (cluster)", "Harvard-Oxford (peak)", "Harvard-Oxford (cluster)"]
     assert "Supp_<wbr>Motor" in page  # atlas labels wrap inside their column
+    # more than two atlases: an atlas's peak and cluster labels share one column
+    page = cluster_table(_clusters(3, [5, 4, 3], ("aal", "harvard_oxford", "juelich", "destrieux")))
+    head = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+    assert head[8:] == ["AAL (peak, cluster)", "Harvard-Oxford (peak, cluster)", "Jülich (peak, cluster)",
+                        "Destrieux (peak, cluster)"]
+
+
+def test_cluster_tables_show_the_20_largest_and_fold_the_rest():
+    from bidsglm.reports import cluster_table
+
+    rng = np.random.default_rng(1)
+    sizes = rng.permutation(np.arange(1, 58)) * 3
+    table = _clusters(57, sizes)
+    page = cluster_table(table)
+    shown, folded = page.split("<details>")
+    ids = [int(i) for i in re.findall(r'<tr><td class="n">(\d+)</td>', shown)]
+    largest = sorted(np.argsort(-sizes)[:20] + 1)
+    assert ids == largest  # the 20 largest, in the table's order (peak |z|), not the 20 strongest peaks
+    assert ids != list(range(1, 21))
+    folded_ids = [int(i) for i in re.findall(r'<tr><td class="n">(\d+)</td>', folded)]
+    assert sorted(ids + folded_ids) == list(range(1, 58)) and folded_ids == sorted(folded_ids)
+    assert "The 20 largest of 57 clusters; 37 more below." in shown
+    # a cluster's sub-peaks (1a, 1b) go with it; sizes are on the cluster's first row only
+    table = pd.DataFrame({"cluster_id": ["1", "1a", "2", "3", "3a"], "peak_z": [9.0, 8, 7, 6, 5],
+                          "cluster_size_voxels": [2, None, 50, 40, None]})
+    shown, folded = cluster_table(table, shown=2).split("<details>")
+    assert re.findall(r"<tr><td>(\w+)</td>", shown) == ["2", "3", "3a"]
+    assert re.findall(r"<tr><td>(\w+)</td>", folded) == ["1", "1a"]
+    assert "The 2 largest of 3 clusters; 1 more below." in shown
+    assert "<details>" not in cluster_table(_clusters(20, np.arange(20)))  # nothing to fold
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium')")
+def test_four_atlases_fit_a_1400_pixel_window(tmp_path):
+    from bidsglm.reports import _page, cluster_table
+
+    atlases = ("aal", "harvard_oxford", "juelich", "destrieux")
+    table = _clusters(25, np.arange(25, 0, -1), atlases)
+    table["juelich_cluster"] = "43.0% GM_Visual_cortex_V1_BA17_R; 42.0% GM_Visual_cortex_V1_BA17_L; 8.0% GM_Visual"
+    table["destrieux_cluster"] = "16.0% Unknown; 16.0% ctx_lh_G_oc-temp_med-Lingual; 14.0% Left-Cerebral-White-Matter"
+    report = tmp_path / "clusters.html"
+    report.write_bytes(_page("clusters", "<h4>Clusters</h4>" + cluster_table(table), []))
+    page = report.read_text().replace("<head>", "<head><script>window.addEventListener('load', () => {"
+                                      "const p = document.createElement('pre'); p.id = 'width'; p.textContent = "
+                                      "document.documentElement.scrollWidth + ' ' + window.innerWidth;"
+                                      "document.body.appendChild(p);});</script>", 1)
+    report.write_text(page)
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--hide-scrollbars", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "--window-size=1400,1000",
+         "--virtual-time-budget=5000", "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="width">(\d+) (\d+)</pre>', proc.stdout)
+    assert found, proc.stderr[-2000:]
+    scroll, window = int(found.group(1)), int(found.group(2))
+    assert window == 1400 and scroll <= window, (scroll, window)
 
 
 def test_model_text():
@@ -396,7 +504,8 @@ def test_native_space_maps_are_drawn_over_the_run_mean(tmp_path, with_reports):
     np.testing.assert_allclose(ours[mask], expected[mask], rtol=1e-5)
     assert (ours[~mask] == 0).all()
     page = (out / "sub-02.html").read_text()
-    assert page.count("over the run&#x27;s mean BOLD image") == 2  # the run and the subject map
+    # the run and the subject map (runs combined), each naming the run it is drawn over
+    assert page.count("over the mean BOLD image of run-1") == 2
     assert "MNI152" not in page.split("Contrast faceMinusHouse")[1]
 
 

@@ -390,6 +390,7 @@ def test_surface_reports_list_maps_and_tables(gifti_out, capsys, with_reports):
     assert code == 0, err
     page = (out / "group" / "report.html").read_text()
     assert "contrast-avsB_stat-z_statmap.shape.gii" in page and "clusters.tsv" in page
+    assert "<th>Peak z</th>" in page and "<th>peak_z</th>" not in page  # cluster table headers in words
     code, err = run_cli(capsys, out.parent / "bids", out, "participant", "--space", "fsaverage5",
                         "--reports-only")
     assert code == 0, err
