@@ -97,18 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tasks to analyse, each separately; default every task")
     sel.add_argument("--derivatives", nargs="+", type=Path, metavar="DIR",
                      help="fMRIPrep output folder(s); default: found under BIDS_DIR/derivatives")
-    sel.add_argument("--space", default=None,
-                     help="output space of the preprocessed BOLD; 'native' for BOLD space; "
-                          "SPACE:res-N to pick a resolution (default: MNI152NLin2009cAsym at the "
-                          "participant level; at the group level the one space in OUTPUT_DIR)")
+    space = sel.add_argument("--space", default=None,
+                             help="output space of the preprocessed BOLD; 'native' for BOLD space; "
+                                  "SPACE:res-N to pick a resolution (default: MNI152NLin2009cAsym at the "
+                                  "participant level; at the group level the one space in OUTPUT_DIR)")
+    space.level_help = {  # LEVEL --help describes that level only
+        "participant": "output space of the preprocessed BOLD to fit; 'native' for BOLD space; SPACE:res-N "
+                       "to pick a resolution (default: MNI152NLin2009cAsym)",
+        "group": "space of the subject-level maps in OUTPUT_DIR to model, as SPACE or SPACE:res-N "
+                 "(default: the one space OUTPUT_DIR holds)"}
 
     bsm = p.add_argument_group("BIDS Stats Model")
     bsm.level = "common"  # shown and accepted at both levels
-    bsm.add_argument("--model", type=Path, metavar="MODEL_JSON",
-                     help="a BIDS Stats Model: the participant level runs its Run, Session and Subject nodes, "
-                          "the group level its Dataset nodes (outputs under OUTPUT_DIR/node-<Name>/); the model "
-                          "options below are then not used except --smoothing-fwhm and --noise-model, nor the "
-                          "group model options except thresholds, permutations and atlases")
+    model = bsm.add_argument(
+        "--model", type=Path, metavar="MODEL_JSON",
+        help="a BIDS Stats Model: the participant level runs its Run, Session and Subject nodes, "
+             "the group level its Dataset nodes (outputs under OUTPUT_DIR/node-<Name>/); the model "
+             "options below are then not used except --smoothing-fwhm and --noise-model, nor the "
+             "group model options except thresholds, permutations and atlases")
+    model.level_help = {
+        "participant": "a BIDS Stats Model: runs its Run, Session and Subject nodes (outputs under "
+                       "OUTPUT_DIR/node-<Name>/); the model options below are then not used except "
+                       "--smoothing-fwhm and --noise-model",
+        "group": "a BIDS Stats Model (the one given at the participant level): runs its Dataset nodes "
+                 "(outputs under OUTPUT_DIR/node-<Name>/); the group model options below are then not "
+                 "used except thresholds, permutations and atlases"}
     mod = p.add_argument_group("participant level: model (when no BIDS Stats Model is given)")
     mod.level = "participant"  # only participant --help shows it; group refuses it
     mod.add_argument("--contrast", action="append", metavar="NAME=EXPRESSION",
@@ -230,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     perm.add_argument("--fwe-alpha", "--fwe_alpha", type=float, default=0.05, metavar="P",
                       help="FWE level of the masked maps and cluster tables (default: %(default)s)")
 
+    dask = p.add_argument_group("participant level: running")
+    dask.level = "participant"  # only participant --help shows it; group refuses it
+    dask.add_argument("--dask-scheduler", "--dask_scheduler", metavar="ADDRESS",
+                      help="fit the runs on this existing dask.distributed cluster "
+                           "(e.g. tcp://host:8786; needs pip install bidsglm[dask]); files are written here")
+
     rep = p.add_argument_group(
         "reports", "self-contained HTML reports: OUTPUT_DIR/sub-<label>.html (participant level) and "
                    "OUTPUT_DIR/group/report.html (group level), built from OUTPUT_DIR alone")
@@ -240,11 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("running")
     run.level = "common"  # shown and accepted at both levels
-    run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
-                     help="runs fitted in parallel; threads for permutations (default: %(default)s)")
-    run.add_argument("--dask-scheduler", "--dask_scheduler", metavar="ADDRESS",
-                     help="participant level: fit the runs on this existing dask.distributed cluster "
-                          "(e.g. tcp://host:8786; needs pip install bidsglm[dask]); files are written here")
+    cpus = run.add_argument("--n-cpus", "--n_cpus", "--nprocs", type=int, default=1, metavar="N",
+                            help="participant level: runs fitted in parallel; group level: threads for "
+                                 "permutations; both: threads drawing report figures (default: %(default)s)")
+    cpus.level_help = {"participant": "runs fitted in parallel processes; threads drawing report figures "
+                                      "(default: %(default)s)",
+                       "group": "threads for permutations and for drawing report figures (default: %(default)s)"}
     run.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                      help="scratch folder (validator cache); default: system temporary folder")
     run.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip-bids-validator",
@@ -287,11 +307,9 @@ def _check_args(args) -> None:
 
 
 def _check_dask(args) -> None:
-    """--dask-scheduler: participant level only, and dask.distributed installed."""
+    """--dask-scheduler (a participant-level option, see check_level_options): dask.distributed installed."""
     if getattr(args, "dask_scheduler", None) is None:
         return
-    if args.analysis_level != "participant":
-        raise UsageError("--dask-scheduler applies to the participant level only (the group level runs here)")
     if getattr(args, "model", None) is not None:
         raise UsageError("--dask-scheduler with --model: BIDS Stats Models run here only for now (use --n-cpus)")
     try:
@@ -358,7 +376,7 @@ def run(args) -> int:
 
 def _run_level(args, bids_dir: Path, output_dir: Path) -> list[str] | None:
     """Fit the requested level; the participant level returns the subjects it ran."""
-    from .discovery import check_dataset
+    from .discovery import check_dataset, check_raw_dataset, check_selection
 
     if args.analysis_level == "group":  # reads only what the participant level wrote
         if args.model is not None:
@@ -370,7 +388,8 @@ def _run_level(args, bids_dir: Path, output_dir: Path) -> list[str] | None:
 
             run_group_level(args, output_dir)
         return None
-    check_dataset(bids_dir)
+    check_raw_dataset(bids_dir, check_dataset(bids_dir))  # before validation: its errors would mislead
+    check_selection(bids_dir, args.participant_label, args.session_label, args.task)  # cheap: before validation
     from .runner import run_participant_level
 
     if not args.skip_bids_validation:
@@ -518,6 +537,8 @@ def _keep_level(parser: argparse.ArgumentParser, level: str) -> None:
             for action in group._group_actions:
                 action.help = argparse.SUPPRESS
             parser._action_groups.remove(group)
+    for action in parser._actions:  # noqa: SLF001 - a common option's help for this level
+        action.help = getattr(action, "level_help", {}).get(level, action.help)
     parser.usage = f"bidsglm BIDS_DIR OUTPUT_DIR {level} [options]"
     parser.description += f" Options of the {level} level (and those common to both levels)."
 

@@ -157,6 +157,41 @@ def check_dataset(bids_dir: Path) -> dict:
     return read_json(desc)
 
 
+def check_raw_dataset(bids_dir: Path, description: dict) -> None:
+    """BIDS_DIR is the raw dataset: a derivatives dataset there (fMRIPrep's output folder, say)
+    fails validation and has no events; say so before anything else (a usage error)."""
+    generated = description.get("GeneratedBy")
+    names = [str(g.get("Name", "")) for g in generated if isinstance(g, dict)] if isinstance(generated, list) else []
+    if description.get("DatasetType") == "derivative" or any("fmriprep" in n.lower() for n in names):
+        name = description.get("Name") or next((n for n in names if n), None) or bids_dir.name
+        raise UsageError(f"BIDS_DIR is a derivatives dataset ({name}): give the raw dataset as BIDS_DIR "
+                         "(its fMRIPrep outputs are found under BIDS_DIR/derivatives/, or give them with "
+                         "--derivatives)", bids_dir)
+
+
+def check_selection(bids_dir: Path, participants=None, sessions=None, tasks=None) -> None:
+    """Before validation and discovery (cheap: folder and file names of the raw dataset only):
+    a participant, session or task label that BIDS_DIR does not hold is a usage error, one line
+    listing what it holds."""
+    subjects = list_subjects(bids_dir)
+    checks = [("participant label(s)", "sub", participants, subjects)]
+    if sessions:
+        checks.append(("session label(s)", "ses", sessions, sorted(
+            {p.name[4:] for s in subjects for p in (bids_dir / f"sub-{s}").glob("ses-*") if p.is_dir()})))
+    if tasks:
+        names = [p.name for p in bids_dir.glob("task-*")]
+        names += [p.name for s in subjects for p in (bids_dir / f"sub-{s}").glob("**/func/*task-*")]
+        checks.append(("task(s)", "task", tasks,
+                       sorted({f.get("task") for f in map(parse_bids_name, names) if f and f.get("task")})))
+    for what, key, wanted, present in checks:
+        unknown = [w for w in dict.fromkeys(strip_prefix(w, key) for w in wanted or ()) if w not in present]
+        if unknown:
+            prefix = "" if key == "task" else f"{key}-"
+            raise UsageError(f"{what} not found: {', '.join(prefix + u for u in unknown)} (dataset has "
+                             f"{len(present)}: {', '.join(present[:10]) or 'none'}{' ...' if len(present) > 10 else ''})",
+                             bids_dir)
+
+
 def check_output_dir(bids_dir: Path, output_dir: Path, level: str = "participant",
                      derivatives=()) -> None:
     """Before any work: BIDS_DIR exists (participant level), OUTPUT_DIR is neither inside
@@ -301,7 +336,7 @@ def discover_runs(
         wanted = [strip_prefix(p, "sub") for p in participants]
         unknown = [p for p in wanted if p not in all_subjects]
         if unknown:
-            raise DataError(
+            raise UsageError(
                 f"participant label(s) not found: {', '.join('sub-' + u for u in unknown)} "
                 f"(dataset has {len(all_subjects)}: {', '.join(all_subjects[:10])}"
                 f"{' ...' if len(all_subjects) > 10 else ''})",
@@ -318,7 +353,7 @@ def discover_runs(
         all_tasks = sorted({f.get("task") for f in raw_files + deriv_files if f.get("task")})
         unknown = [t for t in wanted_tasks if t not in all_tasks]
         if unknown:
-            raise DataError(f"task(s) not found: {', '.join(unknown)} (dataset has {len(all_tasks)}: "
+            raise UsageError(f"task(s) not found: {', '.join(unknown)} (dataset has {len(all_tasks)}: "
                             f"{', '.join(all_tasks) or 'none'})", bids_dir)
 
     def selected(f: BidsFile) -> bool:

@@ -21,6 +21,7 @@ import pandas as pd
 from .discovery import SpaceSpec, parse_bids_name, read_json, strip_prefix
 from .errors import DataError, UsageError
 from .fixedeffects import DegenerateRunError, fixed_effects
+from .outputs import OUTPUT_ENTITIES as _OUTPUT_KEYS
 from .outputs import entity_prefix, func_dir, sidecar_path, statmap_path
 from .surfaces import kind_of_path, map_path, read_map, same_grid
 
@@ -83,12 +84,18 @@ def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, pa
     wanted_subs = {strip_prefix(p, "sub") for p in participants} if participants else None
     wanted_ses = {strip_prefix(s, "ses") for s in sessions} if sessions else None
     wanted_tasks = {strip_prefix(t, "task") for t in tasks} if tasks else None
-    found = []
+    written = []
     paths = sorted(p for pattern in _EFFECT_PATTERNS for p in output_dir.glob(f"sub-*/**/func/{pattern}"))
     for path in paths:
         parsed = parse_bids_name(path)
         if parsed is None or ("run" in parsed.entities) != run_maps or "contrast" not in parsed.entities:
             continue
+        written.append((path, parsed))
+    if not written:
+        raise DataError("no subject-level maps found in OUTPUT_DIR; run the participant level first", output_dir)
+    check_selection([parsed.entities for _, parsed in written], participants, sessions, tasks, output_dir)
+    found = []
+    for path, parsed in written:
         ent = {k: v for k, v in parsed.entities.items() if k not in ("contrast", "stat", "hemi")}
         if wanted_subs is not None and ent.get("sub") not in wanted_subs:
             continue
@@ -100,10 +107,46 @@ def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, pa
         label = parsed.entities["contrast"]
         name = sidecar.get("Contrast", {}).get("Name", label)
         found.append(SubjectMap(ent, label, name, path))
-    if not found:
-        raise DataError("no subject-level maps found in OUTPUT_DIR for the selected "
-                        "participants/tasks; run the participant level first", output_dir)
+    if not found:  # each label exists, not together
+        raise DataError("no subject-level maps for the selected participants, sessions and tasks together",
+                        output_dir)
     return _select_space(found, space, output_dir)
+
+
+def check_selection(written: list[dict], participants, sessions, tasks, output_dir: Path) -> None:
+    """A selection label that names nothing the participant level wrote is a typo (a usage
+    error): one line naming it and listing what OUTPUT_DIR holds, as the participant level does."""
+    for option, key, wanted in (("participant label(s)", "sub", participants),
+                                ("session label(s)", "ses", sessions), ("task(s)", "task", tasks)):
+        present = sorted({e[key] for e in written if e.get(key)})
+        unknown = [w for w in dict.fromkeys(strip_prefix(w, key) for w in wanted or ()) if w not in present]
+        if unknown:
+            prefix = "" if key == "task" else f"{key}-"
+            raise UsageError(f"{option} not found in OUTPUT_DIR: {', '.join(prefix + u for u in unknown)} "
+                             f"(the participant level wrote maps for {len(present)}: "
+                             f"{', '.join(present[:20]) or 'none'}{' ...' if len(present) > 20 else ''})",
+                             output_dir)
+
+
+def subject_contrasts(output_dir: Path, entities: dict) -> dict[str, str]:
+    """The subject-level contrasts OUTPUT_DIR holds for one subject, session and task (and space,
+    where ``entities`` name one), whichever participant-level run wrote them: label -> name."""
+    ignored = ("run", "echo", "hemi", "contrast", "stat", *(() if "space" in entities else SPACE_KEYS))
+    wanted = {k: str(v) for k, v in entities.items() if k in _OUTPUT_KEYS and k not in ignored}
+    found = {}
+    for pattern in _EFFECT_PATTERNS:
+        for path in sorted(func_dir(output_dir, entities).glob(pattern)):
+            parsed = parse_bids_name(path)
+            if parsed is None or "run" in parsed.entities or "contrast" not in parsed.entities or \
+                    {k: v for k, v in parsed.entities.items() if k not in ignored} != wanted:
+                continue
+            label = parsed.entities["contrast"]
+            try:
+                contrast = read_json(sidecar_path(path)).get("Contrast")
+            except DataError:  # an unreadable sidecar: the label names the contrast well enough here
+                contrast = None
+            found[label] = str(contrast.get("Name", label)) if isinstance(contrast, dict) else label
+    return found
 
 
 def _select_space(maps: list[SubjectMap], space: str | None, output_dir: Path) -> list[SubjectMap]:

@@ -684,6 +684,7 @@ def _write_participant_report(output_dir: Path, subject: str, runs: list[RunReco
         for rec in recs:
             contrasts.update(rec.record.get("Contrasts", {}))
             contrasts.update({n: "" for n in rec.record.get("DroppedContrasts", {}) if n not in contrasts})
+        body.append(_earlier_contrasts_note(output_dir, recs[0], contrasts))
         for name, label in contrasts.items():
             ca = _anchor(f"{key}-contrast-{name}")
             index.append((ca, f"contrast {name}", 1))
@@ -695,6 +696,25 @@ def _write_participant_report(output_dir: Path, subject: str, runs: list[RunReco
     page = _page(f"bidsglm participant report: sub-{subject}", _draw_figures("".join(body), n_jobs), index)
     atomic_write_bytes(path, page)
     return path
+
+
+def _earlier_contrasts_note(output_dir: Path, rec: RunRecord, contrasts: dict) -> str:
+    """One sentence naming the subject maps of contrasts not in these runs' records (an earlier
+    participant-level run wrote them): the group level models them too."""
+    from .discovery import parse_bids_name
+    from .groupinputs import subject_contrasts
+
+    parsed = parse_bids_name(Path(rec.map_prefix + "_x.nii.gz"))
+    if parsed is None or "sub" not in parsed.entities:
+        return ""
+    earlier = [name for label, name in subject_contrasts(output_dir, parsed.entities).items()
+               if label not in set(contrasts.values()) and name not in contrasts]
+    if not earlier:
+        return ""
+    return ('<p class="warn">' + _esc(f"OUTPUT_DIR also holds subject-level maps of contrast(s) "
+                                      f"{', '.join(earlier)} from an earlier participant-level run, not shown "
+                                      "here; the group level models them too (delete their files or use a new "
+                                      "OUTPUT_DIR to drop them).") + "</p>")
 
 
 def participant_reports(output_dir: Path, subjects: list[str], n_jobs: int = 1) -> list[Path]:

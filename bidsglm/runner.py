@@ -146,6 +146,20 @@ def _write_staged(prep, result, staging: Path, files: dict, output_dir: Path):
     return result
 
 
+def _log_earlier_contrasts(output_dir: Path, entities: dict, labels: dict, task: str) -> None:
+    """Maps of contrasts an earlier run wrote stay (contrasts may be added one command at a time),
+    and the group level models them: say so, per subject."""
+    from .groupinputs import subject_contrasts
+
+    earlier = [name for label, name in subject_contrasts(output_dir, entities).items()
+               if label not in set(labels.values())]
+    if earlier:
+        ses = f" ses-{entities['ses']}" if entities.get("ses") else ""
+        log.warning("sub-%s%s task-%s: OUTPUT_DIR also holds subject-level maps of contrast(s) %s from an "
+                    "earlier run, not written by this one; the group level will model them too (delete their "
+                    "files or use a new OUTPUT_DIR to drop them)", entities["sub"], ses, task, ", ".join(earlier))
+
+
 def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
     """Fit every selected run and subject; returns the subjects' labels."""
     from joblib import Parallel, delayed
@@ -199,6 +213,7 @@ def run_participant_level(args, bids_dir: Path, output_dir: Path) -> list[str]:
         for (sub, ses), sub_results in by_subject.items():
             written = subject_fixed_effects(sub_results, contrasts, labels, output_dir, settings, links)
             n_written += len(written)
+            _log_earlier_contrasts(output_dir, sub_results[0].inputs.entities, labels, task)
             log.info("sub-%s%s task-%s: fixed effects over %d run(s) written (%d maps)", sub,
                      f" ses-{ses}" if ses else "", task, len(sub_results), len(written))
     # dataset-level files last: array jobs share them, and a job that fails must not

@@ -74,12 +74,12 @@ def test_usage_errors_exit_64(capsys, tmp_path):
 
 
 def test_console_script_exit_code(demo_small, tmp_path):
-    """The installed entry point itself returns 65 and prints one line."""
+    """The installed entry point itself returns the exit code (64: a label that names nothing) and prints one line."""
     root, _ = demo_small
     proc = subprocess.run([sys.executable, "-m", "bidsglm", str(root), str(tmp_path / "o"), "participant",
                            "--skip-bids-validation", "--participant-label", "99"],
                           capture_output=True, text=True)
-    assert proc.returncode == 65
+    assert proc.returncode == 64
     _assert_one_line_error(proc.stderr, "sub-99", "not found")
 
 
@@ -94,7 +94,7 @@ def test_missing_dataset_description(capsys, demo_copy, tmp_path):
 def test_unknown_participant(capsys, demo_copy, tmp_path):
     code, err = _run(capsys, demo_copy, tmp_path / "out", "participant", "--skip-bids-validation",
                      "--participant-label", "sub-07")
-    assert code == 65
+    assert code == 64
     _assert_one_line_error(err, "sub-07", "not found")
 
 
@@ -293,6 +293,7 @@ def test_level_help_shows_that_levels_options(capsys, tmp_path):
     ("group", ["--smoothing-fwhm=4"], "--smoothing-fwhm", "participant"),
     ("participant", ["--permutations", "100"], "--permutations", "group"),
     ("participant", ["--height-con", "fdr"], "--height-control", "group"),  # an abbreviation, resolved
+    ("group", ["--dask-scheduler", "tcp://127.0.0.1:9"], "--dask-scheduler", "participant"),
 ])
 def test_other_levels_options_are_refused(capsys, tmp_path, level, args, named, belongs):
     code, err = _run(capsys, tmp_path, tmp_path / "o", level, *args)
@@ -319,7 +320,7 @@ def test_missing_bids_dir_is_usage_error(capsys, tmp_path):
 def test_unknown_task_lists_the_tasks(capsys, demo_small, tmp_path):
     root, _ = demo_small
     code, err = _run(capsys, root, tmp_path / "o", "participant", "--skip-bids-validation", "-t", "flankr")
-    assert code == 65
+    assert code == 64
     _assert_one_line_error(err, "task(s) not found: flankr", "dataset has 1: flanker")
 
 
@@ -380,3 +381,122 @@ def test_repeating_an_option_with_the_same_value_or_appending_is_accepted():
     parser = build_parser()
     check_repeated_options(parser, ["d", "o", "participant", "--high-pass", "0.01", "--high-pass", "0.01",
                                     "--contrast", "a", "--contrast", "b", "-v", "-v", "--no-reports", "--no-reports"])
+
+
+# --- labels that name nothing, derivatives as BIDS_DIR, help per level, reruns (issue 16) ---------
+
+def _no_validation(monkeypatch):
+    """The validator must not run (and take its second) before a usage error."""
+    import bidsglm.validation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("BIDS validation ran before the usage check")
+
+    monkeypatch.setattr(bidsglm.validation, "validate_dataset", refuse)
+
+
+@pytest.mark.parametrize("option, value, fragments", [
+    ("--participant-label", "09", ("participant label(s) not found: sub-09", "dataset has 2: 01, 02")),
+    ("-t", "flankr", ("task(s) not found: flankr", "dataset has 1: flanker")),
+    ("--session-label", "2", ("session label(s) not found: ses-2", "dataset has 0: none")),
+])
+def test_participant_selection_naming_nothing_is_a_usage_error_before_validation(
+        capsys, demo_small, tmp_path, monkeypatch, option, value, fragments):
+    root, _ = demo_small
+    _no_validation(monkeypatch)
+    code, err = _run(capsys, root, tmp_path / "o", "participant", option, value)
+    assert code == 64
+    _assert_one_line_error(err, *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value, fragments", [
+    ("-t", "flankr", ("task(s) not found in OUTPUT_DIR: flankr", "wrote maps for 1: flanker")),
+    ("--participant-label", "09", ("participant label(s) not found in OUTPUT_DIR: sub-09",
+                                   "wrote maps for 2: 01, 02")),
+    ("--participant-label", "sub-01", ()),  # an existing label passes this check (2 are needed later)
+])
+def test_group_selection_naming_nothing_lists_what_output_dir_holds(capsys, demo_results, option, value,
+                                                                      fragments):
+    root, out, _ = demo_results
+    code, err = _run(capsys, root, out, "group", option, value, "--atlases", "none")
+    if not fragments:
+        assert code == 65 and "not found" not in err and "at least 2" in err
+        return
+    assert code == 64
+    _assert_one_line_error(err, *fragments)
+    assert "run the participant level first" not in err
+    assert not (out / "group").exists()
+
+
+def test_group_level_without_subject_maps_says_run_the_participant_level(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}')
+    code, err = _run(capsys, tmp_path / "bids", out, "group", "-t", "flanker")
+    assert code == 65
+    _assert_one_line_error(err, "no subject-level maps found in OUTPUT_DIR; run the participant level first")
+
+
+@pytest.mark.parametrize("skip", [[], ["--skip-bids-validation"]])
+def test_derivatives_dataset_as_bids_dir_is_named(capsys, demo_small, tmp_path, monkeypatch, skip):
+    root, _ = demo_small
+    _no_validation(monkeypatch)
+    code, err = _run(capsys, root / "derivatives" / "fmriprep", tmp_path / "o", "participant", *skip)
+    assert code == 64
+    _assert_one_line_error(err, "BIDS_DIR is a derivatives dataset", "give the raw dataset as BIDS_DIR",
+                           "--derivatives")
+    assert not (tmp_path / "o").exists()
+
+
+def test_fmriprep_generated_dataset_without_type_is_refused_too(capsys, demo_copy, tmp_path):
+    (demo_copy / "dataset_description.json").write_text(json.dumps(
+        {"Name": "prep", "BIDSVersion": "1.9.0", "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.0"}]}))
+    code, err = _run(capsys, demo_copy, tmp_path / "o", "participant", "--skip-bids-validation")
+    assert code == 64
+    _assert_one_line_error(err, "BIDS_DIR is a derivatives dataset (prep)")
+
+
+def test_each_levels_help_describes_that_level(capsys, tmp_path):
+    def described(text: str, flag: str) -> str:  # an option's help, joined over its lines
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(flag))
+        block = [lines[start]] + [line for line in lines[start + 1:]]
+        end = next((i for i, line in enumerate(block[1:], 1) if line.lstrip().startswith("-")
+                    or not line.startswith(" ")), len(block))
+        return " ".join(" ".join(block[:end]).split())
+
+    participant = _help(capsys, tmp_path, tmp_path / "o", "participant")
+    group = _help(capsys, tmp_path, tmp_path / "o", "group")
+    assert "permutations" not in described(participant, "--n-cpus")
+    assert "runs fitted" not in described(group, "--n-cpus") and "permutations" in described(group, "--n-cpus")
+    assert "group level" not in described(participant, "--space")
+    assert "MNI152NLin2009cAsym" not in described(group, "--space")
+    assert "Dataset nodes" not in described(participant, "--model")
+    assert "group model" not in described(participant, "--model")
+    assert "Run, Session and Subject" not in described(group, "--model")
+    assert "--dask-scheduler" in participant and "--dask-scheduler" not in group
+
+
+def test_rerun_with_other_contrasts_names_the_earlier_ones(capsys, demo_results, tmp_path):
+    """Earlier contrasts' maps stay (contrasts may be added one command at a time) and are named,
+    per subject, in the log and in the participant report."""
+    from bidsglm import reports
+
+    root, out, _ = demo_results
+    work = tmp_path / "glm"
+    shutil.copytree(out, work)
+    code, err = _run(capsys, root, work, "participant", "--skip-bids-validation", "--contrast", "congruent_correct")
+    assert code == 0
+    notes = [line.split(" WARNING: ")[1] for line in err.splitlines() if "earlier run" in line]
+    assert len(notes) == 2 and notes[0].startswith("sub-01 task-flanker") and notes[1].startswith("sub-02")
+    assert "contrast(s) errors, incongruent_correct, IncongruentMinusCongruent from an earlier" in notes[0]
+    assert "contrast(s) incongruent_correct, IncongruentMinusCongruent from an earlier" in notes[1]  # no errors map
+    assert all("group level will model them" in note for note in notes)
+    def note(folder):  # the report's sentence for sub-01, given the contrasts its run records list
+        records = reports._run_records(folder, "01")
+        listed = {name: label for r in records for name, label in r.record["Contrasts"].items()}
+        return reports._earlier_contrasts_note(folder, records[0], listed)
+
+    assert "contrast(s) errors, incongruent_correct, IncongruentMinusCongruent from an earlier" in note(work)
+    assert note(out) == ""  # the original outputs: every contrast written by their command
