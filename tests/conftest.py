@@ -44,6 +44,19 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, cores))
 
 
+# Modules with the longest tests (pytest --durations), in that order, run first: with
+# `--dist loadfile` each worker takes the next module when it is free, so the short modules
+# fill in at the end instead of one worker running test_surfaces alone. Order only.
+LONG_MODULES = ("test_modelrunner.py", "test_hostile_filesystem.py", "test_surfaces.py", "test_demo.py",
+                "test_group_statistics.py", "test_hostile_surfaces.py", "test_model_corpus.py", "test_group.py",
+                "test_packaging.py", "test_hostile_data.py", "test_group_facerecognition.py", "test_reports.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_reports_by_default():
     """Drawing reports takes seconds per subject, so the CLI writes none in tests

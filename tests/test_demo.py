@@ -121,7 +121,7 @@ def test_interrupted_demo_leaves_nothing(tmp_path, signum, code, existed):
     proc = subprocess.Popen([sys.executable, "-m", "bidsglm.demo", str(root), "--subjects", "50"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (root / "sub-02").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (root / "sub-01").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
