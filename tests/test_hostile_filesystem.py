@@ -366,7 +366,7 @@ def test_failed_group_level_leaves_nothing(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def group_inputs(tmp_path_factory):
-    """Five contrasts of 13 subjects: 1000 of the 8192 sign flips with TFCE take about 8 s per
+    """Five contrasts of 13 subjects: 500 of the 8192 sign flips with TFCE take about 4 s per
     model on an idle machine (longer under load), so a signal sent 0.5 s after the first model
     lands in the next."""
     out = tmp_path_factory.mktemp("perm") / "glm"
@@ -384,7 +384,7 @@ def test_interrupt_during_permutations(group_inputs, tmp_path, signum):
     listing = tree(out)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bidsglm", str(tmp_path / "raw"), str(out), "group", "--atlases", "none",
-         "--permutations", "1000", "--tfce", "--no-reports"],
+         "--permutations", "500", "--tfce", "--no-reports"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     err = ""
     # SIGINT while the first model permutes; SIGTERM once a first model's maps are written
