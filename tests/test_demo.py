@@ -24,7 +24,7 @@ def test_demo_with_more_subjects_than_the_first_six_passes_validation(tmp_path):
     from bidsglm.validation import validate_dataset, validator_command
 
     root = tmp_path / "bids"
-    make_demo(root, n_subjects=8, voxel_size=6, seed=3)
+    make_demo(root, n_subjects=8, voxel_size=10, seed=3)
     table = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(table["participant_id"]) == [f"sub-{i:02d}" for i in range(1, 9)]
     assert set(table["sex"]) <= {"M", "F", "O", "n/a"} and list(table["sex"][6:]) == ["n/a", "n/a"]
