@@ -348,18 +348,20 @@ def main(argv=None) -> int:
     before = set(args.output.rglob("*")) if args.output.is_dir() else None
     terminated = []
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
+    # both signals, as bidsglm's own command line: a SIGINT ignored by the parent (a background
+    # job, a test runner's worker) would otherwise be ignored here too, and nothing cleaned up
+    previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         message = _write_demo(args)
     except KeyboardInterrupt:
         _remove_new_paths(args.output, before)
         print("bidsglm-demo: interrupted; nothing of this demo was kept", file=sys.stderr)
-        return 128 + signal.SIGTERM if terminated else EX_INTERRUPTED
+        return 128 + signal.SIGTERM if signal.SIGTERM in terminated else EX_INTERRUPTED
     except OSError as exc:
         _remove_new_paths(args.output, before)
         print(f"bidsglm-demo: error: cannot write the demo in {args.output}: {exc.strerror or exc} "
@@ -370,8 +372,8 @@ def main(argv=None) -> int:
         print(f"bidsglm-demo: internal error ({type(exc).__name__}: {exc}); nothing was kept", file=sys.stderr)
         return EX_SOFTWARE
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(message)
     return 0
     if args.output.exists() and any(args.output.iterdir()):

@@ -118,8 +118,10 @@ def test_interrupted_demo_leaves_nothing(tmp_path, signum, code, existed):
     root = tmp_path / "demo"
     if existed:
         root.mkdir()
+    # started with SIGINT ignored, as children of test workers and of shells' background jobs are
     proc = subprocess.Popen([sys.executable, "-m", "bidsglm.demo", str(root), "--subjects", "50"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
     while not (root / "sub-01").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
