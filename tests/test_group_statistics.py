@@ -111,13 +111,14 @@ def test_mixed_with_groups_and_covariates_matches_pymare(outputs):
     g = out / "group"
     design = pd.read_csv(g / f"{PREFIX}_contrast-faces_design.tsv", sep="\t").set_index("participant_id")
     assert list(design.index) == [f"sub-{s}" for s in SUBJECTS]
+    # PyMARE fits voxel by voxel in Python (0.2 ms each): every 10th of the 48,000 voxels is the reference
     Y, V = _subject_maps(out, "faces", "effect", mask), _subject_maps(out, "faces", "variance", mask)
     est = VarianceBasedLikelihoodEstimator(method="REML", small_sample_correction="wald", xtol=1e-12,
-                                           maxiter=200).fit(Y, V, design.to_numpy())
+                                           maxiter=200).fit(Y[:, ::10], V[:, ::10], design.to_numpy())
     fe = est.summary().get_fe_stats()
     columns = list(design.columns)
     c = np.array([1.0 if col == "group_control" else -1.0 if col == "group_patient" else 0.0 for col in columns])
-    diff = _data(g / f"{PREFIX}_contrast-facesGroupControlMinusGroupPatient_stat-effect_statmap.nii.gz")[mask]
+    diff = _data(g / f"{PREFIX}_contrast-facesGroupControlMinusGroupPatient_stat-effect_statmap.nii.gz")[mask][::10]
     np.testing.assert_allclose(diff, c @ fe["est"], rtol=1e-4, atol=1e-5)
     side = _side(g / f"{PREFIX}_contrast-facesGroupControlMinusGroupPatient_stat-t_statmap.nii.gz")
     assert "pooled over all subjects and groups" in side["Estimator"]["BetweenSubjectVariance"]
