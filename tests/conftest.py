@@ -52,6 +52,25 @@ LONG_MODULES = ("test_modelrunner.py", "test_hostile_filesystem.py", "test_surfa
                 "test_packaging.py", "test_hostile_data.py", "test_group_facerecognition.py", "test_reports.py")
 
 
+def pytest_configure(config):
+    """In the controller of a parallel run (-n), compile numba's kernels into their cache in the
+    background while the workers collect: on a fresh clone each worker would otherwise compile
+    the same kernels itself (what the container image does at build time; bidsglm.caches)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        import subprocess
+        import sys
+
+        config.kernel_warmup = subprocess.Popen([sys.executable, "-m", "bidsglm.caches"],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_unconfigure(config):
+    warmup = getattr(config, "kernel_warmup", None)
+    if warmup is not None:
+        warmup.kill()
+        warmup.wait()
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
