@@ -19,6 +19,7 @@ from . import __version__
 from .caches import configure_tool_caches
 from .defaults import DEFAULT_CONFOUNDS
 from .errors import EX_SOFTWARE, EX_USAGE, BidsGlmError, UsageError
+from .interrupts import install_signal_handlers, restore_signal_handlers
 from .logs import configure_logging
 
 log = logging.getLogger("bidsglm")
@@ -465,33 +466,6 @@ def write_reports(args, output_dir: Path, subjects: list[str] | None = None) -> 
              ", ".join(str(p.relative_to(output_dir)) for p in paths))
 
 
-def _install_signal_handlers(received: list):
-    """SIGINT and SIGTERM raise KeyboardInterrupt, so the output session rolls back (around
-    numba kernels at the next safe point, see interrupts.py). They are remembered: an
-    interrupt that surfaces as another exception still ends the run as interrupted."""
-    import signal
-    import threading
-
-    from .interrupts import deliver, reset
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    reset()
-
-    def on_signal(signum, frame):
-        received.append(signum)
-        deliver(signum)  # raises KeyboardInterrupt, at once or at the next safe point
-
-    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signal_handlers(previous: dict) -> None:
-    import signal
-
-    for s, handler in previous.items():
-        signal.signal(s, handler)
-
-
 def _interrupted(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -617,7 +591,7 @@ def main(argv=None) -> int:
     configure_logging(args.verbose, args.quiet)
     configure_tool_caches()  # per-user cache folders where HOME is not writable (containers)
     received: list = []
-    previous = _install_signal_handlers(received)
+    previous = install_signal_handlers(received)
     try:
         check_repeated_options(parser, argv)
         check_level_options(parser, argv, args.analysis_level)
@@ -650,7 +624,7 @@ def main(argv=None) -> int:
                   type(exc).__name__, exc)
         return EX_SOFTWARE
     finally:
-        _restore_signal_handlers(previous)
+        restore_signal_handlers(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,6 @@ import json
 import shutil
 import signal
 import sys
-import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +31,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
+
+from .errors import EX_CANTCREAT, EX_INTERRUPTED, EX_SOFTWARE, EX_USAGE
+from .interrupts import install_signal_handlers, restore_signal_handlers
 
 TASK = "flanker"
 TR = 2.0
@@ -237,7 +239,6 @@ def make_demo(root: Path, n_subjects: int = 4, voxel_size: float = 4.0, amplitud
     return DemoTruth(affine, brain, blobs, amplitude)
 
 
-EX_USAGE, EX_SOFTWARE, EX_CANTCREAT, EX_INTERRUPTED = 64, 70, 73, 130
 SUBJECTS_RANGE = (1, 50)
 VOXEL_SIZE_RANGE = (2, 10)  # 1 mm would be 8.5 million voxels x 150 volumes per run: gigabytes and minutes
 OPTIONS_RECORD = Path("code") / "bidsglm-demo.json"  # BIDS keeps code/ out of validation
@@ -346,22 +347,14 @@ def main(argv=None) -> int:
         print(f"bidsglm-demo: error: {refusal}", file=sys.stderr)
         return EX_USAGE
     before = set(args.output.rglob("*")) if args.output.is_dir() else None
-    terminated = []
-
-    def on_signal(signum, frame):
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    # both signals, as bidsglm's own command line: a SIGINT ignored by the parent (a background
-    # job, a test runner's worker) would otherwise be ignored here too, and nothing cleaned up
-    previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-                if threading.current_thread() is threading.main_thread() else {})
+    received: list = []
+    previous = install_signal_handlers(received)
     try:
         message = _write_demo(args)
     except KeyboardInterrupt:
         _remove_new_paths(args.output, before)
         print("bidsglm-demo: interrupted; nothing of this demo was kept", file=sys.stderr)
-        return 128 + signal.SIGTERM if signal.SIGTERM in terminated else EX_INTERRUPTED
+        return 128 + received[0] if received and received[0] != signal.SIGINT else EX_INTERRUPTED
     except OSError as exc:
         _remove_new_paths(args.output, before)
         print(f"bidsglm-demo: error: cannot write the demo in {args.output}: {exc.strerror or exc} "
@@ -372,19 +365,8 @@ def main(argv=None) -> int:
         print(f"bidsglm-demo: internal error ({type(exc).__name__}: {exc}); nothing was kept", file=sys.stderr)
         return EX_SOFTWARE
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_signal_handlers(previous)
     print(message)
-    return 0
-    if args.output.exists() and any(args.output.iterdir()):
-        print(f"bidsglm-demo: {args.output} exists and is not empty", file=sys.stderr)
-        return 64
-    make_demo(args.output, args.subjects, args.voxel_size, seed=args.seed)
-    if args.surface:
-        from .demosurface import add_surface_runs
-
-        add_surface_runs(args.output, args.surface)
-    print(f"demo dataset written to {args.output}")
     return 0
 
 

@@ -49,3 +49,28 @@ def deferred():
     finally:
         _depth -= 1
     check()
+
+
+def install_signal_handlers(received: list) -> dict:
+    """For a command's main(): SIGINT and SIGTERM raise KeyboardInterrupt (``deliver``), so its
+    output session rolls back, and are remembered in ``received`` (an interrupt that surfaces as
+    another exception still ends the command as interrupted). Also where the parent left SIGINT
+    ignored (a background job, a test runner's worker). Returns the handlers to restore."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    reset()
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        deliver(signum)  # raises KeyboardInterrupt, at once or at the next safe point
+
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    import signal
+
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
