@@ -174,22 +174,28 @@ def check_selection(bids_dir: Path, participants=None, sessions=None, tasks=None
     a participant, session or task label that BIDS_DIR does not hold is a usage error, one line
     listing what it holds."""
     subjects = list_subjects(bids_dir)
-    checks = [("participant label(s)", "sub", participants, subjects)]
+    refuse_unknown_labels("participant label(s)", "sub", participants, subjects, bids_dir)
     if sessions:
-        checks.append(("session label(s)", "ses", sessions, sorted(
-            {p.name[4:] for s in subjects for p in (bids_dir / f"sub-{s}").glob("ses-*") if p.is_dir()})))
+        refuse_unknown_labels("session label(s)", "ses", sessions, sorted(
+            {p.name[4:] for s in subjects for p in (bids_dir / f"sub-{s}").glob("ses-*") if p.is_dir()}), bids_dir)
     if tasks:
         names = [p.name for p in bids_dir.glob("task-*")]
         names += [p.name for s in subjects for p in (bids_dir / f"sub-{s}").glob("**/func/*task-*")]
-        checks.append(("task(s)", "task", tasks,
-                       sorted({f.get("task") for f in map(parse_bids_name, names) if f and f.get("task")})))
-    for what, key, wanted, present in checks:
-        unknown = [w for w in dict.fromkeys(strip_prefix(w, key) for w in wanted or ()) if w not in present]
-        if unknown:
-            prefix = "" if key == "task" else f"{key}-"
-            raise UsageError(f"{what} not found: {', '.join(prefix + u for u in unknown)} (dataset has "
-                             f"{len(present)}: {', '.join(present[:10]) or 'none'}{' ...' if len(present) > 10 else ''})",
-                             bids_dir)
+        refuse_unknown_labels("task(s)", "task", tasks, sorted(
+            {f.get("task") for f in map(parse_bids_name, names) if f and f.get("task")}), bids_dir)
+
+
+def refuse_unknown_labels(what: str, key: str, wanted, present: list[str], where: Path,
+                          place: str = "", holder: str = "dataset has", shown: int = 10) -> None:
+    """UsageError naming the labels of ``wanted`` (with or without their ``key-`` prefix) that
+    are not in ``present``, and listing ``present`` (its first ``shown``): every selection option
+    (-t, --participant-label, --session-label) at both levels says it this way."""
+    unknown = [w for w in dict.fromkeys(strip_prefix(w, key) for w in wanted or ()) if w not in present]
+    if unknown:
+        prefix = "" if key == "task" else f"{key}-"
+        raise UsageError(f"{what} not found{place}: {', '.join(prefix + u for u in unknown)} ({holder} "
+                         f"{len(present)}: {', '.join(present[:shown]) or 'none'}"
+                         f"{' ...' if len(present) > shown else ''})", where)
 
 
 def check_output_dir(bids_dir: Path, output_dir: Path, level: str = "participant",
@@ -333,15 +339,8 @@ def discover_runs(
     confounds, events and sidecar. Raises DataError naming what is missing."""
     all_subjects = list_subjects(bids_dir)
     if participants:
+        refuse_unknown_labels("participant label(s)", "sub", participants, all_subjects, bids_dir)
         wanted = [strip_prefix(p, "sub") for p in participants]
-        unknown = [p for p in wanted if p not in all_subjects]
-        if unknown:
-            raise UsageError(
-                f"participant label(s) not found: {', '.join('sub-' + u for u in unknown)} "
-                f"(dataset has {len(all_subjects)}: {', '.join(all_subjects[:10])}"
-                f"{' ...' if len(all_subjects) > 10 else ''})",
-                bids_dir,
-            )
     else:
         wanted = all_subjects
     wanted_ses = [strip_prefix(s, "ses") for s in sessions] if sessions else None
@@ -351,10 +350,7 @@ def discover_runs(
     deriv_files = [f for root in derivatives for f in _index(root)]
     if wanted_tasks:  # a mistyped task: say which tasks exist, as for participant labels
         all_tasks = sorted({f.get("task") for f in raw_files + deriv_files if f.get("task")})
-        unknown = [t for t in wanted_tasks if t not in all_tasks]
-        if unknown:
-            raise UsageError(f"task(s) not found: {', '.join(unknown)} (dataset has {len(all_tasks)}: "
-                            f"{', '.join(all_tasks) or 'none'})", bids_dir)
+        refuse_unknown_labels("task(s)", "task", wanted_tasks, all_tasks, bids_dir, shown=len(all_tasks))
 
     def selected(f: BidsFile) -> bool:
         return (

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .discovery import SpaceSpec, parse_bids_name, read_json, strip_prefix
+from .discovery import SpaceSpec, parse_bids_name, read_json, refuse_unknown_labels, strip_prefix
 from .errors import DataError, UsageError
 from .fixedeffects import DegenerateRunError, fixed_effects
 from .outputs import OUTPUT_ENTITIES as _OUTPUT_KEYS
@@ -116,16 +116,19 @@ def find_subject_maps(output_dir: Path, space: str | None = None, tasks=None, pa
 def check_selection(written: list[dict], participants, sessions, tasks, output_dir: Path) -> None:
     """A selection label that names nothing the participant level wrote is a typo (a usage
     error): one line naming it and listing what OUTPUT_DIR holds, as the participant level does."""
-    for option, key, wanted in (("participant label(s)", "sub", participants),
-                                ("session label(s)", "ses", sessions), ("task(s)", "task", tasks)):
-        present = sorted({e[key] for e in written if e.get(key)})
-        unknown = [w for w in dict.fromkeys(strip_prefix(w, key) for w in wanted or ()) if w not in present]
-        if unknown:
-            prefix = "" if key == "task" else f"{key}-"
-            raise UsageError(f"{option} not found in OUTPUT_DIR: {', '.join(prefix + u for u in unknown)} "
-                             f"(the participant level wrote maps for {len(present)}: "
-                             f"{', '.join(present[:20]) or 'none'}{' ...' if len(present) > 20 else ''})",
-                             output_dir)
+    for what, key, wanted in (("participant label(s)", "sub", participants),
+                              ("session label(s)", "ses", sessions), ("task(s)", "task", tasks)):
+        refuse_unknown_labels(what, key, wanted, sorted({e[key] for e in written if e.get(key)}), output_dir,
+                              place=" in OUTPUT_DIR", holder="the participant level wrote maps for", shown=20)
+
+
+def earlier_contrasts(output_dir: Path, entities: dict, contrasts: dict[str, str]) -> list[str]:
+    """Names of the subject-level contrasts OUTPUT_DIR holds for these entities that are not in
+    ``contrasts`` (name -> label, those of the latest participant-level run): an earlier run
+    wrote them, and the group level models them too."""
+    labels = set(contrasts.values())
+    return [name for label, name in subject_contrasts(output_dir, entities).items()
+            if label not in labels and name not in contrasts]
 
 
 def subject_contrasts(output_dir: Path, entities: dict) -> dict[str, str]:

@@ -31,11 +31,11 @@ import pandas as pd
 
 from . import __version__
 from .errors import DataError
+from .groupmodels import INTERCEPT
 from .outputs import atomic_write_bytes, sidecar_path
 
 log = logging.getLogger("bidsglm")
 
-INTERCEPT_NAME = "mean"  # the one-sample group contrast (groupmodels.INTERCEPT)
 VIF_LIMIT = 10.0  # variance inflation above this gets a warning (a common rule of thumb)
 GLASS_THRESHOLD = 3.09  # |z| shown on glass brains of unthresholded maps (p < 0.001 one-sided)
 PERMUTATION_KINDS = ("voxel", "clustersize", "clustermass", "tfce")
@@ -702,13 +702,12 @@ def _earlier_contrasts_note(output_dir: Path, rec: RunRecord, contrasts: dict) -
     """One sentence naming the subject maps of contrasts not in these runs' records (an earlier
     participant-level run wrote them): the group level models them too."""
     from .discovery import parse_bids_name
-    from .groupinputs import subject_contrasts
+    from .groupinputs import earlier_contrasts
 
     parsed = parse_bids_name(Path(rec.map_prefix + "_x.nii.gz"))
     if parsed is None or "sub" not in parsed.entities:
         return ""
-    earlier = [name for label, name in subject_contrasts(output_dir, parsed.entities).items()
-               if label not in set(contrasts.values()) and name not in contrasts]
+    earlier = earlier_contrasts(output_dir, parsed.entities, contrasts)
     if not earlier:
         return ""
     return ('<p class="warn">' + _esc(f"OUTPUT_DIR also holds subject-level maps of contrast(s) "
@@ -950,18 +949,17 @@ def _group_model_section(group_dir: Path, design_name: str, maps: list[Path], na
                       "scaled to its largest absolute value (blue negative, white 0, red positive).</p>")
         body.append(f"<details><summary>design matrix values</summary>{_df_table(design.reset_index(), 10**6)}"
                     "</details>")
+    contrasts = [_read_json(sidecar_path(z)).get("Contrast", {}) for z in maps]
     weights = {}
-    for z in maps:
-        con = _read_json(sidecar_path(z)).get("Contrast", {})
+    for z, con in zip(maps, contrasts):
         w = con.get("Weights", {})
         weights[con.get("Name", z.name)] = "; ".join(
             ", ".join(f"{k} {v:g}" for k, v in row.items() if v) for row in (w if isinstance(w, list) else [w]))
     body.append("<h4>Group contrasts</h4>" + _df_table(pd.DataFrame(
         {"group contrast": list(weights), "weights (rows separated by ;)": list(weights.values())})))
-    for z in maps:
+    for z, con in zip(maps, contrasts):
         base = z.name.removesuffix("_stat-z_statmap.nii.gz")
         ca = _anchor(base)
-        con = _read_json(sidecar_path(z)).get("Contrast", {})
         if len(maps) > 1:  # a single group contrast is reached through its model's entry
             index.append((ca, f"group contrast {con.get('Name', base)}", 2))
         log.info("group report: %s", base)
@@ -973,7 +971,7 @@ def _group_model_section(group_dir: Path, design_name: str, maps: list[Path], na
 def _group_contrast_text(con: dict) -> str:
     """'mean: the group mean (intercept)'; 'a - b'; a name with its expression only where they differ."""
     name, expression = con.get("Name"), con.get("Expression")
-    if name == INTERCEPT_NAME:
+    if name == INTERCEPT:
         return f"{name}: the group mean (intercept)"
     if expression is None or expression == name:
         return str(name)

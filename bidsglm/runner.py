@@ -149,10 +149,9 @@ def _write_staged(prep, result, staging: Path, files: dict, output_dir: Path):
 def _log_earlier_contrasts(output_dir: Path, entities: dict, labels: dict, task: str) -> None:
     """Maps of contrasts an earlier run wrote stay (contrasts may be added one command at a time),
     and the group level models them: say so, per subject."""
-    from .groupinputs import subject_contrasts
+    from .groupinputs import earlier_contrasts
 
-    earlier = [name for label, name in subject_contrasts(output_dir, entities).items()
-               if label not in set(labels.values())]
+    earlier = earlier_contrasts(output_dir, entities, labels)
     if earlier:
         ses = f" ses-{entities['ses']}" if entities.get("ses") else ""
         log.warning("sub-%s%s task-%s: OUTPUT_DIR also holds subject-level maps of contrast(s) %s from an "

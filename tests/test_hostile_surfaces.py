@@ -223,11 +223,16 @@ def test_error_messages_are_folded_onto_one_line(tmp_path, capsys):
 
 # --- B2-B4: inputs checked against their templates, brain models and TR --------------------
 
+def relabel(root: Path, old: str, new: str) -> None:
+    """Rename the preprocessed files whose names hold ``old`` to hold ``new`` (a false label)."""
+    for path in (root / PREP).glob(f"*{old}*"):
+        path.rename(path.with_name(path.name.replace(old, new)))
+
+
 def test_vertex_count_checked_for_every_template_space(tmp_path, capsys):
     """fsaverage5 data (10,242 vertices) named fsaverage6 (40,962): refused."""
     root = gifti_dataset(tmp_path)
-    for path in (root / PREP).glob("*fsaverage5*"):
-        path.rename(path.with_name(path.name.replace("fsaverage5", "fsaverage6")))
+    relabel(root, "fsaverage5", "fsaverage6")
     code, err = participant(capsys, root, tmp_path / "out", "fsaverage6")
     assert code == 65
     assert "10242 vertices per hemisphere, but fsaverage6 has 40962" in error_line(err)
@@ -236,8 +241,7 @@ def test_vertex_count_checked_for_every_template_space(tmp_path, capsys):
 def test_cifti_density_label_checked_against_the_cortex_vertex_count(tmp_path, capsys):
     """576-vertex cortex named den-91k (fsLR 32k: 32,492 vertices per hemisphere): refused."""
     root = cifti_dataset(tmp_path)
-    for path in (root / PREP).glob("*den-test*"):
-        path.rename(path.with_name(path.name.replace("den-test", "den-91k")))
+    relabel(root, "den-test", "den-91k")
     code, err = participant(capsys, root, tmp_path / "out", "fsLR")
     assert code == 65
     line = error_line(err)
